@@ -1,0 +1,3 @@
+from segjointgene.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""Command line: ``python main.py --datasets_name=CA1 --step_name=<step> [options]`` (layer 4).
+
+The parser is built from the config dataclasses (each default is defined once, in ``config.py``). Step handlers
+import the library lazily, so ``--help`` stays fast. Errors a user can fix print one line and exit with status 2;
+anything else prints one line (the traceback with ``--debug``) and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import (AttributionConfig, ClassifyConfig, EmbedConfig, EvaluateConfig, LabelUpdateConfig,
+                     PreprocessConfig, RuntimeConfig, SimulateConfig, TrainConfig)
+from .errors import ConfigError, UserError
+
+log = logging.getLogger("segjointgene")
+
+__all__ = ["STEPS", "Paths", "build_parser", "main"]
+
+_CONFIGS: tuple[tuple[str, type], ...] = (
+    ("runtime", RuntimeConfig),
+    ("simulate", SimulateConfig),
+    ("preprocess", PreprocessConfig),
+    ("train", TrainConfig),
+    ("label update", LabelUpdateConfig),
+    ("attribution (CID / IG)", AttributionConfig),
+    ("evaluate", EvaluateConfig),
+    ("embed", EmbedConfig),
+    ("classify", ClassifyConfig),
+)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def str2bool(value: str | bool) -> bool:
+    """Parse a boolean flag value: true/false, yes/no, t/f, y/n, 1/0 (any case)."""
+    if isinstance(value, bool):
+        return value
+    v = value.strip().lower()
+    if v in ("yes", "true", "t", "y", "1"):
+        return True
+    if v in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value {value!r} (choose from true, false, yes, no, 1, 0)")
+
+
+_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "bool": str2bool}
+
+
+def _add_bool(group, flag: str, default: bool, help: str) -> None:
+    group.add_argument(flag, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL",
+                       help=f"{help} (bare flag = true; default {default})")
+
+
+# ------------------------------------------------------------------------------------------------------- steps
+@dataclass(frozen=True)
+class Paths:
+    """Folders of a run, resolved from the path arguments (all under ``--work_dir``)."""
+
+    work_dir: Path
+    datasets_name: str
+    raw_dir: Path
+    data_dir: Path
+    run_dir: Path
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Paths:
+        for flag, value in (("--datasets_name", args.datasets_name), ("--net_sub_suffix", args.net_sub_suffix)):
+            if not _NAME.match(value) or ".." in value:
+                raise ConfigError(f"{flag}={value!r} must be a plain folder name (letters, digits, '_', '-', '.'); "
+                                  "it may not contain '/', '..' or be an absolute path")
+        sub = Path(args.CA1_sub_path)
+        if sub.is_absolute() or ".." in sub.parts or not args.CA1_sub_path:
+            raise ConfigError(f"--CA1_sub_path={args.CA1_sub_path!r} must be a relative folder inside "
+                              "data/<datasets_name>_raw/; use --raw_dir for a folder elsewhere")
+        work = Path(args.work_dir)
+        raw = Path(args.raw_dir) if args.raw_dir else work / "data" / f"{args.datasets_name}_raw" / sub
+        return cls(work_dir=work, datasets_name=args.datasets_name, raw_dir=raw,
+                   data_dir=work / "data" / args.datasets_name,
+                   run_dir=work / "checkpoints" / args.datasets_name / args.net_sub_suffix)
+
+
+def configs(args: argparse.Namespace) -> dict[type, Any]:
+    """Every config dataclass built from the parsed arguments (validated on construction)."""
+    out = {}
+    for _, cls in _CONFIGS:
+        values = {f.name: getattr(args, _dest(f)) for f in dataclasses.fields(cls)}
+        out[cls] = cls(**values)
+    return out
+
+
+def _dest(f: dataclasses.Field) -> str:
+    return (f.metadata.get("flag") or f"--{f.name}").lstrip("-")
+
+
+def step_simulate(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
+    from .simulate import simulate_section, write_simulated, truth_dir_of
+
+    raw = paths.raw_dir
+    existing = [p for p in (raw, truth_dir_of(raw)) if p.exists() and any(p.iterdir())]
+    if existing and not cfg[RuntimeConfig].overwrite:
+        raise UserError(f"{existing[0]} already holds files; pass --overwrite to replace the simulated section")
+    sim = simulate_section(cfg[SimulateConfig], rng=cfg[RuntimeConfig].random_seed)
+    truth = write_simulated(sim, raw)
+    print(f"simulated section: {len(sim.cells)} cells, {len(sim.spots)} spots "
+          f"({int((sim.spots['cell'] == 0).sum())} noise) -> {raw}\nground truth -> {truth}")
+    return 0
+
+
+def step_preprocess(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
+    from .io import read_section
+    from .preprocess import preprocess_section
+
+    start = time.perf_counter()
+    section = read_section(paths.raw_dir)
+    meta = preprocess_section(section, paths.data_dir, cfg[PreprocessConfig], num_workers=cfg[RuntimeConfig].num_workers,
+                              overwrite=cfg[RuntimeConfig].overwrite, progress=not args.quiet,
+                              extra_metadata={"datasets_name": paths.datasets_name, "raw_dir": str(paths.raw_dir.resolve())})
+    print(f"preprocessed {paths.raw_dir} -> {paths.data_dir}: {meta['n_patches']} patches "
+          f"({len(meta['split']['train'])} train, {len(meta['split']['test'])} test; "
+          f"{meta['n_patches_skipped_empty']} empty skipped), {len(meta['genes'])} genes, "
+          f"{len(meta['celltypes']) - 1} cell types, nuclei from {meta['nucleus_source']}, "
+          f"{meta['n_spots_outside']} spots outside the image dropped; {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def step_train(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
+    from .trainer import run_training
+
+    return run_training(args, cfg, paths)
+
+
+def step_export(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
+    from .export import run_export
+
+    return run_export(args, cfg, paths)
+
+
+def step_evaluate(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
+    from .evaluation import run_evaluate
+
+    return run_evaluate(args, cfg, paths)
+
+
+def step_demo(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
+    from .demo import run_demo
+
+    return run_demo(args, cfg, paths)
+
+
+def step_embed(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
+    from .embed.run import run_embed
+
+    return run_embed(args, cfg, paths)
+
+
+def step_classify(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
+    from .classify.run import run_classify
+
+    return run_classify(args, cfg, paths)
+
+
+#: step name -> (handler, one-line description); ``preprocess`` is an alias of ``preprocess_CA1``.
+STEPS: dict[str, tuple[Callable[..., int], str]] = {
+    "simulate": (step_simulate, "write a synthetic section with ground truth in the raw layout (+ <raw_dir>_truth/)"),
+    "preprocess_CA1": (step_preprocess, "raw section -> data/<datasets_name>/{train,test}/p_<row>_<col>.npz + metadata"),
+    "preprocess": (step_preprocess, "alias of preprocess_CA1"),
+    "SegJointGene": (step_train, "self-train the UNet, grow nuclei into cells, rank genes (CID / IG / none)"),
+    "export": (step_export, "write the results of a saved epoch: masks, spot and cell tables, AnnData, ranking, figures"),
+    "evaluate": (step_evaluate, "score a run and the baselines (truth metrics when a truth folder exists)"),
+    "demo": (step_demo, "simulate -> preprocess -> self-train with CID -> export -> evaluate, in minutes on a CPU"),
+    "embed": (step_embed, "SegCLR-style contrastive cell embeddings from a finished run"),
+    "classify": (step_classify, "SNGP cell-type classifier with uncertainty / out-of-distribution flags"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every step (flags, defaults and choices come from the config dataclasses)."""
+    steps = "\n".join(f"  {name:<15} {desc}" for name, (_, desc) in STEPS.items())
+    parser = argparse.ArgumentParser(
+        prog="main.py", usage="main.py --step_name=STEP [--datasets_name=NAME] [options]  (main.py --help lists them)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="SegJointGene: joint cell segmentation and spatial gene prioritization.",
+        epilog=f"steps (--step_name):\n{steps}\n\nExample:\n"
+               "  python main.py --datasets_name=CA1 --step_name=preprocess_CA1 --CA1_sub_path=3_1_left\n"
+               "  python main.py --datasets_name=CA1 --step_name=SegJointGene --attr_method=CID "
+               "--net_sub_suffix=SegJointGene_CID")
+    g = parser.add_argument_group("step and paths")
+    g.add_argument("--step_name", required=False, default="demo", choices=sorted(STEPS), metavar="STEP",
+                   help=f"what to run, one of: {', '.join(STEPS)} (default demo)")
+    g.add_argument("--datasets_name", default="CA1", help="dataset name: patches in data/<name>/, runs in "
+                                                         "checkpoints/<name>/ (default CA1)")
+    g.add_argument("--CA1_sub_path", default="3_1_left", help="raw section folder data/<datasets_name>_raw/<CA1_sub_path>/")
+    g.add_argument("--raw_dir", default=None, help="raw section folder (overrides the default above)")
+    g.add_argument("--work_dir", default=".", help="folder holding data/ and checkpoints/ (default: current folder)")
+    g.add_argument("--net_name", default="unet", choices=("unet",), help="network (only the 4-level UNet)")
+    g.add_argument("--net_sub_suffix", default="SegJointGene_CID", help="run folder checkpoints/<datasets_name>/<suffix>/")
+    _add_bool(g, "--if_load_ckpt", False, "resume from the checkpoint of --ckpt_load_epoch")
+    g.add_argument("--ckpt_load_epoch", type=int, default=None,
+                   help="epoch to resume from / export (default: the latest saved)")
+    _add_bool(g, "--debug", False, "show tracebacks and debug logs")
+    _add_bool(g, "--quiet", False, "no progress bars")
+
+    for title, cls in _CONFIGS:
+        fields = dataclasses.fields(cls)
+        if not fields:
+            continue
+        group = parser.add_argument_group(title)
+        for f in fields:
+            flag = f.metadata.get("flag") or f"--{f.name}"
+            ftype = str(f.type)
+            if ftype == "bool":
+                _add_bool(group, flag, f.default, f.metadata["help"])
+                continue
+            kwargs: dict[str, Any] = {"type": _TYPES[ftype], "default": f.default,
+                                      "help": f"{f.metadata['help']} (default {f.default})"}
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+            group.add_argument(flag, **kwargs)
+    return parser
+
+
+def _configure_logging(debug: bool) -> None:
+    root = logging.getLogger()
+    if not any(getattr(h, "_segjointgene", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._segjointgene = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("matplotlib", "PIL", "h5py", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one step; returns the exit status (0 ok, 1 internal error, 2 usage or data error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse: --help (0) or a usage error (2), already printed
+        return int(stop.code or 0)
+    _configure_logging(args.debug)
+    handler = STEPS[args.step_name][0]
+    try:
+        cfg = configs(args)
+        paths = Paths.from_args(args)
+        return handler(args, cfg, paths)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line for the user, the traceback with --debug
+        if args.debug:
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"error: internal error ({type(err).__name__}: {msg}); re-run with --debug for the traceback",
+              file=sys.stderr)
+        return 1

@@ -1,0 +1,238 @@
+"""Frozen configuration dataclasses, one per concern (layer 0).
+
+Each field is declared with :func:`opt`, which records its command-line flag and help text; ``cli.build_parser``
+reads flags, defaults, types and choices from here, so every default is defined exactly once. Field values are
+validated in ``__post_init__`` and a bad value raises :class:`~segjointgene.errors.ConfigError` naming the flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "AttributionConfig",
+    "ClassifyConfig",
+    "EmbedConfig",
+    "EvaluateConfig",
+    "LabelUpdateConfig",
+    "PreprocessConfig",
+    "RuntimeConfig",
+    "SimulateConfig",
+    "TrainConfig",
+    "opt",
+]
+
+
+def opt(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None) -> Any:
+    """Declare a config field with its CLI flag (default ``--<field name>``), help and choices."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
+def flag_of(cls: type, name: str) -> str:
+    """The CLI flag of field ``name`` of config class ``cls``."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[name]
+    return meta.get("flag") or f"--{name}"
+
+
+def _check(cond: bool, cls: type, name: str, value: Any, need: str) -> None:
+    if not cond:
+        raise ConfigError(f"{flag_of(cls, name)}={value!r} is invalid: {need}")
+
+
+def _check_choices(obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        value = getattr(obj, f.name)
+        _check(choices is None or value in choices, type(obj), f.name, value, f"choose one of {', '.join(map(str, choices or ()))}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how a step runs."""
+
+    device: str = opt("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    gpu_id: int = opt(0, "CUDA device index used by --device auto/cuda (ignored on CPU and under torchrun)")
+    num_workers: int = opt(2, "worker processes for preprocessing and for the training data loader")
+    random_seed: int = opt(1234, "seed of every random draw of the run (recorded in the run metadata)")
+    overwrite: bool = opt(False, "replace outputs that already exist and were made differently (a raw section, a "
+                                 "preprocessed dataset, a run folder); without it such outputs are never touched")
+
+    def __post_init__(self) -> None:
+        d = self.device
+        ok = d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())
+        _check(ok, RuntimeConfig, "device", d, "use auto, cpu, cuda or cuda:N")
+        _check(self.num_workers >= 0, RuntimeConfig, "num_workers", self.num_workers, "must be >= 0")
+        _check(self.gpu_id >= 0, RuntimeConfig, "gpu_id", self.gpu_id, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """Synthetic section with ground truth (``--step_name=simulate``)."""
+
+    size_px: int = opt(512, "edge length of the simulated square section (pixels)", flag="--sim_size")
+    n_genes: int = opt(30, "number of genes", flag="--sim_genes")
+    n_celltypes: int = opt(6, "number of cell types", flag="--sim_celltypes")
+    markers_per_type: int = opt(3, "marker genes per cell type", flag="--sim_markers")
+    mode: str = opt("dense", "dense: touching cells fill the tissue; sparse: isolated cells with background between",
+                    flag="--sim_mode", choices=("dense", "sparse"))
+    noise_fraction: float = opt(0.1, "fraction of spots that are background noise (uniform, random gene)", flag="--sim_noise")
+    cell_radius_px: float = opt(14.0, "mean cell radius (pixels); radii vary by type and cell", flag="--sim_cell_radius")
+    spot_density: float = opt(0.03, "mean spots per pixel inside cells", flag="--sim_spot_density")
+
+    def __post_init__(self) -> None:
+        c = SimulateConfig
+        _check(self.size_px >= 32, c, "size_px", self.size_px, "must be >= 32")
+        _check(self.n_celltypes >= 1, c, "n_celltypes", self.n_celltypes, "must be >= 1")
+        _check(self.markers_per_type >= 1, c, "markers_per_type", self.markers_per_type, "must be >= 1")
+        need = self.n_celltypes * self.markers_per_type
+        _check(self.n_genes >= need, c, "n_genes", self.n_genes, f"must be >= sim_celltypes * sim_markers = {need}")
+        _check(0.0 <= self.noise_fraction < 1.0, c, "noise_fraction", self.noise_fraction, "must be in [0, 1)")
+        _check(self.cell_radius_px >= 3, c, "cell_radius_px", self.cell_radius_px, "must be >= 3")
+        _check(self.spot_density > 0, c, "spot_density", self.spot_density, "must be > 0")
+        _check_choices(self)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Raw section -> patches (``--step_name=preprocess_CA1``)."""
+
+    patch_size: int = opt(128, "patch edge (pixels); a multiple of 16 for the 4-level UNet")
+    density_sigma: float = opt(5.0, "Gaussian sigma (pixels) of the per-gene spot density; 0 keeps raw counts")
+    test_fraction: float = opt(0.2, "fraction of patches in the test split (transductive: their labels grow too)")
+    split_seed: int = opt(42, "seed of the train/test split (recorded in metadata.json)")
+    keep_empty: bool = opt(False, "also write patches with neither spots nor nuclei (they carry no information)")
+
+    def __post_init__(self) -> None:
+        c = PreprocessConfig
+        _check(self.patch_size >= 16 and self.patch_size % 16 == 0, c, "patch_size", self.patch_size,
+               "the 4-level UNet halves the patch 4 times; use a multiple of 16 such as 64, 128 or 256")
+        _check(self.density_sigma >= 0, c, "density_sigma", self.density_sigma, "must be >= 0")
+        _check(0.0 <= self.test_fraction < 1.0, c, "test_fraction", self.test_fraction, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class LabelUpdateConfig:
+    """Self-training label update (SPEC §3, reference §9)."""
+
+    rule: str = opt("v1", "v1: territory + prediction + votes + dominant attributed type (default); "
+                          "v2: balanced dilation, attribution top-ratio, island and hole clean-up",
+                    flag="--label_update", choices=("v1", "v2"))
+    expand_k: int = opt(3, "growth radius per update (pixels): a pixel can only join a cell within this distance")
+    prediction_threshold: float = opt(0.5, "minimum 3x3-smoothed softmax confidence of a pixel joining a cell")
+    vote_min: int = opt(3, "v1: minimum agreeing pixels in the 3x3 neighbourhood (itself included)")
+    top_ratio: float = opt(0.1, "v2: fraction of most-attributed anchors kept per patch", flag="--attr_top_ratio")
+
+    def __post_init__(self) -> None:
+        c = LabelUpdateConfig
+        _check(self.expand_k >= 1, c, "expand_k", self.expand_k, "must be >= 1")
+        _check(0.0 <= self.prediction_threshold < 1.0, c, "prediction_threshold", self.prediction_threshold, "must be in [0, 1)")
+        _check(1 <= self.vote_min <= 9, c, "vote_min", self.vote_min, "must be in 1..9")
+        _check(0.0 < self.top_ratio <= 1.0, c, "top_ratio", self.top_ratio, "must be in (0, 1]")
+        _check_choices(self)
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """Attribution (CID or IG): when it runs, on which targets, and its optimisation budget (SPEC §4)."""
+
+    method: str = opt("CID", "attribution constraining growth and ranking genes", flag="--attr_method",
+                      choices=("CID", "IG", "none"))
+    start_epoch: int = opt(30, "first epoch with attribution", flag="--attr_epoch")
+    n_gene: int = opt(50, "target genes: the top N by total density (capped at the number of genes)", flag="--attr_n_gene")
+    n_celltype: int = opt(59, "target cell types: the top N by pixel count, background excluded (capped)",
+                          flag="--attr_n_celltype")
+    every: int = opt(1, "attribute every N-th epoch from --attr_epoch on (labels grow without it in between)",
+                     flag="--attr_every")
+    cid_n_steps: int = opt(20, "CID: maximum optimisation steps per sample", flag="--CID_n_steps")
+    cid_lr: float = opt(0.1, "CID: Adam learning rate of log sigma", flag="--CID_lr")
+    cid_lambda: float = opt(0.01, "CID: weight of the noise-entropy term", flag="--CID_lambda_param")
+    cid_beta: float = opt(1.2, "CID: early-stop ratio (of mean sigma for --CID_stop sigma, of output MSE for mse)",
+                          flag="--CID_beta")
+    cid_chunk_size: int = opt(8, "CID: cell types optimised together in one batched pass", flag="--CID_chunk_size")
+    cid_stop: str = opt("steps", "CID stop rule: steps (run all --CID_n_steps), mse (output-MSE ratio with adaptive "
+                                 "lambda, reference H) or sigma (mean-sigma ratio, reference B)",
+                        flag="--CID_stop", choices=("steps", "mse", "sigma"))
+    cid_init_log_sigma: float = opt(-5.0, "CID: initial log sigma", flag="--CID_init_log_sigma")
+    ig_n_steps: int = opt(16, "IG: interpolation steps", flag="--IG_n_steps")
+
+    def __post_init__(self) -> None:
+        c = AttributionConfig
+        _check(self.start_epoch >= 0, c, "start_epoch", self.start_epoch, "must be >= 0")
+        _check(self.n_gene >= 1, c, "n_gene", self.n_gene, "must be >= 1")
+        _check(self.n_celltype >= 1, c, "n_celltype", self.n_celltype, "must be >= 1")
+        _check(self.every >= 1, c, "every", self.every, "must be >= 1")
+        _check(self.cid_n_steps >= 1, c, "cid_n_steps", self.cid_n_steps, "must be >= 1")
+        _check(self.cid_lr > 0, c, "cid_lr", self.cid_lr, "must be > 0")
+        _check(self.cid_lambda >= 0, c, "cid_lambda", self.cid_lambda, "must be >= 0")
+        _check(self.cid_beta > 1.0, c, "cid_beta", self.cid_beta, "must be > 1 (a growth ratio)")
+        _check(self.cid_chunk_size >= 1, c, "cid_chunk_size", self.cid_chunk_size, "must be >= 1")
+        _check(self.ig_n_steps >= 1, c, "ig_n_steps", self.ig_n_steps, "must be >= 1")
+        _check_choices(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Self-training (``--step_name=SegJointGene``)."""
+
+    net_epoch: int = opt(200, "last epoch (epochs 0..N; epoch 0 is forward-only)")
+    net_batch_size: int = opt(8, "patches per batch")
+    net_lr: float = opt(1e-4, "Adam learning rate")
+    net_weight_decay: float = opt(0.0, "Adam weight decay")
+    net_width: int = opt(64, "UNet width (channels of the first level; 64 as published, 4-8 for CPU tests)")
+    loss: str = opt("ce", "ce: cross-entropy on the current labels; ce_dice: class-weighted CE + soft Dice",
+                    choices=("ce", "ce_dice"))
+    warmup_epochs: int = opt(1, "labels are updated from this epoch on; before it the network only trains")
+    passes_per_epoch: int = opt(1, "optimizer passes over the training patches per epoch (small sections need "
+                                   "several so that predictions are trained before they drive growth)")
+    save_interval: int = opt(10, "save a checkpoint and label cache every N epochs (and at the end)")
+    pixel_distance: int = opt(5, "ring width (pixels) of the cell-calling score")
+    amp: bool = opt(True, "mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU")
+    cache_patches: str = opt("auto", "keep the patch images in memory: auto (when they fit in 1/4 of RAM), yes, no",
+                             choices=("auto", "yes", "no"))
+
+    def __post_init__(self) -> None:
+        c = TrainConfig
+        for name in ("net_epoch", "warmup_epochs"):
+            _check(getattr(self, name) >= 0, c, name, getattr(self, name), "must be >= 0")
+        for name in ("net_batch_size", "net_width", "passes_per_epoch", "save_interval", "pixel_distance"):
+            _check(getattr(self, name) >= 1, c, name, getattr(self, name), "must be >= 1")
+        _check(self.net_lr > 0, c, "net_lr", self.net_lr, "must be > 0")
+        _check(self.net_weight_decay >= 0, c, "net_weight_decay", self.net_weight_decay, "must be >= 0")
+        _check_choices(self)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Metrics and baselines (``--step_name=evaluate``)."""
+
+    truth_dir: str = opt("", "ground-truth folder of a simulated section (default: <raw_dir>_truth when it exists)")
+    reference_csv: str = opt("", "cell-type x gene reference profile (CSV: gene column + one column per type) for MECR")
+    expand_px: str = opt("5,10,15", "nucleus-expansion baselines, comma-separated radii in pixels")
+
+    def radii(self) -> tuple[int, ...]:
+        try:
+            radii = tuple(int(v) for v in self.expand_px.split(",") if v.strip())
+        except ValueError:
+            radii = ()
+        _check(bool(radii) and all(r > 0 for r in radii), EvaluateConfig, "expand_px", self.expand_px,
+               "give positive integers separated by commas, e.g. 5,10,15")
+        return radii
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """SegCLR-style cell embeddings (``--step_name=embed``); fields are added by the embed module's issue."""
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    """SNGP cell-type classifier (``--step_name=classify``); fields are added by the classify module's issue."""
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain dict of a config (for checkpoints and run metadata)."""
+    return dataclasses.asdict(config)

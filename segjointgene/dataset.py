@@ -1,0 +1,211 @@
+"""Patch dataset and the dynamic label store (layer 2: torch).
+
+:class:`LabelStore` holds the current pseudo-labels (instance ids) of every patch of a split in shared memory:
+DataLoader worker processes, forked or spawned, map the same memory, so an update made by the main process is seen by
+the next batch any worker loads. Class maps are never stored separately: the class of a pixel is always the class of
+its instance (``class_lut[instance]``), which makes "class map = class of the instance map" hold by construction.
+
+:class:`ImagePatchDataset` reads patch files (validated when the dataset is opened) and returns, per patch, the
+density image, the current labels, the fixed (core) labels and the patch index.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .constants import BACKGROUND, CELLS_TABLE, METADATA_FILE, PatchKeys
+from .errors import DataError, InputNotFoundError
+from .io import load_npz, npz_headers, read_json, save_npz
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ImagePatchDataset", "LabelStore", "load_label_cache", "read_class_lut", "load_metadata", "save_label_cache"]
+
+
+def load_metadata(data_dir: str | os.PathLike) -> dict:
+    """Read ``metadata.json`` of a preprocessed dataset; refuse an unfinished one."""
+    path = Path(data_dir) / METADATA_FILE
+    if not path.is_file():
+        raise InputNotFoundError(f"{path} not found: preprocess the section first (--step_name=preprocess_CA1)")
+    meta = read_json(path)
+    if not meta.get("complete"):
+        raise DataError(f"{path}: preprocessing did not finish; run --step_name=preprocess_CA1 again (it resumes)")
+    return meta
+
+
+def read_class_lut(data_dir: str | os.PathLike) -> np.ndarray:
+    """(max cell id + 1,) int64 lookup: cell (instance) id -> cell-type id; entry 0 is background."""
+    import pandas as pd
+
+    path = Path(data_dir) / CELLS_TABLE
+    if not path.is_file():
+        raise InputNotFoundError(f"{path} not found: preprocess the section again")
+    cells = pd.read_csv(path)
+    lut = np.zeros(int(cells["cell"].max()) + 1, np.int64)
+    lut[cells["cell"].to_numpy()] = cells["celltype_id"].to_numpy()
+    return lut
+
+
+class LabelStore:
+    """Current instance labels of the patches of one split, in shared memory.
+
+    Parameters
+    ----------
+    names : patch file names, in dataset order.
+    instances : (N, P, P) integer tensor, the initial labels (copied into shared memory as int32).
+    class_lut : (M,) integer tensor or array, instance id -> class id (0 -> 0).
+    """
+
+    def __init__(self, names: Sequence[str], instances: torch.Tensor, class_lut: np.ndarray | torch.Tensor):
+        if instances.ndim != 3 or len(names) != instances.shape[0]:
+            raise ValueError(f"instances must be (N, P, P) with N = len(names) = {len(names)}, got {tuple(instances.shape)}")
+        self.names = list(names)
+        self.instances = instances.to(torch.int32).clone().share_memory_()
+        self.class_lut = torch.as_tensor(np.asarray(class_lut), dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def classes(self, instances: torch.Tensor) -> torch.Tensor:
+        """Class map of an instance map (any shape), on the instance map's device."""
+        return self.class_lut.to(instances.device)[instances.long()]
+
+    def update(self, indices: torch.Tensor | Sequence[int], instances: torch.Tensor) -> int:
+        """Store new labels for the given patches (any device); returns the number of pixels that changed."""
+        idx = torch.as_tensor(indices, dtype=torch.long).cpu()
+        new = instances.to(device="cpu", dtype=torch.int32)
+        changed = int((self.instances[idx] != new).sum())
+        self.instances[idx] = new
+        return changed
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        inst = self.instances.numpy()
+        return {"names": np.asarray(self.names), "instances": inst.copy(),
+                "classes": self.class_lut.numpy()[inst].astype(np.int32)}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray], *, source: str = "label cache") -> None:
+        names = [str(n) for n in state["names"]]
+        if names != self.names:
+            raise DataError(f"{source}: its patches ({len(names)}) differ from this dataset's ({len(self.names)}); "
+                            "it belongs to another preprocessing of the section")
+        inst = np.asarray(state["instances"])
+        if inst.shape != tuple(self.instances.shape):
+            raise DataError(f"{source}: labels of shape {inst.shape}, expected {tuple(self.instances.shape)}")
+        self.instances.copy_(torch.from_numpy(inst.astype(np.int32)))
+
+    def save(self, path: str | os.PathLike, split: str = "train") -> None:
+        """Write this store alone as a label cache (atomically)."""
+        save_label_cache(path, {split: self})
+
+
+def save_label_cache(path: str | os.PathLike, stores: Mapping[str, LabelStore], *, fsync: bool = True) -> None:
+    """Write the labels of several splits to one ``.npz`` (keys ``<split>.names|instances|classes``), atomically."""
+    arrays = {f"{split}.{key}": value for split, store in stores.items() for key, value in store.state_dict().items()}
+    save_npz(path, arrays, fsync=fsync)
+
+
+def load_label_cache(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """Read a label cache written by :func:`save_label_cache`: split -> {names, instances, classes}."""
+    arrays = load_npz(path)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        split, _, name = key.partition(".")
+        out.setdefault(split, {})[name] = value
+    for split, state in out.items():
+        if not {"names", "instances"} <= set(state):
+            raise DataError(f"{path}: split '{split}' lacks names or instances; the label cache is damaged")
+    return out
+
+
+class ImagePatchDataset(Dataset):
+    """Patches of one split with fixed (core) labels and dynamic labels.
+
+    Parameters
+    ----------
+    data_dir : preprocessed dataset folder (with ``metadata.json``).
+    split : ``"train"`` or ``"test"``.
+    metadata : the dataset's metadata (read when None).
+    class_lut : instance id -> class id (read from ``cells.csv`` when None).
+    cache_images : keep every density image in (shared) memory after the first read.
+
+    Every patch file is validated when the dataset opens (keys, shapes and dtypes from the headers); the image of a
+    patch is checked for NaN when it is read. Errors name the file.
+
+    Items are dicts: ``image`` (G, P, P) float32; ``instance`` and ``label`` (P, P) int64, the current labels;
+    ``core`` (P, P) int64, the fixed nucleus instance map; ``index`` int.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, *, metadata: dict | None = None,
+                 class_lut: np.ndarray | None = None, cache_images: bool = False):
+        self.data_dir = Path(data_dir)
+        self.split = split
+        self.metadata = metadata if metadata is not None else load_metadata(data_dir)
+        self.names = list(self.metadata["split"][split])
+        self.paths = [self.data_dir / split / n for n in self.names]
+        self.n_genes = len(self.metadata["genes"])
+        self.patch_size = int(self.metadata["patch_size"])
+        lut = read_class_lut(data_dir) if class_lut is None else class_lut
+        core = torch.zeros((len(self.paths), self.patch_size, self.patch_size), dtype=torch.int32)
+        for i, path in enumerate(self.paths):
+            self._check_headers(path)
+            inst = load_npz(path, (PatchKeys.INSTANCE,))[PatchKeys.INSTANCE]
+            if inst.size and (inst.min() < BACKGROUND or inst.max() >= len(lut)):
+                raise DataError(f"{path}: instance ids outside 0..{len(lut) - 1} (the cells table); re-run preprocessing")
+            core[i] = torch.from_numpy(inst)
+        self.core = core.share_memory_()
+        self.labels = LabelStore(self.names, core, lut)
+        self._cache: torch.Tensor | None = None
+        self._cached: torch.Tensor | None = None
+        if cache_images and self.paths:
+            self._cache = torch.zeros((len(self.paths), self.n_genes, self.patch_size, self.patch_size)).share_memory_()
+            self._cached = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
+
+    def _check_headers(self, path: Path) -> None:
+        if not path.is_file():
+            raise InputNotFoundError(f"{path}: listed in {METADATA_FILE} but missing; re-run preprocessing")
+        headers = npz_headers(path)
+        missing = [k for k in PatchKeys.ALL if k not in headers]
+        if missing:
+            raise DataError(f"{path}: missing array(s) {', '.join(missing)}; re-run preprocessing")
+        p, g = self.patch_size, self.n_genes
+        for key, (shape, dtype) in headers.items():
+            if key not in PatchKeys.DTYPES:
+                continue
+            want = (g, p, p) if key == PatchKeys.IMAGE else (p, p)
+            if shape != want or dtype != np.dtype(PatchKeys.DTYPES[key]):
+                raise DataError(f"{path}: array '{key}' has shape {shape} and dtype {dtype}, expected {want} "
+                                f"{PatchKeys.DTYPES[key]}; re-run preprocessing")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read_image(self, index: int) -> torch.Tensor:
+        """(G, P, P) float32 density image of a patch (from the cache when enabled)."""
+        if self._cache is not None and bool(self._cached[index]):
+            return self._cache[index]
+        path = self.paths[index]
+        image = load_npz(path, (PatchKeys.IMAGE,))[PatchKeys.IMAGE]
+        if not np.isfinite(image).all():
+            raise DataError(f"{path}: the density image contains NaN or infinite values; re-run preprocessing")
+        tensor = torch.from_numpy(image)
+        if self._cache is not None:
+            self._cache[index] = tensor
+            self._cached[index] = True
+        return tensor
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        instance = self.labels.instances[index].long()
+        return {
+            "image": self.read_image(index),
+            "instance": instance,
+            "label": self.labels.classes(instance),
+            "core": self.core[index].long(),
+            "index": index,
+        }

@@ -1,0 +1,491 @@
+"""Raw section -> patch files (layer 1: numpy, scipy, scikit-image; no torch).
+
+Steps (SPEC §2.1-2.2):
+
+1. nuclei: the nucleus label image when there is one, else a seeded watershed of the DAPI image
+   (:func:`seeded_watershed`); instance ids are section-global (= ``cell``), background 0, no offset;
+2. crop to the bounding box of spots, centroids and nucleus pixels (+5 px margin), pad bottom/right to a multiple of
+   the patch size (:func:`frame_geometry`);
+3. per patch, in parallel worker processes, stream: spots within the patch enlarged by a halo, per-gene histogram,
+   Gaussian filter, centre crop (:func:`gene_density`). The halo equals the Gaussian's radius, so the stitched
+   patches equal the density of the whole section: continuous across patch borders. Memory is bounded by one
+   patch's working set; no genes x H x W array is ever built;
+4. each patch file is written atomically; ``metadata.json`` is written first with ``complete: false`` and rewritten
+   with ``complete: true`` at the end, so an interrupted run resumes: patches already on disk are verified by
+   content and kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing as mp
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse
+from scipy import ndimage
+
+from .config import PreprocessConfig
+from .constants import (BACKGROUND, BACKGROUND_NAME, CELLS_TABLE, METADATA_FILE, PATCH_GLOB, PATCH_NAME, SPLITS,
+                        SPOTS_TABLE, PatchKeys)
+from .errors import DataError
+from .io import Section, load_npz, read_json, save_npz, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FrameGeometry",
+    "density_halo",
+    "frame_geometry",
+    "gene_density",
+    "preprocess_section",
+    "seeded_watershed",
+    "verify_patch",
+]
+
+METADATA_FORMAT = 1
+#: Gaussian truncation in sigmas; the halo equals the filter radius so patches stitch exactly.
+DENSITY_TRUNCATE = 3.0
+CROP_MARGIN_PX = 5
+
+
+def density_halo(sigma: float) -> int:
+    """Halo (pixels) around a patch whose spots reach into it: the radius of the truncated Gaussian."""
+    return int(DENSITY_TRUNCATE * sigma + 0.5) if sigma > 0 else 0
+
+
+def gene_density(rows: np.ndarray, cols: np.ndarray, genes: np.ndarray, n_genes: int, size: int, sigma: float,
+                 *, halo: int | None = None) -> np.ndarray:
+    """Per-gene spot density of one square window.
+
+    Parameters
+    ----------
+    rows, cols : (n,) int arrays, pixel of each spot relative to the window's top-left corner; spots may lie up to
+        ``halo`` pixels outside the window (they spill into it) and are ignored beyond that.
+    genes : (n,) int array, channel of each spot.
+    n_genes : number of channels G.
+    size : window edge P.
+    sigma : Gaussian sigma in pixels; 0 returns raw counts.
+    halo : spill-over margin; defaults to :func:`density_halo` of ``sigma``.
+
+    Returns
+    -------
+    (G, P, P) float32 ndarray. Each spot contributes a mass of 1 spread by a Gaussian truncated at
+    ``DENSITY_TRUNCATE`` sigmas (zero outside the section), so a spot far from the edges integrates to 1.
+
+    Examples
+    --------
+    >>> d = gene_density(np.array([16]), np.array([16]), np.array([1]), 2, 32, 2.0)
+    >>> d.shape, round(float(d[1].sum()), 4), float(d[0].sum())
+    ((2, 32, 32), 1.0, 0.0)
+    """
+    halo = density_halo(sigma) if halo is None else halo
+    out = np.zeros((n_genes, size, size), np.float32)
+    keep = (rows >= -halo) & (rows < size + halo) & (cols >= -halo) & (cols < size + halo)
+    if sigma <= 0:
+        keep &= (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
+        np.add.at(out, (genes[keep], rows[keep], cols[keep]), 1.0)
+        return out
+    rows, cols, genes = rows[keep] + halo, cols[keep] + halo, genes[keep]
+    present, channel = np.unique(genes, return_inverse=True)
+    if present.size == 0:
+        return out
+    edge = size + 2 * halo
+    hist = np.zeros((present.size, edge, edge), np.float32)
+    np.add.at(hist, (channel, rows, cols), 1.0)
+    smooth = ndimage.gaussian_filter(hist, sigma=(0, sigma, sigma), mode="constant", truncate=DENSITY_TRUNCATE)
+    out[present] = smooth[:, halo:halo + size, halo:halo + size]
+    return out
+
+
+def seeded_watershed(dapi: np.ndarray, cells: pd.DataFrame) -> np.ndarray:
+    """Nucleus masks from DAPI by a watershed seeded at the cell centroids (reference §4.1).
+
+    Gaussian smoothing (sigma 1), foreground = smooth > 0.5 * Otsu threshold, one marker per cell at its integer
+    (truncated) centroid, watershed of -smooth inside the foreground. A later cell overwrites an earlier one on the
+    same marker pixel; a marker in the background is lost (that cell has no nucleus pixels; logged).
+
+    Parameters
+    ----------
+    dapi : (H, W) ndarray.
+    cells : DataFrame with ``cell, x, y`` (x = column).
+
+    Returns
+    -------
+    (H, W) int32 ndarray, ids = ``cell``, 0 = background.
+    """
+    from skimage.filters import gaussian, threshold_otsu
+    from skimage.segmentation import watershed
+
+    smooth = gaussian(dapi.astype(np.float32), sigma=1.0, preserve_range=True)
+    foreground = smooth > 0.5 * threshold_otsu(smooth)
+    markers = np.zeros(dapi.shape, np.int32)
+    yi = cells["y"].to_numpy().astype(np.int64)
+    xi = cells["x"].to_numpy().astype(np.int64)
+    markers[yi, xi] = cells["cell"].to_numpy()
+    markers[~foreground] = BACKGROUND
+    labels = watershed(-smooth, markers, mask=foreground).astype(np.int32)
+    lost = cells["cell"].size - np.unique(labels[labels > 0]).size
+    if lost:
+        log.warning("seeded watershed: %d cell(s) got no nucleus pixels (centroid on DAPI background or shared)", lost)
+    return labels
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """How the cropped, padded patch frame maps onto the raw frame.
+
+    Raw pixel (y, x) is patch-frame pixel (y - y0, x - x0); the crop covers raw rows ``y0:y0+height`` and columns
+    ``x0:x0+width``; the padded frame is ``padded`` = (rows * P, cols * P), the padding is background.
+    """
+
+    raw_shape: tuple[int, int]
+    y0: int
+    x0: int
+    height: int
+    width: int
+    patch_size: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        p = self.patch_size
+        return -(-self.height // p), -(-self.width // p)
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        r, c = self.grid
+        return r * self.patch_size, c * self.patch_size
+
+
+def _nucleus_bbox(nuclei: np.ndarray | scipy.sparse.csr_matrix) -> tuple[int, int, int, int] | None:
+    if scipy.sparse.issparse(nuclei):
+        coo = nuclei.tocoo()
+        nz = coo.data != BACKGROUND
+        if not nz.any():
+            return None
+        return int(coo.row[nz].min()), int(coo.col[nz].min()), int(coo.row[nz].max()), int(coo.col[nz].max())
+    rows = np.flatnonzero(nuclei.any(axis=1))
+    cols = np.flatnonzero(nuclei.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
+
+
+def frame_geometry(section: Section, nuclei: np.ndarray | scipy.sparse.csr_matrix, patch_size: int) -> FrameGeometry:
+    """Crop box over spots, centroids and nucleus pixels, with a margin, clipped to the raw frame."""
+    h, w = section.shape
+    ys = np.concatenate([section.spots["y"].to_numpy(), section.cells["y"].to_numpy()])
+    xs = np.concatenate([section.spots["x"].to_numpy(), section.cells["x"].to_numpy()])
+    y0, x0 = int(np.floor(ys.min())), int(np.floor(xs.min()))
+    y1, x1 = int(np.floor(ys.max())), int(np.floor(xs.max()))
+    box = _nucleus_bbox(nuclei)
+    if box is not None:
+        y0, x0, y1, x1 = min(y0, box[0]), min(x0, box[1]), max(y1, box[2]), max(x1, box[3])
+    y0, x0 = max(0, y0 - CROP_MARGIN_PX), max(0, x0 - CROP_MARGIN_PX)
+    y1, x1 = min(h, y1 + 1 + CROP_MARGIN_PX), min(w, x1 + 1 + CROP_MARGIN_PX)
+    return FrameGeometry(raw_shape=(h, w), y0=y0, x0=x0, height=y1 - y0, width=x1 - x0, patch_size=patch_size)
+
+
+# ----------------------------------------------------------------------------------------------- patch worker
+@dataclass
+class _Job:
+    """Everything a worker needs; set once before the pool forks (shared copy-on-write, never pickled per task)."""
+
+    geometry: FrameGeometry
+    spot_row: np.ndarray  # (n,) int64 patch-frame pixel row of each spot
+    spot_col: np.ndarray
+    spot_gene: np.ndarray  # (n,) int64 channel
+    bucket_start: np.ndarray  # (n_rows * n_cols + 1,) spots sorted by the patch that holds them
+    spot_order: np.ndarray
+    nuclei: np.ndarray | scipy.sparse.csr_matrix  # raw frame
+    dapi: np.ndarray | None  # raw frame
+    class_lut: np.ndarray  # cell id -> class id
+    n_genes: int
+    sigma: float
+    halo: int
+
+
+_JOB: _Job | None = None
+
+
+def _init_worker(job: _Job) -> None:
+    global _JOB
+    _JOB = job
+
+
+def _raw_window(image, geo: FrameGeometry, r0: int, c0: int) -> np.ndarray:
+    """The patch's (P, P) window of a raw-frame image; pixels outside the crop are 0."""
+    p = geo.patch_size
+    y0, x0 = geo.y0 + r0, geo.x0 + c0
+    y1, x1 = geo.y0 + min(r0 + p, geo.height), geo.x0 + min(c0 + p, geo.width)
+    out = np.zeros((p, p), np.float64 if not np.issubdtype(image.dtype, np.integer) else np.int64)
+    block = image[y0:y1, x0:x1]
+    out[:y1 - y0, :x1 - x0] = block.toarray() if scipy.sparse.issparse(block) else block
+    return out
+
+
+def _spots_near(job: _Job, row: int, col: int) -> np.ndarray:
+    """Indices of the spots in the patch's own bucket and the neighbouring buckets the halo reaches."""
+    n_rows, n_cols = job.geometry.grid
+    reach = -(-job.halo // job.geometry.patch_size)
+    parts = []
+    for r in range(max(0, row - reach), min(n_rows, row + reach + 1)):
+        lo = r * n_cols + max(0, col - reach)
+        hi = r * n_cols + min(n_cols, col + reach + 1)
+        parts.append(job.spot_order[job.bucket_start[lo]:job.bucket_start[hi]])
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def make_patch(job: _Job, row: int, col: int) -> dict[str, np.ndarray]:
+    """The arrays of patch (row, col) (see ``PatchKeys``)."""
+    p = job.geometry.patch_size
+    r0, c0 = row * p, col * p
+    near = _spots_near(job, row, col)
+    rr, cc, gg = job.spot_row[near] - r0, job.spot_col[near] - c0, job.spot_gene[near]
+    image = gene_density(rr, cc, gg, job.n_genes, p, job.sigma, halo=job.halo)
+    inside = (rr >= 0) & (rr < p) & (cc >= 0) & (cc < p)
+    counts = np.zeros((p, p), np.float32)
+    np.add.at(counts, (rr[inside], cc[inside]), 1.0)
+    instance = _raw_window(job.nuclei, job.geometry, r0, c0).astype(np.int32)
+    label = job.class_lut[instance].astype(np.int32)
+    dapi = (_raw_window(job.dapi, job.geometry, r0, c0) if job.dapi is not None else instance > 0).astype(np.float32)
+    return {PatchKeys.IMAGE: image, PatchKeys.LABEL: label, PatchKeys.INSTANCE: instance,
+            PatchKeys.SPOTS: counts, PatchKeys.DAPI: dapi}
+
+
+def _write_patch(task: tuple[int, int, str]) -> str:
+    row, col, path = task
+    save_npz(path, make_patch(_JOB, row, col))
+    return path
+
+
+def verify_patch(path: str | os.PathLike, n_genes: int, patch_size: int) -> None:
+    """Load a patch file and check its keys, shapes, dtypes and finiteness; raise :class:`DataError` naming it."""
+    arrays = load_npz(path, PatchKeys.ALL)
+    expect = {PatchKeys.IMAGE: (n_genes, patch_size, patch_size)}
+    for key, arr in arrays.items():
+        shape = expect.get(key, (patch_size, patch_size))
+        if arr.shape != shape or arr.dtype != np.dtype(PatchKeys.DTYPES[key]):
+            raise DataError(f"{path}: array '{key}' has shape {arr.shape} and dtype {arr.dtype}, expected {shape} "
+                            f"{PatchKeys.DTYPES[key]}; re-run preprocessing")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise DataError(f"{path}: array '{key}' contains NaN or infinite values; re-run preprocessing")
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _occupied(job: _Job) -> np.ndarray:
+    """(n_rows, n_cols) bool: patches that hold a spot in their halo window or a nucleus pixel."""
+    geo = job.geometry
+    n_rows, n_cols = geo.grid
+    p, h = geo.patch_size, job.halo
+    occ = np.zeros((n_rows, n_cols), bool)
+    # a spot marks every patch whose halo window contains it
+    for dr in (-h, 0, h):
+        for dc in (-h, 0, h):
+            r = (job.spot_row + dr) // p
+            c = (job.spot_col + dc) // p
+            ok = (r >= 0) & (r < n_rows) & (c >= 0) & (c < n_cols)
+            occ[r[ok], c[ok]] = True
+    if scipy.sparse.issparse(job.nuclei):
+        coo = job.nuclei.tocoo()
+        nz = coo.data != BACKGROUND
+        r, c = coo.row[nz] - geo.y0, coo.col[nz] - geo.x0
+    else:
+        r, c = np.nonzero(job.nuclei)
+        r, c = r - geo.y0, c - geo.x0
+    ok = (r >= 0) & (r < geo.height) & (c >= 0) & (c < geo.width)
+    occ[r[ok] // p, c[ok] // p] = True
+    return occ
+
+
+def _split(names: list[str], test_fraction: float, seed: int) -> dict[str, list[str]]:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(names))
+    n_test = int(round(test_fraction * len(names)))
+    if test_fraction > 0 and len(names) > 1:
+        n_test = min(max(n_test, 1), len(names) - 1)
+    test = {names[i] for i in order[:n_test]}
+    return {"train": sorted(n for n in names if n not in test), "test": sorted(test)}
+
+
+def _prepare_output(out_dir: Path, fingerprint: dict, overwrite: bool) -> dict | None:
+    """Check what ``out_dir`` holds; return the old metadata when it is the same job (resume), else None."""
+    meta_path = out_dir / METADATA_FILE
+    has_patches = any((out_dir / s).glob(PATCH_GLOB) for s in SPLITS) if out_dir.exists() else False
+    old = read_json(meta_path) if meta_path.is_file() else None
+    if old is not None and old.get("fingerprint") == fingerprint:
+        return old
+    if old is None and not has_patches:
+        return None
+    if not overwrite:
+        what = "a dataset preprocessed with different settings or inputs" if old else "patch files of unknown origin"
+        raise DataError(f"{out_dir} already holds {what}; pass --overwrite to replace it or choose another --datasets_name")
+    log.info("--overwrite: removing the previous dataset in %s", out_dir)
+    for split in SPLITS:
+        shutil.rmtree(out_dir / split, ignore_errors=True)
+    meta_path.unlink(missing_ok=True)
+    return None
+
+
+def preprocess_section(section: Section, out_dir: str | os.PathLike, config: PreprocessConfig = PreprocessConfig(), *,
+                       num_workers: int = 0, overwrite: bool = False, progress: bool = True,
+                       extra_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Cut a validated section into patch files under ``out_dir/{train,test}/`` and write ``metadata.json``.
+
+    Parameters
+    ----------
+    section : from :func:`segjointgene.io.read_section`.
+    out_dir : dataset folder ``data/<datasets_name>``.
+    config : patch size, density sigma, split.
+    num_workers : worker processes (0 = in this process).
+    overwrite : replace a dataset made from other inputs or settings (else that is an error).
+    progress : show a progress bar.
+    extra_metadata : merged into ``metadata.json`` (e.g. the dataset name).
+
+    Returns
+    -------
+    The metadata dict (also written to ``out_dir/metadata.json``).
+    """
+    from tqdm.auto import tqdm
+
+    from . import __version__
+
+    out_dir = Path(out_dir)
+    genes = section.genes
+    celltypes = [BACKGROUND_NAME, *section.celltypes]
+    source = {role: {"file": Path(path).name, "sha256": _sha256(path)} for role, path in section.files.items()}
+    fingerprint = {"config": asdict(config), "sources": source, "format": METADATA_FORMAT}
+    previous = _prepare_output(out_dir, fingerprint, overwrite)
+
+    if section.nuclei is not None:
+        nuclei, nucleus_source = section.nuclei, "label_image"
+    else:
+        log.info("no nucleus label image: seeded watershed of the DAPI image")
+        nuclei, nucleus_source = seeded_watershed(section.dapi, section.cells), "dapi_watershed"
+    geo = frame_geometry(section, nuclei, config.patch_size)
+    n_rows, n_cols = geo.grid
+
+    gene_index = {g: i for i, g in enumerate(genes)}
+    type_index = {t: i for i, t in enumerate(celltypes)}
+    cell_ids = section.cells["cell"].to_numpy()
+    class_lut = np.zeros(int(cell_ids.max()) + 1, np.int32)
+    class_lut[cell_ids] = [type_index[t] for t in section.cells["celltype"]]
+    spot_row = np.floor(section.spots["y"].to_numpy()).astype(np.int64) - geo.y0
+    spot_col = np.floor(section.spots["x"].to_numpy()).astype(np.int64) - geo.x0
+    spot_gene = section.spots["gene"].map(gene_index).to_numpy().astype(np.int64)
+    bucket = (spot_row // geo.patch_size) * n_cols + spot_col // geo.patch_size
+    order = np.argsort(bucket, kind="stable")
+    start = np.searchsorted(bucket[order], np.arange(n_rows * n_cols + 1))
+    halo = density_halo(config.density_sigma)
+    job = _Job(geometry=geo, spot_row=spot_row, spot_col=spot_col, spot_gene=spot_gene, bucket_start=start,
+               spot_order=order, nuclei=nuclei, dapi=section.dapi, class_lut=class_lut, n_genes=len(genes),
+               sigma=config.density_sigma, halo=halo)
+
+    occupied = _occupied(job) if not config.keep_empty else np.ones((n_rows, n_cols), bool)
+    cells_rc = [(r, c) for r in range(n_rows) for c in range(n_cols) if occupied[r, c]]
+    names = [PATCH_NAME.format(row=r, col=c) for r, c in cells_rc]
+    if not names:
+        raise DataError(f"{section.files.get('spots')}: no patch holds a spot or a nucleus; nothing to preprocess")
+    split = previous["split"] if previous else {**_split(names, config.test_fraction, config.split_seed),
+                                                 "seed": config.split_seed, "test_fraction": config.test_fraction}
+    split_of = {n: s for s in SPLITS for n in split[s]}
+
+    metadata = {
+        "format_version": METADATA_FORMAT, "package_version": __version__, "complete": False,
+        **(extra_metadata or {}), "fingerprint": fingerprint,
+        "genes": genes, "celltypes": celltypes,
+        "raw_shape": list(geo.raw_shape), "crop_offset": [geo.y0, geo.x0], "crop_shape": [geo.height, geo.width],
+        "padded_shape": list(geo.padded), "patch_size": geo.patch_size, "grid": [n_rows, n_cols],
+        "density_sigma": config.density_sigma, "density_halo": halo, "density_truncate": DENSITY_TRUNCATE,
+        "has_dapi": section.dapi is not None, "nucleus_source": nucleus_source,
+        "n_cells": int(cell_ids.size), "n_spots": int(len(section.spots)), "n_spots_outside": section.n_spots_outside,
+        "n_patches": len(names), "n_patches_skipped_empty": n_rows * n_cols - len(names), "split": split,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for s in SPLITS:
+        (out_dir / s).mkdir(exist_ok=True)
+    write_json(out_dir / METADATA_FILE, metadata)
+    write_csv(out_dir / CELLS_TABLE, pd.DataFrame({
+        "cell": cell_ids, "celltype_id": class_lut[cell_ids], "celltype": section.cells["celltype"],
+        "x": section.cells["x"], "y": section.cells["y"]}))
+    save_npz(out_dir / SPOTS_TABLE, {"gene": spot_gene.astype(np.int32), "x": section.spots["x"].to_numpy(),
+                                     "y": section.spots["y"].to_numpy(),
+                                     "row_in_file": np.asarray(section.spot_rows_in_file, np.int64)})
+
+    tasks = []
+    n_kept = 0
+    for (r, c), name in zip(cells_rc, names):
+        path = out_dir / split_of[name] / name
+        if path.is_file():
+            try:
+                verify_patch(path, len(genes), geo.patch_size)
+                n_kept += 1
+                continue
+            except DataError as err:
+                log.warning("re-writing %s (%s)", path, err)
+        tasks.append((r, c, str(path)))
+    if n_kept:
+        log.info("resume: %d patch file(s) already complete, %d to write", n_kept, len(tasks))
+    _run_tasks(job, tasks, num_workers, progress, tqdm)
+
+    metadata["complete"] = True
+    write_json(out_dir / METADATA_FILE, metadata)
+    return metadata
+
+
+def _run_tasks(job: _Job, tasks: list[tuple[int, int, str]], num_workers: int, progress: bool, tqdm) -> None:
+    bar = tqdm(total=len(tasks), desc="patches", unit="patch", disable=not progress or not tasks, leave=False)
+    try:
+        if num_workers <= 0 or len(tasks) < 2:
+            _init_worker(job)
+            for task in tasks:
+                _write_patch(task)
+                bar.update()
+            return
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        ctx = mp.get_context(method)
+        with ctx.Pool(num_workers, initializer=_init_worker, initargs=(job,)) as pool:
+            for _ in pool.imap_unordered(_write_patch, tasks, chunksize=max(1, len(tasks) // (8 * num_workers))):
+                bar.update()
+    finally:
+        bar.close()
+
+
+def patch_paths(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """The patch files of a split, sorted by name."""
+    return sorted(Path(data_dir, split).glob(PATCH_GLOB))
+
+
+def parse_patch_name(name: str) -> tuple[int, int]:
+    """(row, col) of a patch file name ``p_<row>_<col>.npz``.
+
+    >>> parse_patch_name("p_3_12.npz")
+    (3, 12)
+    """
+    stem = Path(name).name.removesuffix(".npz")
+    parts = stem.split("_")
+    if len(parts) != 3 or parts[0] != "p" or not (parts[1].isdigit() and parts[2].isdigit()):
+        raise DataError(f"{name}: not a patch file name (expected p_<row>_<col>.npz)")
+    return int(parts[1]), int(parts[2])
+
+
+def iter_patch_grid(metadata: dict) -> Iterable[tuple[str, str, int, int]]:
+    """(split, name, row, col) of every patch listed in the metadata."""
+    for split in SPLITS:
+        for name in metadata["split"][split]:
+            yield (split, name, *parse_patch_name(name))
