@@ -152,9 +152,7 @@ def step_evaluate(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) 
 
 
 def step_demo(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
-    from .demo import run_demo
-
-    return run_demo(args, cfg, paths)
+    raise UserError("--step_name=demo is not available yet")
 
 
 def step_embed(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
