@@ -1,0 +1,81 @@
+"""Checkpoints (layer 2): a dict of state dicts, the epoch, the config as a plain dict, RNG states and the version.
+
+Written atomically (temporary file + rename, fsync'ed); read with ``torch.load(..., weights_only=True)``, so a file
+carrying arbitrary pickled objects is refused instead of executed. A checkpoint records the sha256 of the label
+cache written just before it, so a resume never pairs the weights of one epoch with the labels of another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .constants import RunFiles
+from .errors import DataError, InputNotFoundError
+from .io import atomic_path
+
+log = logging.getLogger(__name__)
+
+__all__ = ["file_sha256", "list_epochs", "load_checkpoint", "save_checkpoint"]
+
+CHECKPOINT_FORMAT = 1
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write a checkpoint dict atomically (and fsync it). Values must be tensors, state dicts or plain data."""
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``).
+
+    Raises
+    ------
+    InputNotFoundError : the file does not exist.
+    DataError : the file is truncated / corrupt, or carries objects other than tensors and plain data.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "refused"
+        raise DataError(f"{path}: refused to load - it holds objects other than tensors and plain data ({first[:160]}); "
+                        "only load checkpoints written by segjointgene, or retrain") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise DataError(f"{path}: corrupt or truncated checkpoint ({type(err).__name__}: {str(err)[:160]}); "
+                        "resume from an earlier epoch (--ckpt_load_epoch) or retrain") from None
+    if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
+        raise DataError(f"{path}: not a segjointgene checkpoint (no model/epoch entries)")
+    return state
+
+
+def list_epochs(run_dir: str | os.PathLike) -> list[int]:
+    """Epochs that have both a checkpoint and a label cache in ``run_dir``, sorted."""
+    run_dir = Path(run_dir)
+    pattern = re.compile(r"^net_(\d+)\.pt$")
+    epochs = []
+    for p in run_dir.glob("net_*.pt"):
+        m = pattern.match(p.name)
+        if m and (run_dir / RunFiles.LABEL_CACHE.format(epoch=int(m.group(1)))).is_file():
+            epochs.append(int(m.group(1)))
+    return sorted(epochs)
