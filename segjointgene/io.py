@@ -152,7 +152,9 @@ def npz_headers(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.
             for name in zf.namelist():
                 with zf.open(name) as fh:
                     version = np.lib.format.read_magic(fh)
-                    shape, _, dtype = np.lib.format._read_array_header(fh, version)  # noqa: SLF001 (documented format)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(fh)
                 out[name.removesuffix(".npy")] = (tuple(shape), np.dtype(dtype))
     except FileNotFoundError:
         raise InputNotFoundError(f"{path}: file not found") from None

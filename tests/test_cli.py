@@ -1,0 +1,102 @@
+"""CLI contract: fast --help, real types, documented flags, usage errors naming the choices, step smoke tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from segjointgene.cli import build_parser, configs, main
+from segjointgene.config import AttributionConfig, LabelUpdateConfig, PreprocessConfig, RuntimeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_is_fast_and_lists_the_steps(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for step in ("preprocess_CA1", "SegJointGene", "simulate", "evaluate", "export", "demo"):
+        assert step in out
+    code = ("import sys; from segjointgene.cli import main; main(['--help']); "
+            "print('HEAVY', sorted(m for m in ('torch', 'pandas', 'matplotlib', 'scipy') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "HEAVY []" in res.stdout
+
+
+def test_bad_step_is_a_usage_error_naming_the_choices(capsys):
+    assert main(["--step_name=train_everything"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and "preprocess_CA1" in err and "SegJointGene" in err
+
+
+def test_bad_choice_value_names_the_choices(capsys):
+    assert main(["--attr_method=SHAP"]) == 2
+    assert "CID" in capsys.readouterr().err
+
+
+def test_documented_flags_parse_with_real_types():
+    args = build_parser().parse_args(["--datasets_name=CA1", "--step_name=SegJointGene", "--attr_method=CID",
+                                      "--net_sub_suffix=SegJointGene_CID", "--CID_beta=1.5", "--expand_k=4",
+                                      "--prediction_threshold=0.7", "--patch_size=256", "--if_load_ckpt=True",
+                                      "--ckpt_load_epoch=30", "--CID_chunk_size=4"])
+    cfg = configs(args)
+    assert cfg[AttributionConfig].cid_beta == 1.5 and isinstance(cfg[AttributionConfig].cid_beta, float)
+    assert cfg[AttributionConfig].cid_chunk_size == 4
+    assert cfg[LabelUpdateConfig].expand_k == 4 and cfg[LabelUpdateConfig].prediction_threshold == 0.7
+    assert cfg[PreprocessConfig].patch_size == 256
+    assert args.if_load_ckpt is True and args.ckpt_load_epoch == 30
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--if_load_ckpt=True"], True), (["--if_load_ckpt=False"], False), (["--if_load_ckpt"], True), ([], False),
+    (["--if_load_ckpt", "no"], False), (["--if_load_ckpt=1"], True),
+])
+def test_boolean_flags_accept_bare_and_explicit_values(argv, expect):
+    assert build_parser().parse_args(argv).if_load_ckpt is expect
+
+
+def test_bad_boolean_value_is_a_usage_error(capsys):
+    assert main(["--if_load_ckpt=maybe"]) == 2
+    assert "invalid boolean value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--step_name=preprocess", "--datasets_name=../elsewhere"], "--datasets_name"),
+    (["--step_name=preprocess", "--net_sub_suffix=/abs/path"], "--net_sub_suffix"),
+    (["--step_name=preprocess", "--patch_size=100"], "--patch_size"),
+    (["--step_name=preprocess", "--device=tpu"], "--device"),
+    (["--step_name=preprocess", "--CID_beta=0.9"], "--CID_beta"),
+])
+def test_invalid_values_are_one_line_errors(tmp_path, capsys, argv, needle):
+    assert main([*argv, f"--work_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and len(err.splitlines()) == 1
+
+
+def test_config_defaults_come_from_the_dataclasses():
+    args = build_parser().parse_args([])
+    cfg = configs(args)
+    assert cfg[RuntimeConfig] == RuntimeConfig()
+    assert cfg[AttributionConfig] == AttributionConfig()
+    assert cfg[LabelUpdateConfig] == LabelUpdateConfig()
+
+
+def test_simulate_and_preprocess_steps(tmp_path, capsys):
+    common = ["--datasets_name=tiny", f"--work_dir={tmp_path}", "--quiet"]
+    assert main(["--step_name=simulate", "--sim_size=96", "--sim_genes=9", "--sim_celltypes=3", *common]) == 0
+    raw = tmp_path / "data" / "tiny_raw" / "3_1_left"
+    assert (raw.parent / "3_1_left_truth" / "instance_mask.tif").is_file()
+    assert main(["--step_name=simulate", *common]) == 2  # refuses to overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["--step_name=preprocess", "--patch_size=32", *common]) == 0
+    assert (tmp_path / "data" / "tiny" / "metadata.json").is_file()
+    assert main(["--step_name=preprocess_CA1", "--patch_size=32", *common]) == 0  # same settings: resumes, no error
+    assert main(["--step_name=preprocess", "--patch_size=64", *common]) == 2  # other settings need --overwrite
+
+
+def test_missing_raw_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["--step_name=preprocess", f"--work_dir={tmp_path}", "--datasets_name=nothing"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "--raw_dir" in err
