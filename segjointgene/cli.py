@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import re
 import sys
@@ -37,6 +38,9 @@ _CONFIGS: tuple[tuple[str, type], ...] = (
     ("embed", EmbedConfig),
     ("classify", ClassifyConfig),
 )
+
+#: OS errors a user fixes (permissions, read-only or full disk, a path component that is a file)
+_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -74,7 +78,8 @@ class Paths:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Paths:
-        for flag, value in (("--datasets_name", args.datasets_name), ("--net_sub_suffix", args.net_sub_suffix)):
+        name = args.datasets_name or ("demo" if args.step_name == "demo" else "CA1")
+        for flag, value in (("--datasets_name", name), ("--net_sub_suffix", args.net_sub_suffix)):
             if not _NAME.match(value) or ".." in value:
                 raise ConfigError(f"{flag}={value!r} must be a plain folder name (letters, digits, '_', '-', '.'); "
                                   "it may not contain '/', '..' or be an absolute path")
@@ -83,10 +88,9 @@ class Paths:
             raise ConfigError(f"--CA1_sub_path={args.CA1_sub_path!r} must be a relative folder inside "
                               "data/<datasets_name>_raw/; use --raw_dir for a folder elsewhere")
         work = Path(args.work_dir)
-        raw = Path(args.raw_dir) if args.raw_dir else work / "data" / f"{args.datasets_name}_raw" / sub
-        return cls(work_dir=work, datasets_name=args.datasets_name, raw_dir=raw,
-                   data_dir=work / "data" / args.datasets_name,
-                   run_dir=work / "checkpoints" / args.datasets_name / args.net_sub_suffix)
+        raw = Path(args.raw_dir) if args.raw_dir else work / "data" / f"{name}_raw" / sub
+        return cls(work_dir=work, datasets_name=name, raw_dir=raw, data_dir=work / "data" / name,
+                   run_dir=work / "checkpoints" / name / args.net_sub_suffix)
 
 
 def configs(args: argparse.Namespace) -> dict[type, Any]:
@@ -195,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("step and paths")
     g.add_argument("--step_name", required=False, default="demo", choices=sorted(STEPS), metavar="STEP",
                    help=f"what to run, one of: {', '.join(STEPS)} (default demo)")
-    g.add_argument("--datasets_name", default="CA1", help="dataset name: patches in data/<name>/, runs in "
-                                                         "checkpoints/<name>/ (default CA1)")
+    g.add_argument("--datasets_name", default=None, help="dataset name: patches in data/<name>/, runs in "
+                                                          "checkpoints/<name>/ (default CA1; demo for --step_name=demo)")
     g.add_argument("--CA1_sub_path", default="3_1_left", help="raw section folder data/<datasets_name>_raw/<CA1_sub_path>/")
     g.add_argument("--raw_dir", default=None, help="raw section folder (overrides the default above)")
     g.add_argument("--work_dir", default=".", help="folder holding data/ and checkpoints/ (default: current folder)")
@@ -263,6 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - one line for the user, the traceback with --debug
         if args.debug:
             raise
+        if isinstance(err, OSError) and err.errno in _USER_OS_ERRORS:
+            where = f"{err.filename}: " if err.filename else ""
+            print(f"error: cannot write or read {where}{err.strerror}; check the folder's permissions and free space, "
+                  "or choose another --work_dir", file=sys.stderr)
+            return 2
         msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(f"error: internal error ({type(err).__name__}: {msg}); re-run with --debug for the traceback",
               file=sys.stderr)
