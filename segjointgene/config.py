@@ -125,9 +125,12 @@ class LabelUpdateConfig:
     prediction_threshold: float = opt(0.5, "minimum 3x3-smoothed softmax confidence of a pixel joining a cell")
     vote_min: int = opt(3, "v1: minimum agreeing pixels in the 3x3 neighbourhood (itself included)")
     top_ratio: float = opt(0.1, "v2: fraction of most-attributed anchors kept per patch", flag="--attr_top_ratio")
+    repeats: int = opt(1, "applications of the rule per batch with the same logits (the reference ran v2 10 times; "
+                          "growth per batch can reach repeats * expand_k pixels)", flag="--label_update_repeats")
 
     def __post_init__(self) -> None:
         c = LabelUpdateConfig
+        _check(self.repeats >= 1, c, "repeats", self.repeats, "must be >= 1")
         _check(self.expand_k >= 1, c, "expand_k", self.expand_k, "must be >= 1")
         _check(0.0 <= self.prediction_threshold < 1.0, c, "prediction_threshold", self.prediction_threshold, "must be in [0, 1)")
         _check(1 <= self.vote_min <= 9, c, "vote_min", self.vote_min, "must be in 1..9")
