@@ -117,7 +117,9 @@ def update_labels(
     Common quantities: ``p = softmax(logits)``; ``conf, pred`` = max / argmax of ``p`` over classes;
     ``conf_s`` = 3x3 mean of ``conf`` over the pixels inside the image (border-correct: the reference's zero padding
     lowered the confidence along patch borders, defect 14); "confident" means ``conf_s > prediction_threshold``.
-    The rule runs ``config.repeats`` times with the same logits (the reference ran V2 ten times per batch).
+    The rule runs ``config.repeats`` times with the same logits (the reference ran V2 ten times per batch); the
+    reach statements below hold per application, so one call can grow a cell by up to ``repeats * expand_k``.
+    The counters are device tensors: the function itself never synchronises with the host for them.
 
     **V1** (one application):
 
@@ -325,8 +327,9 @@ def _attribution_allows(attribution: torch.Tensor, targets: torch.Tensor, pred: 
 
     attribution (B, T, H, W) float32; targets (T,) class ids; pred (B, H, W) class ids.
     """
-    dominant = targets[attribution.argmax(dim=1)]  # (B, H, W) class id of the most attributed target type
-    informative = attribution.amax(dim=1) > attribution.amin(dim=1)  # (B, H, W) not constant over types
+    top, top_index = attribution.max(dim=1)  # (B, H, W) each
+    dominant = targets[top_index]  # (B, H, W) class id of the most attributed target type
+    informative = top > attribution.amin(dim=1)  # (B, H, W) not constant over types
     is_target = torch.zeros(n_classes, dtype=torch.bool, device=pred.device)
     is_target[targets] = True
     return ~is_target[pred] | ~informative | (dominant == pred)
@@ -381,19 +384,20 @@ def _box_mean(x: torch.Tensor) -> torch.Tensor:
 
 def _nearest_label(instance: torch.Tensor, cls: torch.Tensor, pred: torch.Tensor,
                    radius: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest labelled pixel within Euclidean ``radius``: any class, and of class ``pred``.
+    """Nearest labelled pixel within Euclidean ``radius``: any class, and of class ``pred`` (``pred > 0`` only).
 
     instance, cls, pred (B, H, W) int64 (cls = class of instance). Returns (TI, TI_pred), (B, H, W) int64 each,
-    0 where none. Offsets are visited nearest first in :func:`_disc_offsets` order, so the first hit wins ties.
+    0 where none (TI_pred is 0 where ``pred == 0``). Offsets are visited in reverse :func:`_disc_offsets` order and
+    every hit overwrites, so the last write is the nearest hit and, among equally near ones, the first in that order.
     """
     padded_id, padded_cls = _pad(instance, radius), _pad(cls, radius)
+    wanted = torch.where(pred > 0, pred, -1)  # (B, H, W) -1 never matches: a class match implies a labelled pixel
     ti = torch.zeros_like(instance)
     ti_pred = torch.zeros_like(instance)
-    for dy, dx in _disc_offsets(radius):
+    for dy, dx in reversed(_disc_offsets(radius)):
         other = _shift(padded_id, dy, dx, radius)  # (B, H, W) id at offset (dy, dx)
-        ti = torch.where(ti > 0, ti, other)
-        hit = (ti_pred == 0) & (other > 0) & (_shift(padded_cls, dy, dx, radius) == pred)
-        ti_pred = torch.where(hit, other, ti_pred)
+        ti = torch.where(other > 0, other, ti)
+        ti_pred = torch.where(_shift(padded_cls, dy, dx, radius) == wanted, other, ti_pred)
     return ti, ti_pred
 
 
