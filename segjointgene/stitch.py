@@ -34,7 +34,6 @@ import pandas as pd
 from .constants import BACKGROUND, BACKGROUND_NAME, SPLITS
 from .errors import DataError
 from .io import load_npz
-from .preprocess import iter_patch_grid, parse_patch_name
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +56,27 @@ _ROW_CHUNK = 512
 
 
 # ------------------------------------------------------------------------------------------------ geometry
+# Patch names are parsed here rather than imported from ``preprocess``, which sits on the same layer (1.5).
+def _parse_patch_name(name: str) -> tuple[int, int]:
+    """(row, col) of a patch file name ``p_<row>_<col>.npz``; anything else is a :class:`DataError`.
+
+    >>> _parse_patch_name("p_3_12.npz")
+    (3, 12)
+    """
+    stem = Path(str(name)).name.removesuffix(".npz")
+    parts = stem.split("_")
+    if len(parts) != 3 or parts[0] != "p" or not (parts[1].isdigit() and parts[2].isdigit()):
+        raise DataError(f"{name}: not a patch file name (expected p_<row>_<col>.npz)")
+    return int(parts[1]), int(parts[2])
+
+
+def _patch_grid(metadata: Mapping[str, Any]) -> Iterator[tuple[str, str, int, int]]:
+    """(split, name, row, col) of every patch listed in the metadata's split."""
+    for split in SPLITS:
+        for name in metadata["split"][split]:
+            yield (split, name, *_parse_patch_name(name))
+
+
 class _Frame(NamedTuple):
     raw_shape: tuple[int, int]
     y0: int
@@ -118,7 +138,7 @@ def _window(f: _Frame, row: int, col: int) -> tuple[slice, slice, slice, slice]:
 
 
 def _check_patch(name: str, arr: np.ndarray, f: _Frame, source: str) -> tuple[int, int]:
-    row, col = parse_patch_name(name)
+    row, col = _parse_patch_name(name)
     if not (0 <= row < f.grid[0] and 0 <= col < f.grid[1]):
         raise DataError(f"{source}: patch {name} lies outside the {f.grid[0]} x {f.grid[1]} patch grid of "
                         "metadata.json; it belongs to another preprocessing of the section")
@@ -164,7 +184,7 @@ def patch_from_raw(image: np.ndarray, metadata: Mapping[str, Any], name: str) ->
     f = _frame(metadata)
     if image.shape != f.raw_shape:
         raise ValueError(f"image has shape {image.shape}, expected the raw frame {f.raw_shape}")
-    row, col = parse_patch_name(name)
+    row, col = _parse_patch_name(name)
     ys, xs, py, px = _window(f, row, col)
     out = np.zeros((f.patch_size, f.patch_size), image.dtype)
     out[py, px] = image[ys, xs]
@@ -354,7 +374,7 @@ def stitch_patch_channel(data_dir: str | os.PathLike, metadata: Mapping[str, Any
     """
     f = _frame(metadata)
     wanted = set(names) if names is not None else None
-    for split, name, row, col in iter_patch_grid(metadata):
+    for split, name, row, col in _patch_grid(metadata):
         if wanted is not None and name not in wanted:
             continue
         path = Path(data_dir) / split / name

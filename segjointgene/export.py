@@ -1,0 +1,493 @@
+"""Results of a run for the field's tools (SPEC §5; layer 2.5).
+
+:func:`export_results` turns a label cache of a run folder ``checkpoints/<datasets_name>/<net_sub_suffix>/`` into the
+contract files under ``<run>/results/``: whole-section masks in the raw coordinate frame (TIFF), the cell-type names,
+every input spot with its cell and type, the per-cell table, an AnnData file, the gene ranking (when attribution ran)
+and figures. :func:`write_gene_ranking` writes the ranking alone (the trainer calls it at each checkpoint save).
+
+The export never imports torch: the label cache, the patch files and the dataset tables are read with numpy and
+pandas, one patch at a time, so a 5471 x 7602 section exports with two section-size masks in memory at most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .constants import CELLS_TABLE, METADATA_FILE, SPOTS_TABLE, SPLITS, PatchKeys, ResultFiles, RunFiles
+from .errors import DataError, InputNotFoundError
+from .io import atomic_path, load_npz, read_json, write_csv, write_tif
+from .plots import (densest_window, display_factor, downsample_labels, downsample_mean, plot_gene_ranking_heatmap,
+                    plot_initial_vs_final, plot_section_overview, plot_training_curves, plot_zoom, spot_density)
+from .stitch import (assign_spots, cell_table, celltype_table, class_map, stitch_label_cache, stitch_patch_channel)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ATTRIBUTION_FILE",
+    "GeneRanking",
+    "available_epochs",
+    "export_results",
+    "gene_ranking_tables",
+    "resolve_epoch",
+    "run_export",
+    "write_gene_ranking",
+]
+
+#: Per-(cell type, gene) attribution sums a run saves beside its label caches (keys: see :func:`_read_attribution`).
+ATTRIBUTION_FILE = "attribution_{epoch}.npz"
+_ATTR_KEYS = ("type_gene_sum", "type_pixels", "targets", "genes", "method")
+_CACHE_RE = re.compile(r"^labels_cache_(\d+)\.npz$")
+_ATTR_RE = re.compile(r"^attribution_(\d+)\.npz$")
+#: Edge of the zoomed window of the figures (pixels).
+ZOOM_PX = 300
+#: Longer side of the whole-section overview (pixels).
+OVERVIEW_PX = 1200
+
+FIGURES = {
+    "overview": "section_overview.png",
+    "zoom": "section_zoom.png",
+    "initial_vs_final": "initial_vs_final.png",
+    "training": "training_curves.png",
+    "ranking": "gene_ranking_heatmap.png",
+}
+
+
+# ------------------------------------------------------------------------------------------------ gene ranking
+@dataclass(frozen=True)
+class GeneRanking:
+    """Gene prioritization tables.
+
+    Attributes
+    ----------
+    scores : DataFrame, cell types (index ``celltype``, in class-id order) x genes (columns, in channel order):
+        mean attribution score per pixel of the type (``type_gene_sum / type_pixels``; NaN for a type without
+        pixels). Larger = more important.
+    ranking : long DataFrame ``celltype, gene, score, rank``; rank 1 = the type's most important gene; genes with
+        equal scores are ranked in channel order; types without pixels are absent.
+    """
+
+    scores: pd.DataFrame
+    ranking: pd.DataFrame
+
+
+def gene_ranking_tables(type_gene_sum: np.ndarray, type_pixels: np.ndarray, targets: np.ndarray, genes: np.ndarray,
+                        metadata: dict[str, Any]) -> GeneRanking:
+    """Mean score matrix and per-type ranks from attribution sums.
+
+    Parameters
+    ----------
+    type_gene_sum : (T, n) float array, attribution summed over the pixels attributed to each target type.
+    type_pixels : (T,) float array, number of pixels summed per type.
+    targets : (T,) int array, class ids of the target cell types (index into ``metadata['celltypes']``).
+    genes : (n,) int array, gene channel ids (index into ``metadata['genes']``).
+    metadata : the dataset's ``metadata.json``.
+
+    Returns
+    -------
+    GeneRanking
+
+    Examples
+    --------
+    >>> meta = {"genes": ["A", "B", "C"], "celltypes": ["background", "T1", "T2"]}
+    >>> r = gene_ranking_tables(np.array([[2.0, 4.0], [6.0, 3.0]]), np.array([2.0, 3.0]), np.array([2, 1]),
+    ...                         np.array([0, 2]), meta)
+    >>> r.scores
+                A    C
+    celltype          
+    T1        2.0  1.0
+    T2        1.0  2.0
+    >>> r.ranking.to_dict("list")
+    {'celltype': ['T1', 'T1', 'T2', 'T2'], 'gene': ['A', 'C', 'C', 'A'], 'score': [2.0, 1.0, 2.0, 1.0], 'rank': [1, 2, 1, 2]}
+    """
+    tgs = np.asarray(type_gene_sum, np.float64)
+    pix = np.asarray(type_pixels, np.float64).ravel()
+    tgt = np.asarray(targets).astype(np.int64).ravel()
+    gen = np.asarray(genes).astype(np.int64).ravel()
+    n_types, n_genes = len(metadata["celltypes"]), len(metadata["genes"])
+    if tgs.ndim != 2 or tgs.shape != (tgt.size, gen.size) or pix.size != tgt.size:
+        raise DataError(f"attribution sums have shape {tgs.shape}, type_pixels {pix.shape}, targets {tgt.shape}, "
+                        f"genes {gen.shape}; expected (T, n), (T,), (T,), (n,)")
+    if tgt.size and (tgt.min() < 0 or tgt.max() >= n_types) or gen.size and (gen.min() < 0 or gen.max() >= n_genes):
+        raise DataError(f"attribution targets / genes out of range (cell-type ids 0..{n_types - 1}, gene ids "
+                        f"0..{n_genes - 1}); the attribution belongs to another dataset")
+    row_order = np.argsort(tgt, kind="stable")
+    col_order = np.argsort(gen, kind="stable")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(pix[:, None] > 0, tgs / np.where(pix > 0, pix, 1.0)[:, None], np.nan)
+    mean = mean[row_order][:, col_order]
+    type_names = [metadata["celltypes"][t] for t in tgt[row_order]]
+    gene_names = [metadata["genes"][g] for g in gen[col_order]]
+    scores = pd.DataFrame(mean, index=pd.Index(type_names, name="celltype"), columns=gene_names)
+
+    parts = []
+    for i, name in enumerate(type_names):
+        row = mean[i]
+        ok = np.flatnonzero(np.isfinite(row))
+        if ok.size == 0:
+            continue
+        order = ok[np.argsort(-row[ok], kind="stable")]  # descending; ties keep channel order
+        parts.append(pd.DataFrame({"celltype": name, "gene": [gene_names[g] for g in order], "score": row[order],
+                                   "rank": np.arange(1, order.size + 1, dtype=np.int64)}))
+    ranking = (pd.concat(parts, ignore_index=True) if parts else
+               pd.DataFrame({"celltype": [], "gene": [], "score": [], "rank": []}).astype({"rank": np.int64}))
+    return GeneRanking(scores=scores, ranking=ranking)
+
+
+def write_gene_ranking(results_dir: str | os.PathLike, type_gene_sum: np.ndarray, type_pixels: np.ndarray,
+                       targets: np.ndarray, genes: np.ndarray, metadata: dict[str, Any], method: str, *,
+                       figure: bool = True, title: str = "") -> GeneRanking:
+    """Write ``gene_celltype_scores.csv``, ``gene_ranking.csv`` and the heat map under ``results_dir``.
+
+    Parameters
+    ----------
+    results_dir : the run's ``results/`` folder (created when missing).
+    type_gene_sum, type_pixels, targets, genes, metadata : see :func:`gene_ranking_tables`.
+    method : attribution method (``"CID"`` or ``"IG"``), for the figure.
+    figure : also draw ``figures/gene_ranking_heatmap.png``.
+    title : figure title prefix (e.g. run and epoch).
+
+    Returns
+    -------
+    GeneRanking (the tables written).
+    """
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    tables = gene_ranking_tables(type_gene_sum, type_pixels, targets, genes, metadata)
+    write_csv(results_dir / ResultFiles.GENE_SCORES, tables.scores, index=True)
+    write_csv(results_dir / ResultFiles.GENE_RANKING, tables.ranking)
+    if figure:
+        if tables.scores.notna().any(axis=None):
+            plot_gene_ranking_heatmap(results_dir / ResultFiles.FIGURES / FIGURES["ranking"], tables.scores,
+                                      method=method, title=title)
+        else:
+            log.warning("gene ranking: no cell type has attributed pixels; heat map not drawn")
+    return tables
+
+
+def _read_attribution(path: Path) -> dict[str, Any]:
+    arrays = load_npz(path, _ATTR_KEYS)
+    return {**{k: arrays[k] for k in _ATTR_KEYS[:4]}, "method": str(arrays["method"])}
+
+
+# ------------------------------------------------------------------------------------------------ run folder
+def _epochs(run_dir: Path, pattern: re.Pattern) -> list[int]:
+    if not run_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in run_dir.iterdir() if (m := pattern.match(p.name)))
+
+
+def available_epochs(run_dir: str | os.PathLike) -> list[int]:
+    """Epochs with a label cache (``labels_cache_<epoch>.npz``) in a run folder, ascending."""
+    return _epochs(Path(run_dir), _CACHE_RE)
+
+
+def resolve_epoch(run_dir: str | os.PathLike, epoch: int | None = None) -> int:
+    """The epoch to export: ``epoch`` when its label cache exists, the latest one when ``epoch`` is None.
+
+    Raises
+    ------
+    InputNotFoundError : no run folder, no label cache at all, or none for ``epoch`` (the message lists the epochs
+        that exist).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputNotFoundError(f"run folder {run_dir} not found; train first (--step_name=SegJointGene) or check "
+                                 "--work_dir, --datasets_name and --net_sub_suffix")
+    epochs = available_epochs(run_dir)
+    if not epochs:
+        raise InputNotFoundError(f"{run_dir}: no label cache (labels_cache_<epoch>.npz); the run saved no epoch yet")
+    if epoch is None:
+        return epochs[-1]
+    if epoch not in epochs:
+        raise InputNotFoundError(f"{run_dir}: no label cache for epoch {epoch} (--ckpt_load_epoch); saved epochs: "
+                                 f"{', '.join(map(str, epochs))}")
+    return epoch
+
+
+def _data_dir(run_dir: Path, override: str | os.PathLike | None) -> tuple[Path, dict[str, Any]]:
+    info_path = run_dir / RunFiles.RUN_INFO
+    info = read_json(info_path) if info_path.is_file() else {}
+    if override is not None:
+        return Path(override), info
+    if "data_dir" not in info:
+        raise InputNotFoundError(f"{info_path} is missing or names no data_dir; pass the dataset folder explicitly")
+    return Path(info["data_dir"]), info
+
+
+def _load_dataset(data_dir: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """metadata.json and the cell id -> cell-type id lookup of a preprocessed dataset (no torch needed)."""
+    meta_path = data_dir / METADATA_FILE
+    if not meta_path.is_file():
+        raise InputNotFoundError(f"{meta_path} not found: the run's dataset is missing; preprocess the section again "
+                                 "(--step_name=preprocess_CA1) under the same --work_dir and --datasets_name")
+    meta = read_json(meta_path)
+    if not meta.get("complete"):
+        raise DataError(f"{meta_path}: preprocessing did not finish; run --step_name=preprocess_CA1 again (it resumes)")
+    cells_path = data_dir / CELLS_TABLE
+    if not cells_path.is_file():
+        raise InputNotFoundError(f"{cells_path} not found: preprocess the section again")
+    cells = pd.read_csv(cells_path)
+    lut = np.zeros(int(cells["cell"].max()) + 1, np.int64)
+    lut[cells["cell"].to_numpy()] = cells["celltype_id"].to_numpy()
+    return meta, lut
+
+
+def _cache_names(path: Path) -> dict[str, list[str]]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {f.removesuffix(".names"): [str(n) for n in npz[f]] for f in npz.files if f.endswith(".names")}
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{path}: corrupt label cache ({type(err).__name__}: {err}); delete it") from None
+
+
+def _attribution_path(run_dir: Path, epoch: int) -> Path | None:
+    """The attribution file of ``epoch``, else the latest one saved before it."""
+    epochs = [e for e in _epochs(run_dir, _ATTR_RE) if e <= epoch]
+    return run_dir / ATTRIBUTION_FILE.format(epoch=epochs[-1]) if epochs else None
+
+
+def _areas(mask: np.ndarray) -> np.ndarray:
+    """Pixel count of every id > 0 present in ``mask`` (row blocks: no full-size int64 temporary)."""
+    counts = np.zeros(1, np.int64)
+    for r in range(0, mask.shape[0], 512):
+        block = np.bincount(mask[r:r + 512].ravel().astype(np.int64))
+        if block.size > counts.size:
+            block[:counts.size] += counts
+            counts = block
+        else:
+            counts[:block.size] += block
+    counts[0] = 0
+    return counts[counts > 0]
+
+
+@dataclass
+class _Views:
+    """Small arrays kept for the figures once a section-size mask is released."""
+
+    factor: int
+    window: tuple[int, int, int, int]
+    final_small: np.ndarray | None = None
+    final_crop: np.ndarray | None = None
+    final_types_crop: np.ndarray | None = None
+    initial_crop: np.ndarray | None = None
+    initial_types_crop: np.ndarray | None = None
+    initial_areas: np.ndarray | None = None
+    background_small: np.ndarray | None = None
+    background_crop: np.ndarray | None = None
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        y0, x0, h, w = self.window
+        return np.array(image[y0:y0 + h, x0:x0 + w])
+
+
+def _write_anndata(path: Path, cells: pd.DataFrame, spot_cell: np.ndarray, spot_gene: np.ndarray,
+                   genes: list[str], uns: dict[str, Any]) -> bool:
+    """cells x genes spot counts as ``.h5ad``; False (and a logged hint) when anndata is not installed."""
+    try:
+        import anndata
+    except ImportError:
+        log.warning("anndata is not installed: %s was not written; install it with `pip install anndata` "
+                    "(or `pip install segjointgene[dev]`) and run --step_name=export again", path.name)
+        return False
+    import scipy.sparse
+
+    row_of = np.full(int(cells["cell"].to_numpy().max(initial=0)) + 1, -1, np.int64)
+    row_of[cells["cell"].to_numpy()] = np.arange(len(cells))
+    keep = spot_cell > 0
+    rows = row_of[spot_cell[keep]]
+    counts = scipy.sparse.coo_matrix((np.ones(rows.size, np.float32), (rows, spot_gene[keep])),
+                                     shape=(len(cells), len(genes))).tocsr()
+    counts.sum_duplicates()
+    obs = pd.DataFrame({"celltype": pd.Categorical(cells["celltype"]), "area_px": cells["area_px"].to_numpy(),
+                        "n_spots": cells["n_spots"].to_numpy()}, index=cells["cell"].astype(str).to_numpy())
+    obs.index.name = "cell"
+    adata = anndata.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pd.Index(genes, name="gene")))
+    adata.obsm["spatial"] = cells[["x", "y"]].to_numpy(np.float64)
+    adata.uns["segjointgene"] = uns
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ export
+def export_results(run_dir: str | os.PathLike, *, epoch: int | None = None, figures: bool = True,
+                   data_dir: str | os.PathLike | None = None) -> Path:
+    """Write the results of one saved epoch of a run (SPEC §5) under ``<run_dir>/results/``.
+
+    Parameters
+    ----------
+    run_dir : the run folder ``checkpoints/<datasets_name>/<net_sub_suffix>/``.
+    epoch : epoch of the label cache to export (default: the latest saved).
+    figures : also draw ``results/figures/*.png``.
+    data_dir : the preprocessed dataset (default: ``data_dir`` of ``run.json``).
+
+    Returns
+    -------
+    The results folder.
+
+    Notes
+    -----
+    Files: ``instance_mask.tif`` (uint32 cell ids), ``celltype_mask.tif`` (uint8, or uint16 beyond 255 types) and
+    ``initial_instance_mask.tif`` (uint32 nucleus ids), all in the raw coordinate frame; ``celltypes.csv``
+    (``id,name``); ``spots_assigned.csv`` (every spot of the dataset's ``spots.npz`` in input-file order:
+    ``gene,spotX,spotY,cell,celltype,inside``; cell 0 = unassigned, ``inside`` false for a spot outside the mask
+    frame); ``cells.csv`` (``cell,celltype,x,y,area_px,n_spots``, one row per cell of the mask); ``cells.h5ad``
+    (when anndata is installed); ``gene_ranking.csv`` and ``gene_celltype_scores.csv`` (when an attribution file
+    of this epoch or an earlier one exists; stale ones are removed otherwise); ``figures/*.png``.
+
+    Patches listed in the metadata but absent from the label cache (a cache without its test split) keep their
+    initial nucleus labels; this is logged.
+    """
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    epoch = resolve_epoch(run_dir, epoch)
+    cache_path = run_dir / RunFiles.LABEL_CACHE.format(epoch=epoch)
+    data_dir, info = _data_dir(run_dir, data_dir)
+    meta, lut = _load_dataset(data_dir)
+    out = run_dir / RunFiles.RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    genes, celltypes = list(meta["genes"]), list(meta["celltypes"])
+    raw_shape = tuple(int(v) for v in meta["raw_shape"])
+    title = f"{info.get('datasets_name', meta.get('datasets_name', data_dir.name))}/{run_dir.name}, epoch {epoch}"
+    mask_dtype = np.uint8 if len(celltypes) <= 256 else np.uint16
+
+    spots = load_npz(data_dir / SPOTS_TABLE, ("gene", "x", "y"))
+    sx, sy = spots["x"].astype(np.float64), spots["y"].astype(np.float64)
+    spot_gene = spots["gene"].astype(np.int64)
+    views = _Views(factor=display_factor(raw_shape, OVERVIEW_PX), window=densest_window(sx, sy, raw_shape, ZOOM_PX))
+
+    # 1. final labels: cache patches, and the nuclei for patches the cache lacks
+    listed = {n for s in SPLITS for n in meta["split"][s]}
+    cached = {n for names in _cache_names(cache_path).values() for n in names}
+    stray = cached - listed
+    if stray:
+        raise DataError(f"{cache_path}: {len(stray)} patch(es) not in {data_dir / METADATA_FILE} "
+                        f"(e.g. {sorted(stray)[0]}); the cache belongs to another preprocessing of the section")
+    instance = stitch_label_cache(cache_path, meta, "instances", dtype=np.uint32)
+    missing = listed - cached
+    if missing:
+        log.warning("%s lacks %d of %d patches (a split was not saved): they keep their initial nucleus labels",
+                    cache_path.name, len(missing), len(listed))
+        stitch_patch_channel(data_dir, meta, PatchKeys.INSTANCE, names=missing, out=instance)
+    types = class_map(instance, lut, mask_dtype)
+    write_tif(out / ResultFiles.INSTANCE_MASK, instance)
+    write_tif(out / ResultFiles.CELLTYPE_MASK, types)
+    write_csv(out / ResultFiles.CELLTYPES, celltype_table(celltypes))
+
+    assigned = assign_spots(instance, sx, sy)
+    spot_cell = assigned.values
+    cells = cell_table(instance, lut, celltypes, spot_cell)
+    if figures:
+        views.final_small = downsample_labels(instance, views.factor)
+        views.final_crop = views.crop(instance)
+        views.final_types_crop = views.crop(types)
+    del instance, types
+
+    n_out = int((~assigned.inside).sum())
+    if n_out:
+        log.warning("%d spot(s) lie outside the %d x %d mask frame: kept in %s with cell 0 and inside=false",
+                    n_out, *raw_shape, ResultFiles.SPOTS)
+    if meta.get("n_spots_outside"):
+        log.info("%d spot(s) of the raw spot file lay outside the image and were dropped at preprocessing",
+                 meta["n_spots_outside"])
+    names = np.asarray(celltypes, dtype=object)
+    write_csv(out / ResultFiles.SPOTS, pd.DataFrame({
+        "gene": np.asarray(genes, dtype=object)[spot_gene], "spotX": sx, "spotY": sy, "cell": spot_cell,
+        "celltype": names[lut[spot_cell]], "inside": assigned.inside}))
+    write_csv(out / ResultFiles.CELLS, cells)
+    _write_anndata(out / ResultFiles.ANNDATA, cells, spot_cell, spot_gene, genes,
+                   {"epoch": int(epoch), "datasets_name": str(meta.get("datasets_name", "")), "run": run_dir.name})
+
+    # 2. initial nuclei (the fixed core of the run)
+    initial = stitch_patch_channel(data_dir, meta, PatchKeys.INSTANCE, dtype=np.uint32)
+    write_tif(out / ResultFiles.INITIAL_MASK, initial)
+    if figures:
+        views.initial_crop = views.crop(initial)
+        views.initial_types_crop = lut[views.initial_crop]
+        views.initial_areas = _areas(initial)
+        if not meta.get("has_dapi"):
+            views.background_small = downsample_mean(initial > 0, views.factor)
+            views.background_crop = (views.initial_crop > 0).astype(np.float32)
+    del initial
+
+    # 3. gene ranking
+    attr_path = _attribution_path(run_dir, epoch)
+    if attr_path is not None:
+        attr = _read_attribution(attr_path)
+        log.info("gene ranking from %s (%s)", attr_path.name, attr["method"])
+        write_gene_ranking(out, attr["type_gene_sum"], attr["type_pixels"], attr["targets"], attr["genes"], meta,
+                           attr["method"], figure=figures, title=title)
+    else:
+        log.info("no attribution ran up to epoch %d (no attribution_<epoch>.npz): no gene ranking", epoch)
+        for stale in (ResultFiles.GENE_RANKING, ResultFiles.GENE_SCORES, f"{ResultFiles.FIGURES}/{FIGURES['ranking']}"):
+            if (out / stale).is_file():
+                log.info("removing %s of a later epoch", stale)
+                (out / stale).unlink()
+
+    # 4. figures
+    if figures:
+        if meta.get("has_dapi"):
+            dapi = stitch_patch_channel(data_dir, meta, PatchKeys.DAPI, dtype=np.float32)
+            views.background_small = downsample_mean(dapi, views.factor)
+            views.background_crop = views.crop(dapi)
+            del dapi
+        _draw_figures(out / ResultFiles.FIGURES, views, run_dir, meta, cells, sx, sy, spot_cell, title)
+    log.info("exported epoch %d of %s to %s in %.1f s", epoch, run_dir, out, time.perf_counter() - start)
+    return out
+
+
+def _draw_figures(fig_dir: Path, views: _Views, run_dir: Path, meta: dict[str, Any], cells: pd.DataFrame,
+                  sx: np.ndarray, sy: np.ndarray, spot_cell: np.ndarray, title: str) -> None:
+    raw_shape = tuple(int(v) for v in meta["raw_shape"])
+    bg_name = "DAPI" if meta.get("has_dapi") else "nucleus mask"
+    density = spot_density(sx, sy, raw_shape, views.factor)
+    plot_section_overview(fig_dir / FIGURES["overview"], views.final_small, views.background_small, density,
+                          factor=views.factor, background_name=bg_name, n_cells=len(cells), window=views.window,
+                          dim=1.0 if meta.get("has_dapi") else 0.5, title=title)
+    y0, x0, h, w = views.window
+    in_win = (sx >= x0) & (sx < x0 + w) & (sy >= y0) & (sy < y0 + h)
+    plot_zoom(fig_dir / FIGURES["zoom"], views.final_crop, views.initial_crop, views.background_crop,
+              views.final_types_crop, np.stack([sx[in_win], sy[in_win]], axis=1), spot_cell[in_win] > 0,
+              origin=(y0, x0), celltypes=meta["celltypes"], background_name=bg_name,
+              dim=1.0 if meta.get("has_dapi") else 0.5, title=title)
+    plot_initial_vs_final(fig_dir / FIGURES["initial_vs_final"], views.initial_crop, views.final_crop,
+                          views.initial_types_crop, views.final_types_crop, views.initial_areas,
+                          cells["area_px"].to_numpy(), origin=(y0, x0), title=title)
+    log_path = run_dir / RunFiles.TRAIN_LOG
+    if log_path.is_file():
+        table = pd.read_csv(log_path)
+        if len(table):
+            plot_training_curves(fig_dir / FIGURES["training"], table, title=title)
+    else:
+        log.info("no %s in %s: no training curves", RunFiles.TRAIN_LOG, run_dir)
+
+
+def run_export(args: argparse.Namespace, cfg: dict[type, Any], paths: Any) -> int:
+    """``--step_name=export``: write the results of ``--ckpt_load_epoch`` (default: the latest saved epoch).
+
+    ``paths`` has ``run_dir`` and ``data_dir`` (``cli.Paths``). The dataset folder recorded in the run's
+    ``run.json`` is used when it exists; otherwise ``data/<datasets_name>`` under ``--work_dir``.
+    """
+    run_dir = Path(paths.run_dir)
+    epoch = resolve_epoch(run_dir, getattr(args, "ckpt_load_epoch", None))
+    info_path = run_dir / RunFiles.RUN_INFO
+    recorded = read_json(info_path).get("data_dir") if info_path.is_file() else None
+    data_dir = None if recorded and Path(recorded, METADATA_FILE).is_file() else Path(paths.data_dir)
+    if data_dir is not None and recorded:
+        log.info("the dataset recorded in run.json (%s) is gone; using %s", recorded, data_dir)
+    start = time.perf_counter()
+    out = export_results(run_dir, epoch=epoch, figures=True, data_dir=data_dir)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.name.startswith("."))
+    print(f"exported epoch {epoch} of {run_dir} in {time.perf_counter() - start:.1f} s -> {out}\n  "
+          + "\n  ".join(files))
+    return 0
