@@ -215,8 +215,20 @@ class EvaluateConfig:
     truth_dir: str = opt("", "ground-truth folder of a simulated section (default: <raw_dir>_truth when it exists)")
     reference_csv: str = opt("", "cell-type x gene reference profile (CSV: gene column + one column per type) for MECR")
     expand_px: str = opt("5,10,15", "nucleus-expansion baselines, comma-separated radii in pixels")
+    density_fraction: float = opt(0.5, "density-watershed baseline: foreground where the total spot density exceeds "
+                                       "this fraction of its median over nucleus pixels", flag="--watershed_fraction")
+    mecr_fraction: float = opt(0.1, "MECR: a gene counts as expressed by a reference type when its mean there reaches "
+                                    "this fraction of its highest mean; genes with disjoint expressing types are "
+                                    "mutually exclusive", flag="--mecr_fraction")
+
+    def __post_init__(self) -> None:
+        c = EvaluateConfig
+        self.radii()
+        _check(0.0 < self.density_fraction <= 1.0, c, "density_fraction", self.density_fraction, "must be in (0, 1]")
+        _check(0.0 < self.mecr_fraction <= 1.0, c, "mecr_fraction", self.mecr_fraction, "must be in (0, 1]")
 
     def radii(self) -> tuple[int, ...]:
+        """The expansion radii of ``expand_px``, in pixels."""
         try:
             radii = tuple(int(v) for v in self.expand_px.split(",") if v.strip())
         except ValueError:

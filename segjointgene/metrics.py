@@ -52,6 +52,7 @@ __all__ = [
     "exclusive_gene_pairs",
     "gene_miou",
     "instance_overlap",
+    "label_areas",
     "match_instances",
     "mecr",
     "spot_accuracy",
@@ -257,8 +258,23 @@ class InstanceOverlap:
     iou: np.ndarray
 
 
-def _labels_and_areas(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ids > 0 present in ``mask`` (ascending) and their pixel counts."""
+def label_areas(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ids > 0 present in a label image (ascending) and their pixel counts.
+
+    Parameters
+    ----------
+    mask : (H, W) integer ndarray, 0 = background.
+
+    Returns
+    -------
+    ids, areas : (n,) int64 arrays.
+
+    Examples
+    --------
+    >>> [a.tolist() for a in label_areas(np.array([[0, 9, 9], [2, 0, 9]]))]
+    [[2, 9], [1, 3]]
+    """
+    mask = _check_label_image("mask", mask)
     flat = mask.ravel()
     top = int(flat.max()) if flat.size else 0
     if top <= max(1 << 20, 4 * flat.size):  # a dense count is cheaper than sorting
@@ -296,8 +312,8 @@ def instance_overlap(pred: np.ndarray, truth: np.ndarray) -> InstanceOverlap:
     pred = _check_label_image("pred", pred)
     truth = _check_label_image("truth", truth)
     _check_same_shape("pred", pred, "truth", truth)
-    p_ids, p_area = _labels_and_areas(pred)
-    t_ids, t_area = _labels_and_areas(truth)
+    p_ids, p_area = label_areas(pred)
+    t_ids, t_area = label_areas(truth)
     codes = []
     n_t = max(t_ids.size, 1)
     p_flat, t_flat = pred.ravel(), truth.ravel()
@@ -553,7 +569,7 @@ class CellCalling:
 
     Attributes
     ----------
-    score : ``n_inside / (n_ring + 1e-6)``, 0.0 when the ring holds no spot (reference §13.4).
+    score : ``n_inside / (n_ring + 1e-6)`` (reference §13.4); NaN (undefined) when the ring holds no spot.
     n_inside : spots on foreground pixels (mask > 0).
     n_ring : spots on the ring: background pixels within ``pixel_distance`` (Chebyshev) of the foreground.
     """
@@ -567,10 +583,13 @@ def cell_calling_score(mask: np.ndarray, x: np.ndarray, y: np.ndarray, pixel_dis
     """Spots inside cells relative to spots on a ring just outside them (reference §13.4).
 
     inside = ``mask > 0``; ring = binary dilation of inside by a ``(2d+1) x (2d+1)`` square, minus inside;
-    score = spots inside / (spots on the ring + 1e-6), and 0 when the ring holds no spot (the reference's rule, which
-    avoids a score of ~10^6 spots when nothing lies near the cells). High when the cells contain the spots and their
-    borders sit where spots become sparse; it rewards growth only while the grown area holds more spots than the
-    ring it pushes outward.
+    score = spots inside / (spots on the ring + 1e-6). High when the cells contain the spots and their borders sit
+    where spots become sparse; it rewards growth only while the grown area holds more spots than the ring it pushes
+    outward.
+
+    When the ring holds no spot the score is undefined and returned as NaN. The reference returns 0 there, which
+    ranks a segmentation that leaves no spot near its borders (e.g. cells filling a dense tissue) below every other;
+    ``n_inside / 1e-6`` would be just as meaningless the other way. Read ``n_inside`` and ``n_ring`` then.
 
     Parameters
     ----------
@@ -600,7 +619,7 @@ def cell_calling_score(mask: np.ndarray, x: np.ndarray, y: np.ndarray, pixel_dis
     on_ring = np.zeros(x.size, bool)
     on_ring[ok] = ring[rows[ok], cols[ok]]
     n_in, n_ring = int(at.sum()), int(on_ring.sum())
-    return CellCalling(score=n_in / (n_ring + _EPS) if n_ring > 0 else 0.0, n_inside=n_in, n_ring=n_ring)
+    return CellCalling(score=n_in / (n_ring + _EPS) if n_ring > 0 else float("nan"), n_inside=n_in, n_ring=n_ring)
 
 
 def assigned_fraction(spot_cell: np.ndarray) -> float:

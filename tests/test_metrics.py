@@ -246,7 +246,7 @@ def test_cell_calling_on_a_tiny_mask():
     c = M.cell_calling_score(mask, x, y, 2)
     assert (c.n_inside, c.n_ring) == (3, 2)  # inside: 3; ring: (2,2) and (7,7); (8,8), (5,1), (0,0) are beyond it
     assert c.score == pytest.approx(3 / (2 + 1e-6))
-    assert M.cell_calling_score(mask, x[:3], y[:3], 2).score == 0.0  # nothing on the ring: 0 (reference rule)
+    assert np.isnan(M.cell_calling_score(mask, x[:3], y[:3], 2).score)  # nothing on the ring: undefined
     assert M.cell_calling_score(mask, x, y, 3).n_ring == 4  # d = 3 reaches (8,8) and (5,1)
 
 

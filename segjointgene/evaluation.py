@@ -1,0 +1,545 @@
+"""The ``evaluate`` step: score a run and the baselines on one section (layer 2.5).
+
+Every method is scored by the same code (:func:`score_segmentation`, :func:`score_assignment`) in the raw pixel frame:
+
+* always (no truth needed): ``cell_calling`` (reference §13.4, ring width = ``--pixel_distance``), ``spots_in_cells``
+  (fraction of spots inside a cell / assigned to one), ``n_cells``, ``mean_area_px``; ``MECR`` with a cell-type x gene
+  reference profile (``--reference_csv``; for a simulated section without one, its ``markers.csv`` expression table);
+* against a ground-truth folder (simulated sections, SPEC §6): spot-assignment accuracy over all spots / cell-borne
+  spots / noise spots, gene mIoU (matched mean and the penalised variant), instance F1 / AP / precision / recall at
+  IoU 0.5 and 0.75, and the pixel mIoU / Dice of cell types over all pixels and over true foreground only.
+
+Methods (rows): ``ours`` (the run's ``results/``), ``nuclei``, ``expand_<k>``, ``density_watershed`` (see
+:mod:`segjointgene.baselines`), plus ``pciseq`` when the raw spots file has a ``pciseq_cell`` column (the real CA1
+section): that row is a spot assignment without masks, so only its mask-free metrics are filled.
+
+:func:`evaluate_masks` is the library entry point (arrays in, a table out); :func:`run_evaluate` is the CLI step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import baselines as B
+from . import metrics as M
+from .config import EvaluateConfig, TrainConfig
+from .constants import (BACKGROUND, CELLS_TABLE, METADATA_FILE, SPOTS_TABLE, TRUTH_SUFFIX, RawFiles, ResultFiles, RunFiles,
+                        TruthFiles)
+from .errors import ColumnError, DataError, InputNotFoundError
+from .io import load_npz, read_json, write_csv
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ALWAYS_COLUMNS",
+    "OURS",
+    "PCISEQ",
+    "TRUTH_COLUMNS",
+    "Spots",
+    "Truth",
+    "evaluate_masks",
+    "load_reference",
+    "load_truth",
+    "markdown_table",
+    "run_evaluate",
+    "score_assignment",
+    "score_segmentation",
+]
+
+OURS = "ours"
+PCISEQ = "pciseq"
+PCISEQ_COLUMN = "pciseq_cell"
+IOU_THRESHOLDS = (0.5, 0.75)
+
+#: Columns filled with a ground truth, in table order.
+TRUTH_COLUMNS = (
+    "spot_acc", "spot_acc_cell", "spot_acc_noise", "gene_mIoU", "gene_mIoU_pen",
+    "F1@0.5", "AP@0.5", "F1@0.75", "AP@0.75", "P@0.5", "R@0.5",
+    "type_mIoU", "type_Dice", "type_mIoU_fg", "type_Dice_fg",
+)
+#: Columns filled for every method (MECR only with a reference profile).
+ALWAYS_COLUMNS = ("cell_calling", "spots_in_cells", "MECR", "n_cells", "mean_area_px")
+_INT_COLUMNS = ("n_cells",)
+
+
+@dataclass(frozen=True)
+class Spots:
+    """The spots of a section in the raw frame.
+
+    Attributes
+    ----------
+    x, y : (n,) float64 positions in pixels (x = column); a spot lies in pixel ``(floor(y), floor(x))``.
+    gene : (n,) int32 gene channel, an index into ``genes``.
+    genes : gene names in channel order.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    gene: np.ndarray
+    genes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Truth:
+    """Ground truth of a simulated section.
+
+    Attributes
+    ----------
+    instance : (H, W) integer whole-cell ids (the ids of the nuclei), 0 = background.
+    celltype : (H, W) integer class ids (0 = background, 1..K in the dataset's ``celltypes`` order).
+    spot_cell : (n_spots,) int64 true cell of every spot (0 = background noise), in the order of :class:`Spots`.
+    """
+
+    instance: np.ndarray
+    celltype: np.ndarray
+    spot_cell: np.ndarray
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def _truth_scores(instance: np.ndarray, celltype: np.ndarray | None, spot_cell: np.ndarray, spots: Spots,
+                  truth: Truth, n_classes: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    acc = M.spot_accuracy(spot_cell, truth.spot_cell)
+    out.update(spot_acc=acc.overall, spot_acc_cell=acc.cell_spots, spot_acc_noise=acc.noise_spots)
+    match = M.match_instances(M.instance_overlap(instance, truth.instance))
+    # gene mIoU as in reference §13.5: both spot sets from the masks (the spot's pixel in each instance mask)
+    gene = M.gene_miou(spot_cell, M.cells_at_spots(truth.instance, spots.x, spots.y), match)
+    out.update({"gene_mIoU": gene.mean, "gene_mIoU_pen": gene.penalised})
+    for t in IOU_THRESHOLDS:
+        d = M.detection_scores(match, t)
+        out.update({f"F1@{t}": d.f1, f"AP@{t}": d.ap, f"P@{t}": d.precision, f"R@{t}": d.recall})
+    if celltype is not None:
+        whole = M.celltype_scores(truth.celltype, celltype, n_classes)
+        fg = M.celltype_scores(truth.celltype, celltype, n_classes, truth_foreground_only=True)
+        out.update(type_mIoU=whole.miou, type_Dice=whole.mdice, type_mIoU_fg=fg.miou, type_Dice_fg=fg.mdice)
+    return out
+
+
+def _mecr(spot_cell: np.ndarray, spots: Spots, pairs: list[tuple[str, str]] | None) -> float:
+    if pairs is None:
+        return float("nan")
+    counts = M.cell_gene_counts(spot_cell, spots.gene, len(spots.genes))
+    return M.mecr(counts, list(spots.genes), pairs).value
+
+
+def score_segmentation(instance: np.ndarray, celltype: np.ndarray | None, spots: Spots, *, truth: Truth | None = None,
+                       pairs: list[tuple[str, str]] | None = None, n_classes: int | None = None,
+                       pixel_distance: int = 5) -> dict[str, float]:
+    """Every metric of one segmentation (masks in the raw frame).
+
+    Parameters
+    ----------
+    instance : (H, W) integer cell ids, 0 = background.
+    celltype : (H, W) integer class ids or None (then the cell-type columns are NaN).
+    spots : the section's spots.
+    truth : ground truth, or None for the metrics without truth only.
+    pairs : mutually exclusive gene pairs (:func:`segjointgene.metrics.exclusive_gene_pairs`) for MECR, or None.
+    n_classes : number of classes including background (default: from the largest class id seen).
+    pixel_distance : ring width of the cell-calling score.
+
+    Returns
+    -------
+    dict metric name -> value (NaN where a metric does not apply).
+    """
+    spot_cell = M.cells_at_spots(instance, spots.x, spots.y)
+    ids, areas = M.label_areas(instance)
+    row: dict[str, float] = {
+        "cell_calling": M.cell_calling_score(instance, spots.x, spots.y, pixel_distance).score,
+        "spots_in_cells": M.assigned_fraction(spot_cell),
+        "MECR": _mecr(spot_cell, spots, pairs),
+        "n_cells": float(ids.size),
+        "mean_area_px": float(areas.mean()) if areas.size else float("nan"),
+    }
+    if truth is not None:
+        if truth.instance.shape != np.shape(instance):
+            raise DataError(f"the truth masks have shape {truth.instance.shape} but the segmentation has "
+                            f"{np.shape(instance)}; both must be in the raw frame of the section")
+        if n_classes is None:
+            n_classes = int(max(truth.celltype.max(initial=0), 0 if celltype is None else celltype.max(initial=0))) + 1
+        row.update(_truth_scores(instance, celltype, spot_cell, spots, truth, n_classes))
+    return row
+
+
+def score_assignment(spot_cell: np.ndarray, spots: Spots, *, truth: Truth | None = None,
+                     pairs: list[tuple[str, str]] | None = None) -> dict[str, float]:
+    """The metrics that a spot-to-cell assignment without masks supports (e.g. pciSeq's ``pciseq_cell``).
+
+    ``spots_in_cells`` is the fraction of spots assigned to a cell (not the cell-calling score, which needs a mask:
+    see :func:`segjointgene.metrics.assigned_fraction`); ``MECR`` with ``pairs``; with a truth, the spot-assignment
+    accuracies (ids must be the nucleus ids). Mask-based metrics are NaN.
+    """
+    spot_cell = np.asarray(spot_cell, np.int64)
+    if spot_cell.shape != spots.x.shape:
+        raise DataError(f"the assignment has {spot_cell.size} spots but the section has {spots.x.size}")
+    row = {"spots_in_cells": M.assigned_fraction(spot_cell), "MECR": _mecr(spot_cell, spots, pairs),
+           "n_cells": float(np.unique(spot_cell[spot_cell != BACKGROUND]).size)}
+    if truth is not None:
+        acc = M.spot_accuracy(spot_cell, truth.spot_cell)
+        row.update(spot_acc=acc.overall, spot_acc_cell=acc.cell_spots, spot_acc_noise=acc.noise_spots)
+    return row
+
+
+def _columns(has_truth: bool) -> list[str]:
+    return [*(TRUTH_COLUMNS if has_truth else ()), *ALWAYS_COLUMNS]
+
+
+def _table(rows: dict[str, dict[str, float]], has_truth: bool, has_reference: bool) -> pd.DataFrame:
+    columns = [c for c in _columns(has_truth) if has_reference or c != "MECR"]
+    table = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=columns)
+    table.index.name = "method"
+    return table
+
+
+def evaluate_masks(masks: Mapping[str, tuple[np.ndarray, np.ndarray | None]], spots: Spots, truth: Truth | None = None,
+                   reference: pd.DataFrame | None = None, *, assignments: Mapping[str, np.ndarray] | None = None,
+                   n_classes: int | None = None, pixel_distance: int = 5,
+                   mecr_fraction: float = 0.1) -> pd.DataFrame:
+    """Score several segmentations (and optionally mask-free spot assignments) of one section.
+
+    Parameters
+    ----------
+    masks : method name -> (instance mask, cell-type mask or None), (H, W) integer arrays in the raw frame.
+    spots : the section's spots (raw frame).
+    truth : ground truth, or None.
+    reference : cell-type x gene reference profile (index = gene names, one column per type) for MECR, or None.
+    assignments : method name -> (n_spots,) cell id of every spot (0 = none), scored with :func:`score_assignment`.
+    n_classes : number of classes including background (default: inferred from the masks).
+    pixel_distance : ring width of the cell-calling score.
+    mecr_fraction : the expression fraction of :func:`segjointgene.metrics.exclusive_gene_pairs`.
+
+    Returns
+    -------
+    DataFrame, one row per method (index ``method``), one column per metric (:data:`TRUTH_COLUMNS` with a truth,
+    then :data:`ALWAYS_COLUMNS`; MECR only with a reference).
+
+    Examples
+    --------
+    >>> inst = np.zeros((8, 8), np.uint32); inst[2:6, 2:6] = 1
+    >>> spots = Spots(np.array([3.0, 4.0, 7.0]), np.array([3.0, 4.0, 7.0]), np.array([0, 1, 1], np.int32), ("a", "b"))
+    >>> t = evaluate_masks({"perfect": (inst, inst)}, spots, Truth(inst, inst, np.array([1, 1, 0])))
+    >>> t.loc["perfect", ["spot_acc", "gene_mIoU", "F1@0.75", "type_mIoU"]].tolist()
+    [1.0, 1.0, 1.0, 1.0]
+    """
+    pairs = M.exclusive_gene_pairs(reference, fraction=mecr_fraction) if reference is not None else None
+    rows = {}
+    for name, (instance, celltype) in masks.items():
+        rows[name] = score_segmentation(instance, celltype, spots, truth=truth, pairs=pairs, n_classes=n_classes,
+                                        pixel_distance=pixel_distance)
+    for name, spot_cell in (assignments or {}).items():
+        rows[name] = score_assignment(spot_cell, spots, truth=truth, pairs=pairs)
+    return _table(rows, truth is not None, reference is not None)
+
+
+def markdown_table(table: pd.DataFrame, *, transpose: bool = True, digits: int = 3) -> str:
+    """A markdown table of an evaluation table (metrics as rows and methods as columns when ``transpose``).
+
+    Examples
+    --------
+    >>> print(markdown_table(pd.DataFrame({"F1@0.5": [1.0, 0.25]}, index=pd.Index(["a", "b"], name="method"))))
+    | metric | a | b |
+    |---|---:|---:|
+    | F1@0.5 | 1.000 | 0.250 |
+    """
+    def fmt(col: str, v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "n/a"
+        if col in _INT_COLUMNS:
+            return str(int(round(float(v))))
+        if col == "mean_area_px":
+            return f"{float(v):.1f}"
+        return f"{float(v):.{digits}f}"
+
+    if transpose:
+        head = ["metric", *map(str, table.index)]
+        body = [[c, *(fmt(c, table.at[m, c]) for m in table.index)] for c in table.columns]
+    else:
+        head = [table.index.name or "method", *map(str, table.columns)]
+        body = [[str(m), *(fmt(c, table.at[m, c]) for c in table.columns)] for m in table.index]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_reference(path: str | Path) -> pd.DataFrame:
+    """Read a cell-type x gene reference profile: a gene column plus one numeric column per cell type.
+
+    The gene column is the first of ``gene``, ``gene_name``, ``genes``, ``Gene`` present, else the first column
+    (e.g. the class means ``pciseq_inputs/test_scRNAseq.csv`` of the CA1 data).
+
+    Returns
+    -------
+    DataFrame, index = gene names, columns = cell types, float64 values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"--reference_csv {path}: file not found; give a CSV with a gene column and one "
+                                 "column per cell type (mean expression)")
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read the reference profile ({err})") from None
+    gene_col = next((c for c in ("gene", "gene_name", "genes", "Gene") if c in table.columns), table.columns[0])
+    values = table.drop(columns=[gene_col])
+    bad = [c for c in values.columns if not pd.api.types.is_numeric_dtype(values[c])]
+    if bad or values.shape[1] == 0:
+        raise ColumnError(f"{path}: the reference needs a gene column ('{gene_col}' used) and numeric columns, one per "
+                          f"cell type; non-numeric: {', '.join(map(str, bad[:5])) or 'no type columns at all'}")
+    if table[gene_col].duplicated().any():
+        dup = table[gene_col][table[gene_col].duplicated()].iloc[0]
+        raise DataError(f"{path}: gene {dup!r} appears more than once in column '{gene_col}'")
+    if not np.isfinite(values.to_numpy(float)).all() or (values.to_numpy(float) < 0).any():
+        raise DataError(f"{path}: the reference values must be finite and >= 0 (mean expression per type)")
+    return values.set_axis(table[gene_col].astype(str).to_numpy()).astype(np.float64)
+
+
+def _read_csv(path: Path, columns: tuple[str, ...], what: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputNotFoundError(f"{path}: {what} not found")
+    table = pd.read_csv(path, low_memory=False)
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ColumnError(f"{path}: missing column(s) {', '.join(missing)} (found {', '.join(map(str, table.columns))})")
+    return table
+
+
+def _read_mask(path: Path, shape: tuple[int, int], fix: str) -> np.ndarray:
+    import tifffile
+
+    if not path.is_file():
+        raise InputNotFoundError(f"{path} not found; {fix}")
+    try:
+        mask = tifffile.imread(path)
+    except Exception as err:  # any reader failure is a bad file for the user
+        raise DataError(f"{path}: cannot read the mask ({type(err).__name__}: {err}); {fix}") from None
+    mask = np.squeeze(mask)
+    if mask.shape != tuple(shape):
+        raise DataError(f"{path} has shape {mask.shape} but the section's raw frame is {tuple(shape)}; {fix}")
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise DataError(f"{path} has dtype {mask.dtype}; an integer label image is needed")
+    return mask
+
+
+def load_truth(truth_dir: str | Path, *, shape: tuple[int, int], celltypes: list[str], rows_in_file: np.ndarray,
+               genes: list[str] | None = None, spot_gene: np.ndarray | None = None) -> Truth:
+    """Read a ground-truth folder written by ``simulate`` (``instance_mask.tif``, ``cells_truth.csv``,
+    ``spots_truth.csv``).
+
+    Parameters
+    ----------
+    truth_dir : the folder (``<raw_dir>_truth``).
+    shape : (H, W) raw frame of the section.
+    celltypes : the dataset's class names in id order (index 0 = background).
+    rows_in_file : (n,) row of every kept spot in the raw spots file (``spots.npz['row_in_file']``); the truth spot
+        table has the raw file's rows in the same order.
+    genes, spot_gene : when given, the truth rows are checked to hold the same genes as the spots (a truth folder of
+        another section is an error, not a silent mismatch).
+    """
+    truth_dir = Path(truth_dir)
+    fix = "re-run --step_name=simulate to re-create the truth folder"
+    instance = _read_mask(truth_dir / TruthFiles.INSTANCE_MASK, shape, fix)
+    cells = _read_csv(truth_dir / TruthFiles.CELLS, ("cell", "celltype"), "the true cell table")
+    class_of = {name: i for i, name in enumerate(celltypes)}
+    unknown = sorted(set(cells["celltype"].astype(str)) - set(class_of))
+    if unknown:
+        raise DataError(f"{truth_dir / TruthFiles.CELLS}: cell type(s) {', '.join(unknown[:5])} are not in the "
+                        f"dataset's metadata; the truth folder does not belong to this dataset")
+    celltype = B.celltype_mask(instance, cells["cell"].to_numpy(np.int64),
+                               cells["celltype"].astype(str).map(class_of).to_numpy(np.int32))
+    spots = _read_csv(truth_dir / TruthFiles.SPOTS, ("gene", "cell"), "the true spot table")
+    rows = np.asarray(rows_in_file, np.int64)
+    if rows.size and rows.max() >= len(spots):
+        raise DataError(f"{truth_dir / TruthFiles.SPOTS} has {len(spots)} rows but the section's spots file has at "
+                        f"least {rows.max() + 1}; the truth folder does not belong to this section")
+    if genes is not None and spot_gene is not None:
+        named = np.asarray(genes, dtype=object)[np.asarray(spot_gene)]
+        if not np.array_equal(spots["gene"].astype(str).to_numpy()[rows], named.astype(str)):
+            raise DataError(f"{truth_dir / TruthFiles.SPOTS}: its genes differ from the section's spots row by row; "
+                            "the truth folder does not belong to this section")
+    return Truth(instance=instance, celltype=celltype, spot_cell=spots["cell"].to_numpy(np.int64)[rows])
+
+
+def _markers_reference(truth_dir: Path) -> pd.DataFrame | None:
+    """The simulated expression table (type x gene rates) as a reference profile, when the truth folder has one."""
+    path = truth_dir / TruthFiles.MARKERS
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path)
+    if not {"celltype", "gene", "rate"} <= set(table.columns):
+        return None
+    return table.pivot(index="gene", columns="celltype", values="rate").astype(np.float64)
+
+
+# ------------------------------------------------------------------------------------------------ the CLI step
+def _raw_dirs(args: Any, paths: Any, metadata: dict) -> list[Path]:
+    """Candidate raw folders, most specific first: --raw_dir, the one preprocessing recorded, the default path."""
+    out = []
+    if getattr(args, "raw_dir", None):
+        out.append(Path(args.raw_dir))
+    if metadata.get("raw_dir"):
+        out.append(Path(metadata["raw_dir"]))
+    out.append(Path(paths.raw_dir))
+    return out
+
+
+def _truth_dir(cfg: EvaluateConfig, raw_dirs: list[Path]) -> Path | None:
+    if cfg.truth_dir:
+        path = Path(cfg.truth_dir)
+        if not (path / TruthFiles.INSTANCE_MASK).is_file():
+            raise InputNotFoundError(f"--truth_dir {path}: no {TruthFiles.INSTANCE_MASK} there; give the folder that "
+                                     "--step_name=simulate wrote beside the raw section (<raw_dir>_truth)")
+        return path
+    for raw in raw_dirs:
+        candidate = raw.with_name(raw.name + TRUTH_SUFFIX)
+        if (candidate / TruthFiles.INSTANCE_MASK).is_file():
+            return candidate
+    return None
+
+
+def _pciseq_assignment(raw_dirs: list[Path], metadata: dict, rows_in_file: np.ndarray) -> np.ndarray | None:
+    """pciSeq's spot -> cell assignment from the raw spots file's ``pciseq_cell`` column, when there is one."""
+    name = metadata.get("fingerprint", {}).get("sources", {}).get("spots", {}).get("file")
+    for raw in raw_dirs:
+        hits = [raw / name] if name and (raw / name).is_file() else sorted(raw.glob(RawFiles.SPOTS))
+        if len(hits) != 1 or not hits[0].is_file():
+            continue
+        header = pd.read_csv(hits[0], nrows=0).columns
+        if PCISEQ_COLUMN not in header:
+            return None
+        cell = pd.read_csv(hits[0], usecols=[PCISEQ_COLUMN])[PCISEQ_COLUMN].to_numpy()
+        if rows_in_file.size and rows_in_file.max() >= cell.size:
+            log.warning("%s has fewer rows than the preprocessed spots; pciSeq row skipped", hits[0])
+            return None
+        return np.nan_to_num(cell.astype(np.float64), nan=0).astype(np.int64)[rows_in_file]
+    return None
+
+
+def _celltypes_lut(results: Path, celltypes: list[str]) -> np.ndarray | None:
+    """Map the run's class ids (``celltypes.csv``) onto the dataset's; None when they agree or the file is absent."""
+    path = results / ResultFiles.CELLTYPES
+    if not path.is_file():
+        return None
+    table = _read_csv(path, ("id", "name"), "the class-name table of the run")
+    index = {name: i for i, name in enumerate(celltypes)}
+    unknown = sorted(set(table["name"].astype(str)) - set(index))
+    if unknown:
+        raise DataError(f"{path}: class name(s) {', '.join(unknown[:5])} are not in the dataset's metadata; the run does "
+                        "not belong to this dataset")
+    ids = table["id"].to_numpy(np.int64)
+    lut = np.zeros(int(ids.max(initial=0)) + 1, np.int32)
+    lut[ids] = table["name"].astype(str).map(index).to_numpy(np.int32)
+    return None if np.array_equal(lut, np.arange(lut.size)) else lut
+
+
+def run_evaluate(args: Any, cfg: dict[type, Any], paths: Any) -> int:
+    """``--step_name=evaluate``: score the run in ``<run_dir>/results/`` and every baseline; write
+    ``results/evaluation.csv`` and print a markdown table (metrics as rows, methods as columns)."""
+    start = time.perf_counter()
+    ecfg: EvaluateConfig = cfg[EvaluateConfig]
+    train = cfg.get(TrainConfig)
+    pixel_distance = train.pixel_distance if train is not None else TrainConfig().pixel_distance
+    radii = ecfg.radii()
+    data_dir, run_dir = Path(paths.data_dir), Path(paths.run_dir)
+    results = run_dir / RunFiles.RESULTS
+
+    meta_path = data_dir / METADATA_FILE
+    if not meta_path.is_file():
+        raise InputNotFoundError(f"{meta_path} not found; run --step_name=preprocess_CA1 for --datasets_name="
+                                 f"{paths.datasets_name} first")
+    metadata = read_json(meta_path)
+    shape = tuple(int(v) for v in metadata["raw_shape"])
+    celltypes = list(metadata["celltypes"])
+    genes = list(metadata["genes"])
+    n_classes = len(celltypes)
+
+    fix = (f"run --step_name=SegJointGene (it writes {RunFiles.RESULTS}/ at the end of training) or "
+           f"--step_name=export for a saved epoch, with --datasets_name={paths.datasets_name} "
+           f"--net_sub_suffix={run_dir.name}")
+    for name in (ResultFiles.INSTANCE_MASK, ResultFiles.CELLTYPE_MASK, ResultFiles.INITIAL_MASK):
+        if not (results / name).is_file():
+            raise InputNotFoundError(f"{results / name} not found; {fix}")
+
+    table = load_npz(data_dir / SPOTS_TABLE, ("gene", "x", "y", "row_in_file"))
+    spots = Spots(x=table["x"].astype(np.float64), y=table["y"].astype(np.float64), gene=table["gene"].astype(np.int32),
+                  genes=tuple(genes))
+    rows_in_file = table["row_in_file"].astype(np.int64)
+    cells = _read_csv(data_dir / CELLS_TABLE, ("cell", "celltype_id"), "the dataset's cell table")
+    cell_ids, class_ids = cells["cell"].to_numpy(np.int64), cells["celltype_id"].to_numpy(np.int32)
+
+    raw_dirs = _raw_dirs(args, paths, metadata)
+    truth_dir = _truth_dir(ecfg, raw_dirs)
+    truth = None
+    if truth_dir is not None:
+        truth = load_truth(truth_dir, shape=shape, celltypes=celltypes, rows_in_file=rows_in_file, genes=genes,
+                           spot_gene=spots.gene)
+        log.info("ground truth: %s", truth_dir)
+    else:
+        log.info("no ground-truth folder: metrics without truth only")
+
+    reference, reference_name = None, ""
+    if ecfg.reference_csv:
+        reference, reference_name = load_reference(ecfg.reference_csv), ecfg.reference_csv
+    elif truth_dir is not None:
+        reference = _markers_reference(truth_dir)
+        reference_name = str(truth_dir / TruthFiles.MARKERS) if reference is not None else ""
+    pairs = M.exclusive_gene_pairs(reference, fraction=ecfg.mecr_fraction) if reference is not None else None
+    if pairs is not None:
+        in_panel = sum(a in set(genes) and b in set(genes) for a, b in pairs)
+        log.info("MECR: %d mutually exclusive gene pairs from %s (%d with both genes in the panel)", len(pairs),
+                 reference_name, in_panel)
+
+    rows: dict[str, dict[str, float]] = {}
+
+    def score(name: str, instance: np.ndarray, celltype: np.ndarray | None) -> None:
+        t0 = time.perf_counter()
+        rows[name] = score_segmentation(instance, celltype, spots, truth=truth, pairs=pairs, n_classes=n_classes,
+                                        pixel_distance=pixel_distance)
+        log.info("scored %s in %.1f s", name, time.perf_counter() - t0)
+
+    instance = _read_mask(results / ResultFiles.INSTANCE_MASK, shape, fix)
+    celltype = None
+    if truth is not None:
+        celltype = _read_mask(results / ResultFiles.CELLTYPE_MASK, shape, fix)
+        lut = _celltypes_lut(results, celltypes)
+        top = int(celltype.max(initial=0))
+        if top >= (n_classes if lut is None else lut.size):
+            raise DataError(f"{results / ResultFiles.CELLTYPE_MASK} holds class id {top}, beyond the "
+                            f"{'ids of ' + ResultFiles.CELLTYPES if lut is not None else 'dataset classes'}; {fix}")
+        if lut is not None:
+            celltype = lut[celltype]
+    score(OURS, instance, celltype)
+    del instance, celltype
+
+    nuclei = _read_mask(results / ResultFiles.INITIAL_MASK, shape, fix)
+    for name, mask in B.baseline_segmentations(nuclei, spots.x, spots.y, sigma=float(metadata.get("density_sigma", 5.0)),
+                                               radii=radii, density_fraction=ecfg.density_fraction):
+        types = B.celltype_mask(mask, cell_ids, class_ids) if truth is not None else None
+        score(name, mask, types)
+    del nuclei
+
+    pciseq = _pciseq_assignment(raw_dirs, metadata, rows_in_file)
+    if pciseq is not None:
+        rows[PCISEQ] = score_assignment(pciseq, spots, truth=truth, pairs=pairs)
+
+    out = _table(rows, truth is not None, pairs is not None)
+    results.mkdir(parents=True, exist_ok=True)
+    write_csv(results / ResultFiles.EVALUATION, out, index=True)
+    notes = [f"truth: {truth_dir}" if truth_dir else "truth: none (metrics without ground truth only)",
+             f"cell_calling ring: {pixel_distance} px"]
+    if pairs is not None:
+        notes.append(f"MECR: {len(pairs)} exclusive gene pairs from {reference_name} (fraction {ecfg.mecr_fraction})")
+    if pciseq is not None:
+        notes.append("pciseq: a spot assignment without masks (spots_in_cells = fraction of spots assigned)")
+    print(markdown_table(out))
+    print("\n".join(notes))
+    print(f"evaluation of {len(out)} methods in {time.perf_counter() - start:.1f} s -> {results / ResultFiles.EVALUATION}")
+    return 0
