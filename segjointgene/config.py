@@ -240,12 +240,123 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    """SegCLR-style cell embeddings (``--step_name=embed``); fields are added by the embed module's issue."""
+    """SegCLR-style cell embeddings (``--step_name=embed``, docs/SEGCLR.md §2)."""
+
+    preset: str = opt("tiny", "encoder size: micro (2 stages, tests), tiny (4 stages 16..128, CPU) or default "
+                              "(4 stages 32..256, 2 blocks each)", flag="--embed_preset", choices=("micro", "tiny", "default"))
+    crop_px: int = opt(0, "crop window edge in raw pixels (0 = auto: 1.25 x the 90th percentile of the cell extent, "
+                          "i.e. the cell view; a smaller crop gives the local view)", flag="--embed_crop_px")
+    input_px: int = opt(32, "edge of the encoder input: the crop is binned / resampled to this size",
+                        flag="--embed_input_px")
+    mask_mode: str = opt("masked+channel", "masked: content outside the cell (dilated 1 px) set to 0; channel: raw "
+                                           "context + the cell mask as a channel; masked+channel: both; none: plain "
+                                           "crops (no segmentation guidance, an ablation)",
+                         flag="--embed_mask_mode", choices=("masked+channel", "masked", "channel", "none"))
+    gene_pcs: int = opt(32, "gene channels: with more genes than this, project them on this many principal "
+                            "components of the per-cell expression (eigengenes)", flag="--embed_gene_pcs")
+    blur_sigma_px: float = opt(1.0, "Gaussian smoothing of the gene channels (raw pixels)", flag="--embed_blur_sigma")
+    steps: int = opt(300, "contrastive training steps", flag="--embed_steps")
+    batch_size: int = opt(64, "positive pairs per step (each cell at most once per batch)", flag="--embed_batch_size")
+    lr: float = opt(1e-3, "AdamW learning rate (5%% linear warm-up, then cosine decay)", flag="--embed_lr")
+    weight_decay: float = opt(1e-4, "AdamW weight decay (not on norm layers and biases)", flag="--embed_weight_decay")
+    temperature: float = opt(0.1, "NT-Xent temperature", flag="--embed_temperature")
+    embed_dim: int = opt(64, "embedding (bottleneck) dimension: what is exported", flag="--embed_dim")
+    proj_dim: int = opt(16, "projection-head dimension (used by the loss only)", flag="--embed_proj_dim")
+    norm: str = opt("auto", "normalisation layers: batch, group (GroupNorm) or auto (batch when >= 32 pairs)",
+                    flag="--embed_norm", choices=("auto", "batch", "group"))
+    decorrelation: float = opt(0.0, "weight of the embedding decorrelation penalty", flag="--embed_decorrelation")
+    augment: bool = opt(True, "augment the views (D4, thinning, gene dropout, blur, gain, mask erode/dilate, DAPI "
+                              "jitter)", flag="--embed_augment")
+    max_pair_dist_px: float = opt(0.0, "maximum distance between the two centres of a positive pair (0 = any two "
+                                       "points of the cell)", flag="--embed_max_pair_dist")
+    min_area_px: int = opt(20, "cells smaller than this are not used for training (debris)", flag="--embed_min_area")
+    point_stride_px: int = opt(6, "export: grid stride of the points inside each cell (plus its centre point)",
+                               flag="--embed_point_stride")
+    max_points: int = opt(16, "export: at most this many points per cell (centre point kept)", flag="--embed_max_points")
+    tta: int = opt(1, "export: average over this many D4 transforms (1, 2, 4 or 8)", flag="--embed_tta",
+                   choices=(1, 2, 4, 8))
+    agg_radius_um: float = opt(10.0, "radius of the SegCLR-style aggregated export (mean over points of the same "
+                                     "cell within R; 0 skips it)", flag="--embed_agg_radius")
+    pixel_size_um: float = opt(1.0, "pixel size (micrometres per pixel) for the exported coordinates",
+                               flag="--embed_pixel_size")
+    num_shards: int = opt(0, "CSV-ZIP shards (0 = ceil(cells / 1000))", flag="--embed_num_shards")
+    shard_bytewidth: int = opt(8, "bytes of the little-endian cell id hashed by the MD5 sharder (SegCLR's public "
+                                  "releases used 64)", flag="--embed_shard_bytewidth")
+    infer_batch: int = opt(256, "crops per forward pass at export", flag="--embed_infer_batch")
+
+    def __post_init__(self) -> None:
+        c = EmbedConfig
+        _check(self.crop_px == 0 or self.crop_px >= 8, c, "crop_px", self.crop_px, "use 0 (auto) or >= 8")
+        _check(self.input_px >= 8 and self.input_px % 4 == 0, c, "input_px", self.input_px,
+               "must be a multiple of 4 and >= 8 (the encoder halves it up to 3 times)")
+        for name in ("gene_pcs", "steps", "embed_dim", "proj_dim", "point_stride_px", "max_points", "infer_batch"):
+            _check(getattr(self, name) >= 1, c, name, getattr(self, name), "must be >= 1")
+        _check(self.batch_size >= 2, c, "batch_size", self.batch_size, "must be >= 2 (the other pairs are the negatives)")
+        _check(self.lr > 0, c, "lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, c, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.temperature > 0, c, "temperature", self.temperature, "must be > 0")
+        _check(self.blur_sigma_px >= 0, c, "blur_sigma_px", self.blur_sigma_px, "must be >= 0")
+        _check(self.decorrelation >= 0, c, "decorrelation", self.decorrelation, "must be >= 0")
+        _check(self.max_pair_dist_px >= 0, c, "max_pair_dist_px", self.max_pair_dist_px, "must be >= 0")
+        _check(self.min_area_px >= 1, c, "min_area_px", self.min_area_px, "must be >= 1")
+        _check(self.agg_radius_um >= 0, c, "agg_radius_um", self.agg_radius_um, "must be >= 0")
+        _check(self.pixel_size_um > 0, c, "pixel_size_um", self.pixel_size_um, "must be > 0")
+        _check(self.num_shards >= 0, c, "num_shards", self.num_shards, "must be >= 0")
+        _check(1 <= self.shard_bytewidth <= 64, c, "shard_bytewidth", self.shard_bytewidth, "must be in 1..64")
+        _check_choices(self)
 
 
 @dataclass(frozen=True)
 class ClassifyConfig:
-    """SNGP cell-type classifier (``--step_name=classify``); fields are added by the classify module's issue."""
+    """SNGP cell-type classifier on the per-cell embeddings (``--step_name=classify``, docs/SEGCLR.md §2.10)."""
+
+    labels: str = opt("nucleus", "training labels: nucleus (the nucleus-based calls of data/<name>/cells.csv) or run "
+                                 "(results/cells.csv of the run)", flag="--classify_labels", choices=("nucleus", "run"))
+    hidden: int = opt(128, "width of the residual MLP", flag="--classify_hidden")
+    blocks: int = opt(2, "residual blocks", flag="--classify_blocks")
+    dropout: float = opt(0.0, "dropout inside the residual blocks", flag="--classify_dropout")
+    spec_norm_bound: float = opt(6.0, "bound c of the spectral norm of the residual layers (0 = no spectral "
+                                      "normalisation)", flag="--classify_spec_norm_bound")
+    gp_features: int = opt(1024, "random Fourier features of the Gaussian-process output layer (0 = a plain linear "
+                                 "output, no variance)", flag="--classify_gp_features")
+    gp_lengthscale: float = opt(1.0, "length-scale of the RBF kernel the random features approximate",
+                                flag="--classify_gp_lengthscale")
+    gp_layernorm: bool = opt(True, "LayerNorm the hidden vector before the random features (SegCLR / edward2)",
+                             flag="--classify_gp_layernorm")
+    gp_ridge: float = opt(1e-3, "ridge of the posterior precision (r I + sum phi phi^T)", flag="--classify_gp_ridge")
+    mean_field_factor: float = opt(0.39269908169872414, "lambda of the mean-field logits z / sqrt(1 + lambda var) "
+                                                        "(pi/8; 0 disables)", flag="--classify_mean_field")
+    l2: float = opt(1e-4, "L2 penalty on the output weights", flag="--classify_l2")
+    lr: float = opt(1e-3, "Adam learning rate", flag="--classify_lr")
+    batch_size: int = opt(128, "cells per batch", flag="--classify_batch_size")
+    epochs: int = opt(200, "maximum epochs", flag="--classify_epochs")
+    patience: int = opt(20, "early stopping: epochs without a better validation loss", flag="--classify_patience")
+    balance: bool = opt(True, "class-balanced loss weights", flag="--classify_balance")
+    val_fraction: float = opt(0.2, "fraction of cells (in spatial blocks) held out for early stopping and the OOD "
+                                   "threshold", flag="--classify_val_fraction")
+    block_px: int = opt(0, "edge of the spatial blocks of the validation split (0 = auto: 1/8 of the section)",
+                        flag="--classify_block_px")
+    ood_quantile: float = opt(0.95, "OOD threshold = this quantile of the uncertainty of held-out in-distribution "
+                                    "cells", flag="--classify_ood_quantile")
+    min_cells: int = opt(5, "cell types with fewer training cells are left out of the classifier",
+                         flag="--classify_min_cells")
+
+    def __post_init__(self) -> None:
+        c = ClassifyConfig
+        for name in ("hidden", "batch_size", "epochs", "patience", "min_cells"):
+            _check(getattr(self, name) >= 1, c, name, getattr(self, name), "must be >= 1")
+        for name in ("blocks", "gp_features", "block_px"):
+            _check(getattr(self, name) >= 0, c, name, getattr(self, name), "must be >= 0")
+        _check(0.0 <= self.dropout < 1.0, c, "dropout", self.dropout, "must be in [0, 1)")
+        _check(self.spec_norm_bound >= 0, c, "spec_norm_bound", self.spec_norm_bound, "must be >= 0 (0 = off)")
+        _check(self.gp_lengthscale > 0, c, "gp_lengthscale", self.gp_lengthscale, "must be > 0")
+        _check(self.gp_ridge > 0, c, "gp_ridge", self.gp_ridge, "must be > 0")
+        _check(self.mean_field_factor >= 0, c, "mean_field_factor", self.mean_field_factor, "must be >= 0")
+        _check(self.l2 >= 0, c, "l2", self.l2, "must be >= 0")
+        _check(self.lr > 0, c, "lr", self.lr, "must be > 0")
+        _check(0.0 < self.val_fraction < 1.0, c, "val_fraction", self.val_fraction, "must be in (0, 1)")
+        _check(0.0 < self.ood_quantile < 1.0, c, "ood_quantile", self.ood_quantile, "must be in (0, 1)")
+        _check_choices(self)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
