@@ -287,6 +287,16 @@ def label_areas(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids[keep].astype(np.int64), counts[keep].astype(np.int64)
 
 
+def _compact(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Index of each of ``values`` in the sorted ``ids`` (all values are present in ``ids``), as int64."""
+    top = int(ids[-1]) if ids.size else 0
+    if top <= max(1 << 20, 4 * values.size):  # a lookup table is O(n); searchsorted is O(n log n)
+        lut = np.zeros(top + 1, np.int64)
+        lut[ids] = np.arange(ids.size)
+        return lut[values]
+    return np.searchsorted(ids, values).astype(np.int64)
+
+
 def instance_overlap(pred: np.ndarray, truth: np.ndarray) -> InstanceOverlap:
     """IoU of every overlapping (predicted, true) instance pair, from a sparse joint histogram.
 
@@ -314,16 +324,24 @@ def instance_overlap(pred: np.ndarray, truth: np.ndarray) -> InstanceOverlap:
     _check_same_shape("pred", pred, "truth", truth)
     p_ids, p_area = label_areas(pred)
     t_ids, t_area = label_areas(truth)
-    codes = []
     n_t = max(t_ids.size, 1)
+    run_codes, run_lengths = [], []
     p_flat, t_flat = pred.ravel(), truth.ravel()
     for start in range(0, p_flat.size, _BLOCK_PX):
         sl = slice(start, start + _BLOCK_PX)
         both = (p_flat[sl] != BACKGROUND) & (t_flat[sl] != BACKGROUND)
-        p = np.searchsorted(p_ids, p_flat[sl][both]).astype(np.int64)  # compact indices: no overflow for any ids
-        t = np.searchsorted(t_ids, t_flat[sl][both]).astype(np.int64)
-        codes.append(p * n_t + t)
-    code, inter = np.unique(np.concatenate(codes) if codes else np.zeros(0, np.int64), return_counts=True)
+        p = _compact(p_flat[sl][both], p_ids)  # compact indices: no overflow for any ids
+        t = _compact(t_flat[sl][both], t_ids)
+        code = p * n_t + t
+        # run-length encode along raster order first: neighbouring pixels share their pair, so the sort below sees
+        # about one entry per cell crossing per row instead of one per pixel
+        starts = np.flatnonzero(np.concatenate([[True], code[1:] != code[:-1]])) if code.size else np.zeros(0, np.int64)
+        run_codes.append(code[starts])
+        run_lengths.append(np.diff(np.append(starts, code.size)))
+    all_codes = np.concatenate(run_codes) if run_codes else np.zeros(0, np.int64)
+    code, inverse = np.unique(all_codes, return_inverse=True)
+    inter = np.bincount(inverse.ravel(), weights=np.concatenate(run_lengths) if run_lengths else None,
+                        minlength=code.size).astype(np.int64)
     pi, ti = np.divmod(code, n_t)
     union = p_area[pi] + t_area[ti] - inter
     return InstanceOverlap(pred_labels=p_ids, pred_area=p_area, truth_labels=t_ids, truth_area=t_area,

@@ -277,3 +277,22 @@ def test_mecr_from_spots_equals_mecr_from_counts():
     assert counts.toarray().tolist() == [[1, 1, 0], [0, 2, 1], [1, 0, 0]]
     r = M.mecr(counts, ["a", "b", "c"], [("a", "b"), ("a", "c")])
     assert r.per_pair["rate"].tolist() == [pytest.approx(1 / 3), 0.0]
+
+
+def test_overlap_scales_to_ten_thousand_cells():
+    """10^4 cells, ids permuted and shifted: every cell matches its counterpart; no n_pred x n_truth array is built
+    (that would be 10^8 entries here; the sparse table holds only the overlapping pairs)."""
+    n = 100  # 100 x 100 cells of 20 x 20 px with 2-px gaps
+    idx = np.arange(n * 20)
+    truth = ((idx // 20)[:, None] * n + (idx // 20)[None, :] + 1).astype(np.uint32)
+    truth[(idx % 20 < 2)[:, None] | (idx % 20 < 2)[None, :]] = 0
+    perm = np.random.default_rng(0).permutation(n * n + 1).astype(np.uint32)
+    perm[perm == 0] = perm[0]
+    perm[0] = 0
+    pred = perm[np.roll(truth, (2, 1), axis=(0, 1))]
+    ov = M.instance_overlap(pred, truth)
+    assert ov.iou.size < 5 * n * n
+    match = M.match_instances(ov)
+    assert match.n_pred == match.n_truth == n * n and match.pred.size == n * n
+    assert np.array_equal(match.pred, perm[match.truth])  # each cell found its own shifted copy
+    assert M.detection_scores(match, 0.5).f1 == 1.0
