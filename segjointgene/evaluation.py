@@ -409,7 +409,8 @@ def _pciseq_assignment(raw_dirs: list[Path], metadata: dict, rows_in_file: np.nd
     """pciSeq's spot -> cell assignment from the raw spots file's ``pciseq_cell`` column, when there is one."""
     name = metadata.get("fingerprint", {}).get("sources", {}).get("spots", {}).get("file")
     for raw in raw_dirs:
-        hits = [raw / name] if name and (raw / name).is_file() else sorted(raw.glob(RawFiles.SPOTS))
+        # the file preprocessing read (by name); only without that record, the one spots file of the folder
+        hits = [raw / name] if name else sorted(raw.glob(RawFiles.SPOTS))
         if len(hits) != 1 or not hits[0].is_file():
             continue
         header = pd.read_csv(hits[0], nrows=0).columns
