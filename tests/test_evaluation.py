@@ -226,3 +226,50 @@ def _drop_cli_log_handlers():
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "_segjointgene", False)]:
         root.removeHandler(handler)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_evaluate_on_the_real_ca1_section_is_fast(real_raw, tmp_path, capsys):
+    """The whole step on 5471 x 7602 px, 72k spots, 3481 nuclei (stand-in run: nuclei grown by 8 px), with MECR and
+    the pciSeq row; the dataset files are written as preprocessing writes them, without the patches."""
+    import time
+
+    from segjointgene.baselines import celltype_mask, expand_nuclei
+    from segjointgene.constants import BACKGROUND_NAME
+    from segjointgene.io import save_npz, write_json
+
+    s = read_section(real_raw)
+    nuclei = s.nuclei.toarray().astype(np.uint32)
+    celltypes = [BACKGROUND_NAME, *s.celltypes]
+    class_ids = s.cells["celltype"].map({t: i for i, t in enumerate(celltypes)}).to_numpy(np.int32)
+    data = tmp_path / "data" / "CA1"
+    data.mkdir(parents=True)
+    write_json(data / "metadata.json", {"genes": s.genes, "celltypes": celltypes, "raw_shape": list(s.shape),
+                                        "density_sigma": 5.0, "raw_dir": str(real_raw),
+                                        "fingerprint": {"sources": {"spots": {"file": Path(s.files["spots"]).name}}}})
+    write_csv(data / "cells.csv", pd.DataFrame({"cell": s.cells["cell"], "celltype_id": class_ids}))
+    save_npz(data / "spots.npz", {"gene": s.spots["gene"].map({g: i for i, g in enumerate(s.genes)}).to_numpy(np.int32),
+                                  "x": s.spots["x"].to_numpy(), "y": s.spots["y"].to_numpy(),
+                                  "row_in_file": np.asarray(s.spot_rows_in_file, np.int64)})
+    run_dir = tmp_path / "checkpoints" / "CA1" / "standin"
+    results = run_dir / RunFiles.RESULTS
+    results.mkdir(parents=True)
+    ours = expand_nuclei(nuclei, 8)
+    write_tif(results / ResultFiles.INSTANCE_MASK, ours)
+    write_tif(results / ResultFiles.CELLTYPE_MASK, celltype_mask(ours, s.cells["cell"].to_numpy(), class_ids))
+    write_tif(results / ResultFiles.INITIAL_MASK, nuclei)
+    del s, nuclei, ours
+    paths = SimpleNamespace(work_dir=tmp_path, datasets_name="CA1", raw_dir=real_raw, data_dir=data, run_dir=run_dir)
+    reference = real_raw.parents[1] / "pciseq_inputs" / "test_scRNAseq.csv"
+    start = time.perf_counter()
+    cfg = {EvaluateConfig: EvaluateConfig(reference_csv=str(reference)), TrainConfig: TrainConfig()}
+    assert E.run_evaluate(SimpleNamespace(raw_dir=None), cfg, paths) == 0
+    seconds = time.perf_counter() - start
+    table = pd.read_csv(results / ResultFiles.EVALUATION, index_col="method")
+    assert list(table.index) == ["ours", *BASELINES, "pciseq"]
+    assert table.loc["pciseq", "spots_in_cells"] == pytest.approx(53261 / 72330, abs=1e-4)  # the data README's count
+    assert table.loc["pciseq", "n_cells"] == 3250
+    assert table.loc["nuclei", "spots_in_cells"] == pytest.approx(44353 / 72330, abs=1e-3)
+    assert table["MECR"].notna().all() and table["cell_calling"].iloc[:-1].notna().all()
+    assert seconds < 60, f"evaluate took {seconds:.0f} s"
