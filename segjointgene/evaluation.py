@@ -2,7 +2,8 @@
 
 Every method is scored by the same code (:func:`score_segmentation`, :func:`score_assignment`) in the raw pixel frame:
 
-* always (no truth needed): ``cell_calling`` (reference §13.4, ring width = ``--pixel_distance``), ``spots_in_cells``
+* always (no truth needed): ``cell_calling`` (reference §13.4, ring width = ``--pixel_distance``; n/a when no spot
+  lies on the ring, e.g. cells that fill a dense tissue), ``spots_in_cells``
   (fraction of spots inside a cell / assigned to one), ``n_cells``, ``mean_area_px``; ``MECR`` with a cell-type x gene
   reference profile (``--reference_csv``; for a simulated section without one, its ``markers.csv`` expression table);
 * against a ground-truth folder (simulated sections, SPEC §6): spot-assignment accuracy over all spots / cell-borne
@@ -14,6 +15,21 @@ Methods (rows): ``ours`` (the run's ``results/``), ``nuclei``, ``expand_<k>``, `
 section): that row is a spot assignment without masks, so only its mask-free metrics are filled.
 
 :func:`evaluate_masks` is the library entry point (arrays in, a table out); :func:`run_evaluate` is the CLI step.
+
+Columns (details in :mod:`segjointgene.metrics`):
+
+================  ====================================================================================================
+spot_acc          fraction of spots whose cell (mask value at the spot's pixel) is the true cell (0 for noise)
+spot_acc_cell     the same over spots of a true cell; ``spot_acc_noise``: over noise spots (fraction left unassigned)
+gene_mIoU         mean over cells matched by mask IoU (greedy, one-to-one) of the Jaccard of their spot sets
+gene_mIoU_pen     the same sum divided by the number of true cells (unmatched true cells count 0)
+F1@t, AP@t        instance F1 and TP / (TP + FP + FN) at IoU >= t (t = 0.5, 0.75); ``P@0.5``, ``R@0.5``
+type_mIoU/Dice    pixel IoU / Dice of cell types, mean over foreground classes, all pixels; ``_fg``: truth > 0 only
+cell_calling      spots inside cells / spots on a ring of ``--pixel_distance`` px around them
+spots_in_cells    fraction of spots inside a cell (or assigned to one)
+MECR              mean over mutually exclusive gene pairs of #cells with both / #cells with either (lower is better)
+n_cells           instances present; ``mean_area_px``: their mean area
+================  ====================================================================================================
 """
 
 from __future__ import annotations
