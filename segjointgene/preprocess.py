@@ -22,7 +22,6 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,12 @@ from .config import PreprocessConfig
 from .constants import (BACKGROUND, BACKGROUND_NAME, CELLS_TABLE, METADATA_FILE, PATCH_GLOB, PATCH_NAME, SPLITS,
                         SPOTS_TABLE, PatchKeys)
 from .errors import DataError
+from .geometry import FrameGeometry
 from .io import Section, load_npz, read_json, save_npz, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "FrameGeometry",
     "density_halo",
     "frame_geometry",
     "gene_density",
@@ -136,32 +135,6 @@ def seeded_watershed(dapi: np.ndarray, cells: pd.DataFrame) -> np.ndarray:
     if lost:
         log.warning("seeded watershed: %d cell(s) got no nucleus pixels (centroid on DAPI background or shared)", lost)
     return labels
-
-
-@dataclass(frozen=True)
-class FrameGeometry:
-    """How the cropped, padded patch frame maps onto the raw frame.
-
-    Raw pixel (y, x) is patch-frame pixel (y - y0, x - x0); the crop covers raw rows ``y0:y0+height`` and columns
-    ``x0:x0+width``; the padded frame is ``padded`` = (rows * P, cols * P), the padding is background.
-    """
-
-    raw_shape: tuple[int, int]
-    y0: int
-    x0: int
-    height: int
-    width: int
-    patch_size: int
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        p = self.patch_size
-        return -(-self.height // p), -(-self.width // p)
-
-    @property
-    def padded(self) -> tuple[int, int]:
-        r, c = self.grid
-        return r * self.patch_size, c * self.patch_size
 
 
 def _nucleus_bbox(nuclei: np.ndarray | scipy.sparse.csr_matrix) -> tuple[int, int, int, int] | None:
@@ -469,23 +442,3 @@ def _run_tasks(job: _Job, tasks: list[tuple[int, int, str]], num_workers: int, p
 def patch_paths(data_dir: str | os.PathLike, split: str) -> list[Path]:
     """The patch files of a split, sorted by name."""
     return sorted(Path(data_dir, split).glob(PATCH_GLOB))
-
-
-def parse_patch_name(name: str) -> tuple[int, int]:
-    """(row, col) of a patch file name ``p_<row>_<col>.npz``.
-
-    >>> parse_patch_name("p_3_12.npz")
-    (3, 12)
-    """
-    stem = Path(name).name.removesuffix(".npz")
-    parts = stem.split("_")
-    if len(parts) != 3 or parts[0] != "p" or not (parts[1].isdigit() and parts[2].isdigit()):
-        raise DataError(f"{name}: not a patch file name (expected p_<row>_<col>.npz)")
-    return int(parts[1]), int(parts[2])
-
-
-def iter_patch_grid(metadata: dict) -> Iterable[tuple[str, str, int, int]]:
-    """(split, name, row, col) of every patch listed in the metadata."""
-    for split in SPLITS:
-        for name in metadata["split"][split]:
-            yield (split, name, *parse_patch_name(name))

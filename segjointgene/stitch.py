@@ -33,6 +33,7 @@ import pandas as pd
 
 from .constants import BACKGROUND, BACKGROUND_NAME, SPLITS
 from .errors import DataError
+from .geometry import FrameGeometry, iter_patch_grid, parse_patch_name
 from .io import load_npz
 
 log = logging.getLogger(__name__)
@@ -56,89 +57,13 @@ _ROW_CHUNK = 512
 
 
 # ------------------------------------------------------------------------------------------------ geometry
-# Patch names are parsed here rather than imported from ``preprocess``, which sits on the same layer (1.5).
-def _parse_patch_name(name: str) -> tuple[int, int]:
-    """(row, col) of a patch file name ``p_<row>_<col>.npz``; anything else is a :class:`DataError`.
-
-    >>> _parse_patch_name("p_3_12.npz")
-    (3, 12)
-    """
-    stem = Path(str(name)).name.removesuffix(".npz")
-    parts = stem.split("_")
-    if len(parts) != 3 or parts[0] != "p" or not (parts[1].isdigit() and parts[2].isdigit()):
-        raise DataError(f"{name}: not a patch file name (expected p_<row>_<col>.npz)")
-    return int(parts[1]), int(parts[2])
-
-
-def _patch_grid(metadata: Mapping[str, Any]) -> Iterator[tuple[str, str, int, int]]:
-    """(split, name, row, col) of every patch listed in the metadata's split."""
-    for split in SPLITS:
-        for name in metadata["split"][split]:
-            yield (split, name, *_parse_patch_name(name))
-
-
-class _Frame(NamedTuple):
-    raw_shape: tuple[int, int]
-    y0: int
-    x0: int
-    height: int
-    width: int
-    patch_size: int
-    grid: tuple[int, int]
-
-    @property
-    def padded(self) -> tuple[int, int]:
-        return self.grid[0] * self.patch_size, self.grid[1] * self.patch_size
-
-
-def _frame(metadata: Mapping[str, Any]) -> _Frame:
-    """The frame geometry of a dataset's metadata, validated once."""
-    try:
-        raw = tuple(int(v) for v in metadata["raw_shape"])
-        y0, x0 = (int(v) for v in metadata["crop_offset"])
-        h, w = (int(v) for v in metadata["crop_shape"])
-        p = int(metadata["patch_size"])
-        grid = tuple(int(v) for v in metadata["grid"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise DataError(f"metadata.json lacks a valid frame geometry ({type(err).__name__}: {err}); "
-                        "re-run preprocessing") from None
-    ok = (len(raw) == 2 and len(grid) == 2 and p > 0 and 0 <= y0 and 0 <= x0 and y0 + h <= raw[0]
-          and x0 + w <= raw[1] and grid[0] * p >= h and grid[1] * p >= w)
-    if not ok:
-        raise DataError(f"metadata.json: inconsistent geometry (raw {raw}, crop offset {(y0, x0)}, crop {(h, w)}, "
-                        f"patch {p}, grid {grid}); re-run preprocessing")
-    return _Frame(raw, y0, x0, h, w, p, grid)
-
-
 def raw_window(metadata: Mapping[str, Any], row: int, col: int) -> tuple[slice, slice, slice, slice]:
-    """Where patch (row, col) lands in the raw frame.
-
-    Returns
-    -------
-    (raw rows, raw cols, patch rows, patch cols) slices: ``out[raw rows, raw cols] = patch[patch rows, patch cols]``
-    pastes the part of the patch that lies inside the crop (the padding is dropped). Empty slices when the patch
-    lies entirely in the padding.
-
-    Examples
-    --------
-    >>> meta = {"raw_shape": [100, 90], "crop_offset": [10, 5], "crop_shape": [70, 80], "patch_size": 64,
-    ...         "grid": [2, 2]}
-    >>> raw_window(meta, 1, 1)
-    (slice(74, 80, None), slice(69, 85, None), slice(0, 6, None), slice(0, 16, None))
-    """
-    f = _frame(metadata)
-    return _window(f, row, col)
+    """Where patch (row, col) lands in the raw frame (see :meth:`FrameGeometry.raw_window`)."""
+    return FrameGeometry.from_metadata(metadata).raw_window(row, col)
 
 
-def _window(f: _Frame, row: int, col: int) -> tuple[slice, slice, slice, slice]:
-    p = f.patch_size
-    r0, c0 = row * p, col * p
-    nr, nc = max(0, min(p, f.height - r0)), max(0, min(p, f.width - c0))
-    return (slice(f.y0 + r0, f.y0 + r0 + nr), slice(f.x0 + c0, f.x0 + c0 + nc), slice(0, nr), slice(0, nc))
-
-
-def _check_patch(name: str, arr: np.ndarray, f: _Frame, source: str) -> tuple[int, int]:
-    row, col = _parse_patch_name(name)
+def _check_patch(name: str, arr: np.ndarray, f: FrameGeometry, source: str) -> tuple[int, int]:
+    row, col = parse_patch_name(name)
     if not (0 <= row < f.grid[0] and 0 <= col < f.grid[1]):
         raise DataError(f"{source}: patch {name} lies outside the {f.grid[0]} x {f.grid[1]} patch grid of "
                         "metadata.json; it belongs to another preprocessing of the section")
@@ -147,12 +72,12 @@ def _check_patch(name: str, arr: np.ndarray, f: _Frame, source: str) -> tuple[in
     return row, col
 
 
-def _paste(out: np.ndarray, patch: np.ndarray, f: _Frame, row: int, col: int) -> None:
-    ys, xs, py, px = _window(f, row, col)
+def _paste(out: np.ndarray, patch: np.ndarray, f: FrameGeometry, row: int, col: int) -> None:
+    ys, xs, py, px = f.raw_window(row, col)
     out[ys, xs] = patch[py, px]
 
 
-def _new_raw(f: _Frame, dtype: np.dtype | type, out: np.ndarray | None) -> np.ndarray:
+def _new_raw(f: FrameGeometry, dtype: np.dtype | type, out: np.ndarray | None) -> np.ndarray:
     if out is None:
         return np.zeros(f.raw_shape, dtype)
     if out.shape != f.raw_shape:
@@ -181,11 +106,11 @@ def patch_from_raw(image: np.ndarray, metadata: Mapping[str, Any], name: str) ->
     array([[21, 22],
            [ 0,  0]])
     """
-    f = _frame(metadata)
+    f = FrameGeometry.from_metadata(metadata)
     if image.shape != f.raw_shape:
         raise ValueError(f"image has shape {image.shape}, expected the raw frame {f.raw_shape}")
-    row, col = _parse_patch_name(name)
-    ys, xs, py, px = _window(f, row, col)
+    row, col = parse_patch_name(name)
+    ys, xs, py, px = f.raw_window(row, col)
     out = np.zeros((f.patch_size, f.patch_size), image.dtype)
     out[py, px] = image[ys, xs]
     return out
@@ -218,7 +143,7 @@ def stitch_patches(patches: Mapping[str, np.ndarray], metadata: Mapping[str, Any
            [0, 0, 0, 0],
            [0, 0, 0, 0]])
     """
-    f = _frame(metadata)
+    f = FrameGeometry.from_metadata(metadata)
     if dtype is None:
         dtype = next(iter(patches.values())).dtype if patches else np.float32
     out = np.zeros(f.padded, dtype)
@@ -252,7 +177,7 @@ def to_raw_frame(padded: np.ndarray, metadata: Mapping[str, Any]) -> np.ndarray:
            [ 0,  9, 10, 11, 12,  0],
            [ 0,  0,  0,  0,  0,  0]])
     """
-    f = _frame(metadata)
+    f = FrameGeometry.from_metadata(metadata)
     if padded.shape != f.padded:
         raise ValueError(f"padded has shape {padded.shape}, expected the padded frame {f.padded}")
     out = np.zeros(f.raw_shape, padded.dtype)
@@ -331,7 +256,7 @@ def stitch_label_cache(cache: Mapping[str, Mapping[str, np.ndarray]] | str | os.
     ------
     DataError : damaged cache, a name outside the grid, a patch listed twice, negative labels.
     """
-    f = _frame(metadata)
+    f = FrameGeometry.from_metadata(metadata)
     out = _new_raw(f, dtype or np.int32, out)
     seen: dict[str, str] = {}
     for split, names, arrays in _cache_splits(cache, key):
@@ -372,9 +297,9 @@ def stitch_patch_channel(data_dir: str | os.PathLike, metadata: Mapping[str, Any
     -------
     (H, W) ndarray in the raw frame (``raw_shape``); pixels outside the crop or in skipped patches are 0.
     """
-    f = _frame(metadata)
+    f = FrameGeometry.from_metadata(metadata)
     wanted = set(names) if names is not None else None
-    for split, name, row, col in _patch_grid(metadata):
+    for split, name, row, col in iter_patch_grid(metadata):
         if wanted is not None and name not in wanted:
             continue
         path = Path(data_dir) / split / name

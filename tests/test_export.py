@@ -19,7 +19,8 @@ from segjointgene.errors import InputNotFoundError
 from segjointgene.export import (FIGURES, available_epochs, export_results, gene_ranking_tables, resolve_epoch,
                                  write_gene_ranking)
 from segjointgene.io import load_npz, read_json, read_section, save_npz, write_csv, write_json, write_raw_section
-from segjointgene.preprocess import parse_patch_name, preprocess_section
+from segjointgene.geometry import parse_patch_name
+from segjointgene.preprocess import preprocess_section
 from segjointgene.simulate import simulate_section
 from segjointgene.stitch import patch_from_raw, raw_window, stitch_patch_channel
 from tests.conftest import make_sim
