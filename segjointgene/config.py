@@ -319,7 +319,8 @@ class ClassifyConfig:
                                       "normalisation)", flag="--classify_spec_norm_bound")
     gp_features: int = opt(1024, "random Fourier features of the Gaussian-process output layer (0 = a plain linear "
                                  "output, no variance)", flag="--classify_gp_features")
-    gp_lengthscale: float = opt(1.0, "length-scale of the RBF kernel the random features approximate",
+    gp_lengthscale: float = opt(0.0, "length-scale of the RBF kernel the random features approximate (0 = auto: "
+                                     "median pairwise distance of the GP inputs of the training cells)",
                                 flag="--classify_gp_lengthscale")
     gp_layernorm: bool = opt(True, "LayerNorm the hidden vector before the random features (SegCLR / edward2)",
                              flag="--classify_gp_layernorm")
@@ -349,7 +350,7 @@ class ClassifyConfig:
             _check(getattr(self, name) >= 0, c, name, getattr(self, name), "must be >= 0")
         _check(0.0 <= self.dropout < 1.0, c, "dropout", self.dropout, "must be in [0, 1)")
         _check(self.spec_norm_bound >= 0, c, "spec_norm_bound", self.spec_norm_bound, "must be >= 0 (0 = off)")
-        _check(self.gp_lengthscale > 0, c, "gp_lengthscale", self.gp_lengthscale, "must be > 0")
+        _check(self.gp_lengthscale >= 0, c, "gp_lengthscale", self.gp_lengthscale, "must be >= 0 (0 = auto)")
         _check(self.gp_ridge > 0, c, "gp_ridge", self.gp_ridge, "must be > 0")
         _check(self.mean_field_factor >= 0, c, "mean_field_factor", self.mean_field_factor, "must be >= 0")
         _check(self.l2 >= 0, c, "l2", self.l2, "must be >= 0")

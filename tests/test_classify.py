@@ -16,6 +16,15 @@ from segjointgene.classify import (BoundedSpectralNorm, RandomFeatureGP, add_bou
 from segjointgene.config import ClassifyConfig
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Small tensors: one thread is faster than two on shared cores (OpenMP threads spin while others wait)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _sigma_max(w: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(w.detach(), ord=2))
 

@@ -24,6 +24,15 @@ from segjointgene.embed.export import EmbeddingFiles
 from tests.conftest import make_sim
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Small tensors: one thread is faster than two on shared cores (OpenMP threads spin while others wait)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # --------------------------------------------------------------------------------------------------- NT-Xent
 def test_nt_xent_hand_computed_2x2():
     # views a = [(1, 0), (0, 1)], b = [(1, 0), (1, 1)/sqrt 2], temperature 0.5

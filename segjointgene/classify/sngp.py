@@ -8,7 +8,10 @@ Design (docs/SEGCLR.md §1 F12, §2.10b):
   always divides by sigma and has no bound).
 - **RFF-GP output layer** (:class:`RandomFeatureGP`): ``h -> LayerNorm(h) / lengthscale`` (LayerNorm optional),
   ``phi = sqrt(2 / D) cos(h Omega + b)`` with fixed Omega ~ N(0, 1), b ~ U(0, 2 pi), so that
-  ``phi(x) . phi(y) ~= exp(-|x - y|^2 / (2 lengthscale^2))``; logits ``= beta phi + bias``.
+  ``phi(x) . phi(y) ~= exp(-|x - y|^2 / (2 lengthscale^2))``; logits ``= beta phi + bias``. The length-scale is
+  applied (unlike edward2's LayerNorm path) and can be set by the median heuristic: with LayerNorm the inputs have
+  norm sqrt(H), and a length-scale of 1 would make the kernel between any two cells ~0 (a random-feature lookup
+  table that does not generalise).
 - **Posterior precision**, accumulated exactly in one extra pass over the training data after training
   (``P = ridge I + sum phi phi^T``; SegCLR's momentum -1 mode), inverted once by Cholesky; the predictive variance
   is computed for the diagonal only: ``var(x) = ridge * phi^T P^-1 phi`` (edward2's convention), about 1 far from
@@ -111,7 +114,8 @@ class RandomFeatureGP(nn.Module):
     Parameters
     ----------
     in_features : H; num_classes : K; n_features : D.
-    lengthscale : of the RBF kernel (applied; see the note on edward2 in docs/SEGCLR.md §1).
+    lengthscale : of the RBF kernel (applied; see the note on edward2 in docs/SEGCLR.md §1); a buffer, so it is
+        saved with the weights. :meth:`fit_lengthscale` sets it from data.
     ridge : r of the precision ``r I + sum phi phi^T`` and of the variance ``r phi^T P^-1 phi``.
     layernorm : LayerNorm (no affine) of the input before the features.
     generator : torch Generator for Omega, b and the output weights.
@@ -120,7 +124,8 @@ class RandomFeatureGP(nn.Module):
     def __init__(self, in_features: int, num_classes: int, n_features: int = 1024, *, lengthscale: float = 1.0,
                  ridge: float = 1e-3, layernorm: bool = True, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        self.lengthscale, self.ridge = float(lengthscale), float(ridge)
+        self.ridge = float(ridge)
+        self.register_buffer("lengthscale", torch.tensor(float(lengthscale)))
         self.norm = nn.LayerNorm(in_features, elementwise_affine=False) if layernorm else nn.Identity()
         self.register_buffer("omega", torch.randn(in_features, n_features, generator=generator))
         self.register_buffer("phase", torch.rand(n_features, generator=generator) * 2 * math.pi)
@@ -131,6 +136,17 @@ class RandomFeatureGP(nn.Module):
         self.register_buffer("precision", torch.eye(n_features, dtype=torch.float64) * self.ridge)
         self.register_buffer("covariance", torch.eye(n_features, dtype=torch.float64) / self.ridge)
         self.register_buffer("n_seen", torch.zeros((), dtype=torch.int64))
+
+    @torch.no_grad()
+    def fit_lengthscale(self, h: torch.Tensor) -> float:
+        """Median heuristic: set the length-scale to the median pairwise distance of the (normalised) inputs of a
+        sample ``h`` (n, H), n >= 2; returns it."""
+        x = self.norm(h).double()
+        d = torch.cdist(x, x)
+        iu = torch.triu_indices(len(x), len(x), 1)
+        value = float(d[iu[0], iu[1]].median().clamp(min=1e-3)) if len(x) >= 2 else 1.0
+        self.lengthscale.fill_(value)
+        return value
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
         """(n, H) -> (n, D) random Fourier features."""

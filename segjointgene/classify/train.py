@@ -84,7 +84,9 @@ def fit_sngp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val:
     Returns
     -------
     FittedSNGP. Adam, class-balanced cross-entropy (``config.balance``) + ``l2 * |beta|^2`` on the output weights;
-    the weights of the epoch with the lowest validation NLL are kept (patience ``config.patience``); then one pass
+    with ``config.gp_lengthscale = 0`` the GP length-scale is the median pairwise distance of the GP inputs of
+    (up to 512) training rows through the untrained network; the weights of the epoch with the lowest validation
+    NLL are kept (patience ``config.patience``); then one pass
     over the training rows in eval mode accumulates ``P = ridge I + sum phi phi^T`` and inverts it.
     """
     rng = np.random.default_rng(rng)
@@ -105,8 +107,12 @@ def fit_sngp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val:
     k = classes.size
     model = SNGPNet(xt.shape[1], k, hidden=config.hidden, blocks=config.blocks, dropout=config.dropout,
                     spec_norm_bound=config.spec_norm_bound, gp_features=config.gp_features,
-                    gp_lengthscale=config.gp_lengthscale, gp_ridge=config.gp_ridge, gp_layernorm=config.gp_layernorm,
+                    gp_lengthscale=config.gp_lengthscale or 1.0, gp_ridge=config.gp_ridge, gp_layernorm=config.gp_layernorm,
                     generator=generator).to(device)
+    if model.gp is not None and config.gp_lengthscale == 0:  # auto: median heuristic on the untrained network
+        with torch.no_grad():
+            ell = model.gp.fit_lengthscale(model.hidden(xt[:512]))
+        log.debug("SNGP: GP length-scale %.3f (median heuristic)", ell)
     counts = torch.bincount(yt, minlength=k).double()
     weight = (counts.sum() / (k * counts.clamp(min=1))).float() if config.balance else None
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
