@@ -159,7 +159,11 @@ class AttributionConfig:
     cid_stop: str = opt("steps", "CID stop rule: steps (run all --CID_n_steps), mse (output-MSE ratio with adaptive "
                                  "lambda, reference H) or sigma (mean-sigma ratio, reference B)",
                         flag="--CID_stop", choices=("steps", "mse", "sigma"))
-    cid_init_log_sigma: float = opt(-5.0, "CID: initial log sigma", flag="--CID_init_log_sigma")
+    cid_init_log_sigma: float = opt(-5.0, "CID: initial log sigma (with --CID_warm_start: where the start level is "
+                                          "probed)", flag="--CID_init_log_sigma")
+    cid_warm_start: bool = opt(True, "CID: start each sample's log sigma at the uniform-noise optimum estimated from "
+                                     "one noisy forward (scale-free); false: start at --CID_init_log_sigma as the "
+                                     "reference does", flag="--CID_warm_start")
     ig_n_steps: int = opt(16, "IG: interpolation steps", flag="--IG_n_steps")
 
     def __post_init__(self) -> None:
