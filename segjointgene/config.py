@@ -259,14 +259,16 @@ class EmbedConfig:
     gene_pcs: int = opt(32, "gene channels: with more genes than this, project them on this many principal "
                             "components of the per-cell expression (eigengenes)", flag="--embed_gene_pcs")
     blur_sigma_px: float = opt(1.0, "Gaussian smoothing of the gene channels (raw pixels)", flag="--embed_blur_sigma")
-    steps: int = opt(300, "contrastive training steps", flag="--embed_steps")
-    batch_size: int = opt(64, "positive pairs per step (each cell at most once per batch)", flag="--embed_batch_size")
-    lr: float = opt(1e-3, "AdamW learning rate (5%% linear warm-up, then cosine decay)", flag="--embed_lr")
+    steps: int = opt(600, "contrastive training steps (more steps help more than larger batches on a CPU)",
+                     flag="--embed_steps")
+    batch_size: int = opt(32, "positive pairs per step (each cell at most once per batch)", flag="--embed_batch_size")
+    lr: float = opt(3e-3, "AdamW learning rate (5%% linear warm-up, then cosine decay)", flag="--embed_lr")
     weight_decay: float = opt(1e-4, "AdamW weight decay (not on norm layers and biases)", flag="--embed_weight_decay")
     temperature: float = opt(0.1, "NT-Xent temperature", flag="--embed_temperature")
     embed_dim: int = opt(64, "embedding (bottleneck) dimension: what is exported", flag="--embed_dim")
     proj_dim: int = opt(16, "projection-head dimension (used by the loss only)", flag="--embed_proj_dim")
-    norm: str = opt("auto", "normalisation layers: batch, group (GroupNorm) or auto (batch when >= 32 pairs)",
+    norm: str = opt("auto", "normalisation layers: batch, group (GroupNorm; no norm in the heads) or auto (batch "
+                            "when a step holds >= 8 pairs)",
                     flag="--embed_norm", choices=("auto", "batch", "group"))
     decorrelation: float = opt(0.0, "weight of the embedding decorrelation penalty", flag="--embed_decorrelation")
     augment: bool = opt(True, "augment the views (D4, thinning, gene dropout, blur, gain, mask erode/dilate, DAPI "

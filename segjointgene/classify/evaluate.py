@@ -54,7 +54,8 @@ def linear_probe_f1(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_split
 
     Returns
     -------
-    (mean macro-F1 over folds, its standard deviation, (n,) out-of-fold predictions).
+    (mean macro-F1 over folds, its standard deviation, (n,) out-of-fold predictions). With fewer groups than
+    ``n_splits`` there is one fold per group.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
@@ -63,9 +64,12 @@ def linear_probe_f1(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_split
     from sklearn.preprocessing import StandardScaler
 
     y = np.asarray(y)
+    n_groups = np.unique(groups).size
+    if n_groups < 2:
+        raise ValueError("a grouped cross-validation needs at least 2 groups (spatial blocks); use smaller blocks")
     pred = np.empty(len(y), dtype=y.dtype)
     scores = []
-    for tr, te in GroupKFold(n_splits=n_splits).split(x, y, groups):
+    for tr, te in GroupKFold(n_splits=min(n_splits, n_groups)).split(x, y, groups):
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
         clf.fit(x[tr], y[tr])
         pred[te] = clf.predict(x[te])

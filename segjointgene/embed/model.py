@@ -2,7 +2,7 @@
 
 Stem: a 3 x 3 convolution, stride 1, no max-pool (crops are small). Stages of BasicBlocks (two 3 x 3 convolutions
 and a skip, pre-addition normalisation), the first block of every stage after the first with stride 2. Global
-average pooling. Bottleneck MLP (width-preserving layers with bias, norm (BatchNorm, or LayerNorm in group-norm mode) and ReLU, then a bias-free linear layer to
+average pooling. Bottleneck MLP (width-preserving layers with bias, BatchNorm (none in group-norm mode) and ReLU, then a bias-free linear layer to
 ``embed_dim``): **its output is the exported embedding**. Projection MLP to ``proj_dim``: used by the loss only.
 
 Presets (widths per stage, blocks per stage): ``micro`` (8, 16) x 1 for tests, ``tiny`` (16, 32, 64, 128) x 1
@@ -45,10 +45,11 @@ def _norm2d(kind: str, channels: int) -> nn.Module:
 
 
 def _norm1d(kind: str, features: int) -> nn.Module:
-    # GroupNorm over small groups of a feature vector would keep little more than signs: LayerNorm instead
+    # group mode: no norm in the heads. GroupNorm over small groups of a feature vector keeps little more than
+    # signs, and with LayerNorm heads NT-Xent training collapsed to a constant output in our runs
     if kind == "batch":
         return nn.BatchNorm1d(features)
-    return nn.LayerNorm(features)
+    return nn.Identity()
 
 
 class _BasicBlock(nn.Module):

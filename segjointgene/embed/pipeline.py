@@ -83,8 +83,8 @@ def make_builder(inputs: SectionInputs, config: EmbedConfig, *, rng: np.random.G
 
 def make_encoder(builder: CropBuilder, config: EmbedConfig, *, generator: torch.Generator | None = None) -> SegCLRNet:
     """An untrained encoder of ``config.preset`` for the builder's channels (norm ``auto``: batch norm when a step
-    holds at least 32 pairs, else group norm)."""
-    norm = config.norm if config.norm != "auto" else ("batch" if config.batch_size >= 32 else "group")
+    holds at least 8 pairs, else group norm)."""
+    norm = config.norm if config.norm != "auto" else ("batch" if config.batch_size >= 8 else "group")
     return build_model(config.preset, builder.in_channels, embed_dim=config.embed_dim, proj_dim=config.proj_dim,
                        norm=norm, generator=generator)
 
