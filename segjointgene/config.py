@@ -326,8 +326,8 @@ class ClassifyConfig:
     gp_features: int = opt(1024, "random Fourier features of the Gaussian-process output layer (0 = a plain linear "
                                  "output, no variance)", flag="--classify_gp_features")
     gp_lengthscale: float = opt(0.0, "length-scale of the RBF kernel the random features approximate (0 = auto: "
-                                     "median pairwise distance of the GP inputs of the training cells)",
-                                flag="--classify_gp_lengthscale")
+                                     "1, 1/2 or 1/4 of the median pairwise distance of the GP inputs, chosen on the "
+                                     "validation NLL)", flag="--classify_gp_lengthscale")
     gp_layernorm: bool = opt(True, "LayerNorm the hidden vector before the random features (SegCLR / edward2)",
                              flag="--classify_gp_layernorm")
     gp_ridge: float = opt(1e-3, "ridge of the posterior precision (r I + sum phi phi^T)", flag="--classify_gp_ridge")
@@ -343,7 +343,11 @@ class ClassifyConfig:
                                    "threshold", flag="--classify_val_fraction")
     block_px: int = opt(0, "edge of the spatial blocks of the validation split (0 = auto: 1/8 of the section)",
                         flag="--classify_block_px")
-    ood_quantile: float = opt(0.95, "OOD threshold = this quantile of the uncertainty of held-out in-distribution "
+    ood_score: str = opt("variance", "score flagged by the OOD threshold: variance (GP predictive variance; the best "
+                                     "OOD and merge detector in docs/SEGCLR_RESULTS.md), ds (Dempster-Shafer "
+                                     "uncertainty of the mean-field logits) or maxprob (1 - max probability)",
+                         flag="--classify_ood_score", choices=("variance", "ds", "maxprob"))
+    ood_quantile: float = opt(0.95, "OOD threshold = this quantile of the OOD score of held-out in-distribution "
                                     "cells", flag="--classify_ood_quantile")
     min_cells: int = opt(5, "cell types with fewer training cells are left out of the classifier",
                          flag="--classify_min_cells")

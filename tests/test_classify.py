@@ -122,6 +122,10 @@ def test_fit_sngp_separates_and_flags_far_points():
     fitted = fit_sngp(x, y, xv, yv, FAST, generator=torch.Generator().manual_seed(0), rng=1)
     p = predict(fitted, xv)
     assert np.mean(p.label == yv) > 0.95
+    # auto length-scale: three candidates, the one with the lowest validation NLL kept
+    assert len(fitted.lengthscale_nll) == 3
+    best = min(fitted.lengthscale_nll, key=fitted.lengthscale_nll.get)
+    assert float(fitted.model.gp.lengthscale) == pytest.approx(best, rel=1e-6)
     assert np.allclose(p.prob.sum(1), 1, atol=1e-5) and p.prob.shape == (60, 3)
     far = rng.normal((-6, -6), 0.5, (40, 2)).astype(np.float32)
     q = predict(fitted, far)
@@ -178,7 +182,9 @@ def test_classify_step_end_to_end(tmp_path):
     obs = anndata.read_h5ad(results / "embeddings.h5ad").obs
     assert {"sngp_predicted", "sngp_uncertainty", "sngp_is_ood"} <= set(obs.columns)
     state = torch.load(results / "sngp_classifier.pt", weights_only=True)
-    assert state["threshold"] == pytest.approx(float(np.quantile(val["uncertainty"], 0.95)), rel=1e-5)
+    assert np.allclose(table["ood_score"], table["variance"])  # the default OOD score
+    assert state["threshold"] == pytest.approx(float(np.quantile(val["ood_score"], 0.95)), rel=1e-5)
+    assert (table["is_ood"] == (table["ood_score"] > state["threshold"])).all()
     assert (results / "figures" / "sngp_uncertainty_pca.png").is_file()
     # deterministic
     assert main(["--step_name=classify", *common, *fast]) == 0

@@ -5,11 +5,12 @@ without anndata) and the training labels: the nucleus-based type calls of ``data
 (``--classify_labels nucleus``, default) or the run's ``results/cells.csv`` (``run``).
 
 The labelled cells are split into training and validation cells by spatial blocks; the validation cells drive
-early stopping and fix the OOD threshold (the ``--classify_ood_quantile`` quantile of their uncertainty, so that
-95 % of held-out in-distribution cells are kept by default).
+early stopping and fix the OOD threshold: the ``--classify_ood_quantile`` quantile of their OOD score (so that 95 %
+of held-out in-distribution cells are kept by default). The OOD score (``--classify_ood_score``) is the GP predictive
+variance by default; the Dempster-Shafer uncertainty is always reported.
 
 Outputs under ``<run>/results/``: ``celltypes_sngp.csv`` (per cell: label, split, predicted type, probability,
-uncertainty, variance, is_ood), ``sngp_classifier.pt`` (weights, standardisation, classes, threshold, lambda),
+uncertainty, variance, ood_score, is_ood), ``sngp_classifier.pt`` (weights, standardisation, classes, threshold, lambda),
 ``sngp_classifier.json`` (summary), the ``sngp_*`` columns added to ``embeddings.h5ad``'s ``obs`` (when anndata is
 available) and ``figures/sngp_uncertainty_pca.png``.
 """
@@ -38,7 +39,8 @@ from .train import FittedSNGP, Prediction, fit_sngp, predict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CellTable", "ClassifyFiles", "ClassifyResult", "classify_cells", "read_cell_embeddings", "run_classify"]
+__all__ = ["CellTable", "ClassifyFiles", "ClassifyResult", "classify_cells", "ood_score", "read_cell_embeddings",
+           "run_classify"]
 
 #: Embedding files written by the embed step (names mirrored from ``segjointgene.embed.export.EmbeddingFiles``;
 #: classify may not import embed: both are layer 2.5).
@@ -126,7 +128,7 @@ def classify_cells(emb: np.ndarray, xy: np.ndarray, labels: np.ndarray, config: 
     Returns
     -------
     ClassifyResult; its table has ``label, split`` (train / val / excluded (type too rare) / unlabelled),
-    ``predicted, probability, uncertainty, variance, max_softmax_raw, is_ood``.
+    ``predicted, probability, uncertainty`` (Dempster-Shafer), ``variance, max_softmax_raw, ood_score, is_ood``.
     """
     split_rng, batch_rng = np.random.default_rng(seed).spawn(2)
     labels = np.asarray(labels, dtype=object)
@@ -156,13 +158,13 @@ def classify_cells(emb: np.ndarray, xy: np.ndarray, labels: np.ndarray, config: 
     fitted = fit_sngp(emb[train], labels[train].astype(str), emb[val], labels[val].astype(str), config,
                       generator=generator, rng=batch_rng, device=device)
     pred = predict(fitted, emb)
-    u_val = pred.uncertainty[val]
-    threshold = float(np.quantile(u_val, config.ood_quantile)) if u_val.size else float("inf")
+    score = ood_score(pred, config.ood_score)
+    threshold = float(np.quantile(score[val], config.ood_quantile)) if val.any() else float("inf")
     split = np.where(train, "train", np.where(val, "val", np.where(has, "excluded", "unlabelled")))
     table = pd.DataFrame({"label": [v if v is not None else "" for v in labels.tolist()], "split": split,
                           "predicted": pred.label, "probability": pred.probability, "uncertainty": pred.uncertainty,
-                          "variance": pred.variance, "max_softmax_raw": pred.max_softmax_raw,
-                          "is_ood": pred.uncertainty > threshold})
+                          "variance": pred.variance, "max_softmax_raw": pred.max_softmax_raw, "ood_score": score,
+                          "is_ood": score > threshold})
     metrics: dict[str, float] = {"threshold": threshold, "n_train": int(train.sum()), "n_val": int(val.sum()),
                                  "n_ood": int(table["is_ood"].sum())}
     if val.any():
@@ -172,6 +174,17 @@ def classify_cells(emb: np.ndarray, xy: np.ndarray, labels: np.ndarray, config: 
         metrics["val_accuracy"] = float(np.mean(pred.label[val] == yv))
         metrics["val_macro_f1"] = float(f1_score(yv, pred.label[val], average="macro"))
     return ClassifyResult(fitted=fitted, table=table, threshold=threshold, metrics=metrics, prediction=pred)
+
+
+def ood_score(pred: Prediction, kind: str) -> np.ndarray:
+    """(n,) float32 OOD score of predictions: ``variance``, ``ds`` (Dempster-Shafer) or ``maxprob`` (1 - max prob)."""
+    if kind == "variance":
+        return pred.variance
+    if kind == "ds":
+        return pred.uncertainty
+    if kind == "maxprob":
+        return (1.0 - pred.probability).astype(np.float32)
+    raise ValueError(f"ood score {kind!r}: choose variance, ds or maxprob")
 
 
 def _plot_uncertainty(emb: np.ndarray, predicted: np.ndarray, uncertainty: np.ndarray, path: Path) -> None:
@@ -212,7 +225,7 @@ def _update_h5ad(path: Path, table: pd.DataFrame) -> bool:
         log.warning("anndata is not installed: the SNGP results are in %s only", ClassifyFiles.TABLE)
         return False
     adata = anndata.read_h5ad(path)
-    for col in ("predicted", "probability", "uncertainty", "variance", "is_ood"):
+    for col in ("predicted", "probability", "uncertainty", "variance", "ood_score", "is_ood"):
         adata.obs[f"sngp_{col}"] = table[col].to_numpy()
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
@@ -245,13 +258,15 @@ def run_classify(args: argparse.Namespace, cfg: dict[type, Any], paths: Any) -> 
     state = {"model": {k: v.cpu() for k, v in fitted.model.state_dict().items()},
              "in_features": int(cells.emb.shape[1]), "classes": [str(c) for c in fitted.classes.tolist()],
              "mean": torch.from_numpy(fitted.mean), "std": torch.from_numpy(fitted.std),
-             "threshold": res.threshold, "mean_field_factor": fitted.mean_field_factor,
+             "threshold": res.threshold, "ood_score": config.ood_score, "mean_field_factor": fitted.mean_field_factor,
              "precision_mode": "exact sum over the training cells (one pass after training)",
              "config": dataclasses.asdict(config), "version": __version__}
     with atomic_path(model_path) as tmp:
         torch.save(state, tmp)
     summary = {"classes": state["classes"], "labels": config.labels, "label_file": str(label_path),
-               "threshold": res.threshold, "ood_quantile": config.ood_quantile,
+               "threshold": res.threshold, "ood_score": config.ood_score, "ood_quantile": config.ood_quantile,
+               "gp_lengthscale": float(fitted.model.gp.lengthscale) if fitted.model.gp is not None else None,
+               "lengthscale_val_nll": {f"{k:.6g}": v for k, v in fitted.lengthscale_nll.items()},
                "mean_field_factor": fitted.mean_field_factor, "precision_mode": state["precision_mode"],
                "best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history), **res.metrics,
                "random_seed": runtime.random_seed, "config": dataclasses.asdict(config), "version": __version__}
@@ -262,7 +277,7 @@ def run_classify(args: argparse.Namespace, cfg: dict[type, Any], paths: Any) -> 
     m = res.metrics
     print(f"classify: {len(table)} cells, {len(fitted.classes)} types, {m['n_train']} train / {m['n_val']} val cells; "
           + (f"val accuracy {m['val_accuracy']:.3f}, macro-F1 {m['val_macro_f1']:.3f}; " if "val_accuracy" in m else "")
-          + f"OOD threshold {res.threshold:.4f} (q={config.ood_quantile}), {m['n_ood']} cells flagged; "
+          + f"OOD threshold {res.threshold:.4g} on {config.ood_score} (q={config.ood_quantile}), {m['n_ood']} cells flagged; "
           f"{time.perf_counter() - start:.1f} s\n  -> {results / ClassifyFiles.TABLE}"
           + (f"\n  -> {results / _EMB_H5AD} (obs sngp_*)" if in_h5ad else ""))
     return 0

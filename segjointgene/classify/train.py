@@ -15,7 +15,7 @@ from .sngp import SNGPNet, dempster_shafer, mean_field_logits
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FittedSNGP", "Prediction", "fit_sngp", "predict"]
+__all__ = ["LENGTHSCALE_MULTIPLES", "FittedSNGP", "Prediction", "fit_sngp", "predict"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class FittedSNGP:
     classes : (K,) the label of each output, as given to :func:`fit_sngp`.
     mean_field_factor : lambda of the mean-field logits.
     history : per-epoch (train loss, validation loss); best_epoch : the epoch whose weights were kept.
+    lengthscale_nll : GP length-scale -> validation NLL of each candidate tried (empty when it was fixed).
     """
 
     model: SNGPNet
@@ -38,6 +39,7 @@ class FittedSNGP:
     mean_field_factor: float
     history: list[tuple[float, float]]
     best_epoch: int
+    lengthscale_nll: dict[float, float]
 
 
 @dataclass(frozen=True)
@@ -68,51 +70,21 @@ def _standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tens
     return torch.from_numpy(((np.asarray(x, np.float32) - mean) / std).astype(np.float32))
 
 
-def fit_sngp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-             config: ClassifyConfig = ClassifyConfig(), *, generator: torch.Generator | None = None,
-             rng: np.random.Generator | int | None = None, device: str | torch.device = "cpu") -> FittedSNGP:
-    """Train the SNGP classifier with early stopping, then accumulate the exact posterior precision.
+#: Multiples of the median-heuristic length-scale tried by ``gp_lengthscale = 0`` (the best validation NLL wins).
+LENGTHSCALE_MULTIPLES = (1.0, 0.5, 0.25)
 
-    Parameters
-    ----------
-    x_train : (n, d) float features (e.g. the per-cell embeddings); y_train : (n,) labels (any hashable).
-    x_val, y_val : validation rows (spatially held out) for early stopping; their labels must occur in training.
-    config : architecture and optimisation (``ClassifyConfig``).
-    generator : torch Generator for the weights, the random features and dropout.
-    rng : numpy Generator or seed for the batch order.
 
-    Returns
-    -------
-    FittedSNGP. Adam, class-balanced cross-entropy (``config.balance``) + ``l2 * |beta|^2`` on the output weights;
-    with ``config.gp_lengthscale = 0`` the GP length-scale is the median pairwise distance of the GP inputs of
-    (up to 512) training rows through the untrained network; the weights of the epoch with the lowest validation
-    NLL are kept (patience ``config.patience``); then one pass
-    over the training rows in eval mode accumulates ``P = ridge I + sum phi phi^T`` and inverts it.
-    """
-    rng = np.random.default_rng(rng)
-    device = torch.device(device)
-    classes = np.unique(np.asarray(y_train))
-    if classes.size < 2:
-        raise ValueError(f"a classifier needs at least 2 classes in training, got {classes.size}")
-    lut = {c: i for i, c in enumerate(classes.tolist())}
-    unknown = sorted(set(np.asarray(y_val).tolist()) - set(lut))
-    if unknown:
-        raise ValueError(f"validation labels {unknown[:5]} do not occur in training")
-    yt = torch.as_tensor([lut[v] for v in np.asarray(y_train).tolist()], dtype=torch.int64)
-    yv = torch.as_tensor([lut[v] for v in np.asarray(y_val).tolist()], dtype=torch.int64)
-    mean = np.asarray(x_train, np.float64).mean(0).astype(np.float32)
-    std = np.maximum(np.asarray(x_train, np.float64).std(0), 1e-6).astype(np.float32)
-    xt, xv = _standardise(x_train, mean, std).to(device), _standardise(x_val, mean, std).to(device)
-    yt, yv = yt.to(device), yv.to(device)
-    k = classes.size
+def _train_once(xt: torch.Tensor, yt: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, k: int,
+                config: ClassifyConfig, lengthscale: float | None, generator: torch.Generator,
+                rng: np.random.Generator) -> tuple[SNGPNet, list[tuple[float, float]], int, float]:
+    """One training run; ``lengthscale`` None = the median heuristic. Returns (model, history, best epoch, val NLL)."""
     model = SNGPNet(xt.shape[1], k, hidden=config.hidden, blocks=config.blocks, dropout=config.dropout,
                     spec_norm_bound=config.spec_norm_bound, gp_features=config.gp_features,
-                    gp_lengthscale=config.gp_lengthscale or 1.0, gp_ridge=config.gp_ridge, gp_layernorm=config.gp_layernorm,
-                    generator=generator).to(device)
-    if model.gp is not None and config.gp_lengthscale == 0:  # auto: median heuristic on the untrained network
+                    gp_lengthscale=lengthscale or 1.0, gp_ridge=config.gp_ridge, gp_layernorm=config.gp_layernorm,
+                    generator=generator).to(xt.device)
+    if model.gp is not None and lengthscale is None:  # median heuristic on the untrained network
         with torch.no_grad():
-            ell = model.gp.fit_lengthscale(model.hidden(xt[:512]))
-        log.debug("SNGP: GP length-scale %.3f (median heuristic)", ell)
+            model.gp.fit_lengthscale(model.hidden(xt[:512]))
     counts = torch.bincount(yt, minlength=k).double()
     weight = (counts.sum() / (k * counts.clamp(min=1))).float() if config.balance else None
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -120,7 +92,7 @@ def fit_sngp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val:
     n = xt.shape[0]
     for epoch in range(config.epochs):
         model.train()
-        order = torch.from_numpy(rng.permutation(n)).to(device)
+        order = torch.from_numpy(rng.permutation(n)).to(xt.device)
         total = 0.0
         for b in range(0, n, config.batch_size):
             idx = order[b:b + config.batch_size]
@@ -144,7 +116,66 @@ def fit_sngp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val:
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
-    model.eval()
+    return model.eval(), history, best_epoch, best
+
+
+def fit_sngp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+             config: ClassifyConfig = ClassifyConfig(), *, generator: torch.Generator | None = None,
+             rng: np.random.Generator | int | None = None, device: str | torch.device = "cpu") -> FittedSNGP:
+    """Train the SNGP classifier with early stopping, then accumulate the exact posterior precision.
+
+    Parameters
+    ----------
+    x_train : (n, d) float features (e.g. the per-cell embeddings); y_train : (n,) labels (any hashable).
+    x_val, y_val : validation rows (spatially held out) for early stopping; their labels must occur in training.
+    config : architecture and optimisation (``ClassifyConfig``).
+    generator : torch Generator for the weights, the random features and dropout (None: seeded from ``rng``).
+    rng : numpy Generator or seed for the batch order.
+
+    Returns
+    -------
+    FittedSNGP. Adam, class-balanced cross-entropy (``config.balance``) + ``l2 * |beta|^2`` on the output weights;
+    the weights of the epoch with the lowest validation NLL are kept (patience ``config.patience``); then one pass
+    over the training rows in eval mode accumulates ``P = ridge I + sum phi phi^T`` and inverts it.
+
+    With ``config.gp_lengthscale = 0`` the GP length-scale is chosen on the validation NLL (in-distribution data
+    only) among :data:`LENGTHSCALE_MULTIPLES` of the median heuristic (the median pairwise distance of the GP inputs
+    of up to 512 training rows through the untrained network); every candidate starts from the same weights.
+    """
+    rng = np.random.default_rng(rng)
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+    device = torch.device(device)
+    classes = np.unique(np.asarray(y_train))
+    if classes.size < 2:
+        raise ValueError(f"a classifier needs at least 2 classes in training, got {classes.size}")
+    lut = {c: i for i, c in enumerate(classes.tolist())}
+    unknown = sorted(set(np.asarray(y_val).tolist()) - set(lut))
+    if unknown:
+        raise ValueError(f"validation labels {unknown[:5]} do not occur in training")
+    yt = torch.as_tensor([lut[v] for v in np.asarray(y_train).tolist()], dtype=torch.int64).to(device)
+    yv = torch.as_tensor([lut[v] for v in np.asarray(y_val).tolist()], dtype=torch.int64).to(device)
+    mean = np.asarray(x_train, np.float64).mean(0).astype(np.float32)
+    std = np.maximum(np.asarray(x_train, np.float64).std(0), 1e-6).astype(np.float32)
+    xt, xv = _standardise(x_train, mean, std).to(device), _standardise(x_val, mean, std).to(device)
+    k = classes.size
+    g_state, rng_state = generator.get_state(), rng.bit_generator.state
+    model, history, best_epoch, best = _train_once(xt, yt, xv, yv, k, config, config.gp_lengthscale or None,
+                                                   generator, rng)
+    tried: dict[float, float] = {}
+    if model.gp is not None and config.gp_lengthscale == 0 and len(yv):
+        median = float(model.gp.lengthscale)
+        tried[median] = best
+        for mult in LENGTHSCALE_MULTIPLES[1:]:
+            generator.set_state(g_state)  # same initial weights and batch order for every candidate
+            rng.bit_generator.state = rng_state
+            cand = _train_once(xt, yt, xv, yv, k, config, median * mult, generator, rng)
+            tried[median * mult] = cand[3]
+            if cand[3] < best - 1e-6:
+                model, history, best_epoch, best = cand
+        log.info("SNGP: GP length-scale %.3g (validation NLL by length-scale: %s)", float(model.gp.lengthscale),
+                 ", ".join(f"{ell:.3g}: {nll:.4f}" for ell, nll in tried.items()))
+    n = xt.shape[0]
     if model.gp is not None:
         with torch.no_grad():
             model.gp.reset_precision()
@@ -154,7 +185,7 @@ def fit_sngp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val:
     log.info("SNGP: %d classes, %d training rows, best epoch %d of %d (val NLL %.4f)", k, n, best_epoch,
              len(history), best)
     return FittedSNGP(model=model, mean=mean, std=std, classes=classes, mean_field_factor=config.mean_field_factor,
-                      history=history, best_epoch=best_epoch)
+                      history=history, best_epoch=best_epoch, lengthscale_nll=tried)
 
 
 @torch.no_grad()
