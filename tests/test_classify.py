@@ -190,3 +190,8 @@ def test_classify_step_end_to_end(tmp_path):
     assert main(["--step_name=classify", *common, *fast]) == 0
     again = pd.read_csv(results / "celltypes_sngp.csv")
     pd.testing.assert_frame_equal(table, again)
+    # other settings: refused without --overwrite, applied with it
+    assert main(["--step_name=classify", *common, *fast, "--classify_ood_score=ds"]) == 2
+    assert main(["--step_name=classify", *common, *fast, "--classify_ood_score=ds", "--overwrite"]) == 0
+    ds = pd.read_csv(results / "celltypes_sngp.csv")
+    assert np.allclose(ds["ood_score"], ds["uncertainty"])

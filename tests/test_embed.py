@@ -333,6 +333,10 @@ def test_embed_step_is_deterministic(embedded, tmp_path):
     assert _cli(sp) == 0
     again = anndata.read_h5ad(results / EmbeddingFiles.CELLS_H5AD).obsm["X_segclr"]
     assert np.array_equal(first, again)
+    # outputs made with other settings are only replaced with --overwrite
+    assert _cli(sp, "--embed_temperature=0.2") == 2
+    assert _cli(sp, "--random_seed=6") == 2
+    assert np.array_equal(anndata.read_h5ad(results / EmbeddingFiles.CELLS_H5AD).obsm["X_segclr"], first)
 
 
 def test_embed_step_errors(tmp_path):

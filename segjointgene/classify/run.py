@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import torch
 from .. import __version__
 from ..config import ClassifyConfig, RuntimeConfig
 from ..constants import CELLS_TABLE, ResultFiles, RunFiles
-from ..errors import ColumnError, DataError, InputNotFoundError
+from ..errors import ColumnError, ConfigError, DataError, InputNotFoundError
 from ..io import atomic_path, load_npz, write_csv, write_json
 from .evaluate import spatial_split
 from .train import FittedSNGP, Prediction, fit_sngp, predict
@@ -232,12 +233,30 @@ def _update_h5ad(path: Path, table: pd.DataFrame) -> bool:
     return True
 
 
+def _check_previous(summary: Path, config: ClassifyConfig, runtime: RuntimeConfig) -> None:
+    """Outputs made with other settings (config or seed in the summary JSON) are replaced only with --overwrite."""
+    if runtime.overwrite or not summary.is_file():
+        return
+    try:
+        old = json.loads(summary.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    now = json.loads(json.dumps(dataclasses.asdict(config)))
+    changed = [k for k, v in now.items() if old.get("config", {}).get(k) != v]
+    if old.get("random_seed") != runtime.random_seed:
+        changed.append("random_seed")
+    if changed:
+        raise ConfigError(f"{summary.parent} holds classifier outputs made with other settings ({', '.join(changed)}); "
+                          "pass --overwrite to replace them")
+
+
 def run_classify(args: argparse.Namespace, cfg: dict[type, Any], paths: Any) -> int:
     """CLI handler of ``--step_name=classify`` (see the module docstring); prints a summary, returns 0."""
     config: ClassifyConfig = cfg[ClassifyConfig]
     runtime: RuntimeConfig = cfg[RuntimeConfig]
     start = time.perf_counter()
     results = Path(paths.run_dir) / RunFiles.RESULTS
+    _check_previous(results / ClassifyFiles.SUMMARY, config, runtime)
     cells = read_cell_embeddings(results)
     for col in ("cell", "x", "y"):
         if col not in cells.obs.columns:

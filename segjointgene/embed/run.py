@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from .. import __version__
 from ..config import EmbedConfig, RuntimeConfig
 from ..constants import CELLS_TABLE, SPOTS_TABLE, ResultFiles, RunFiles
 from ..dataset import load_metadata
-from ..errors import DataError, InputNotFoundError
+from ..errors import ConfigError, DataError, InputNotFoundError
 from ..io import atomic_path, load_npz, read_section, write_csv
 from .crops import SectionInputs
 from .export import EmbeddingFiles, write_csvzip, write_table
@@ -37,7 +38,7 @@ from .pipeline import EmbedRun, embed_section
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_section_inputs", "resolve_device", "run_embed", "write_outputs"]
+__all__ = ["check_previous", "load_section_inputs", "resolve_device", "run_embed", "write_outputs"]
 
 
 def resolve_device(device: str, gpu_id: int = 0) -> torch.device:
@@ -120,7 +121,7 @@ def write_outputs(run: EmbedRun, results: Path, config: EmbedConfig, *, genes: l
         "crop_px": b.crop_px, "input_px": b.input_px, "in_channels": b.in_channels,
         "coordinate_units": "um", "pixel_size_um": config.pixel_size_um,
         "coordinate_origin": "top-left corner of the raw frame; x = column, y = row; points at pixel centres",
-        "z": "section index (0)", **(extra or {}),
+        "z": "section index (0)", "config": dataclasses.asdict(config), **(extra or {}),
     }
     out: dict[str, Path] = {}
     coords = np.column_stack([emb.points["x_um"], emb.points["y_um"], np.zeros(len(emb.points))])
@@ -136,7 +137,7 @@ def write_outputs(run: EmbedRun, results: Path, config: EmbedConfig, *, genes: l
     obs = emb.cells.copy()
     obs["celltype_nucleus"] = celltypes
     obs.index = obs["cell"].astype(str)
-    uns = {**manifest, "config": dataclasses.asdict(config), "aggregation": "mean over the cell's points"}
+    uns = {**manifest, "aggregation": "mean over the cell's points"}
     out["cells"] = write_table(results / EmbeddingFiles.CELLS_H5AD, obs,
                                {"X_segclr": emb.cell_emb, "spatial": obs[["x_um", "y_um"]].to_numpy()},
                                X=emb.counts, var_names=list(genes), uns=uns,
@@ -166,16 +167,45 @@ def write_outputs(run: EmbedRun, results: Path, config: EmbedConfig, *, genes: l
     return out
 
 
+def check_previous(manifest_path: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to replace outputs made with other settings unless ``overwrite`` (RuntimeConfig.overwrite).
+
+    ``settings`` are compared with the same keys of the JSON file at ``manifest_path`` (when it exists).
+    """
+    if overwrite or not manifest_path.is_file():
+        return
+    try:
+        old = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # unreadable: it will be replaced
+    changed = sorted(k for k, v in settings.items() if json.loads(json.dumps(v)) != old.get(k))
+    if changed:
+        detail = []
+        for k in changed:
+            if isinstance(settings[k], dict) and isinstance(old.get(k), dict):
+                detail += [f"{k}.{f}" for f in settings[k] if settings[k][f] != old[k].get(f)]
+            else:
+                detail.append(k)
+        raise ConfigError(f"{manifest_path.parent} holds outputs made with other settings "
+                          f"({', '.join(detail) or ', '.join(changed)}); pass --overwrite to replace them")
+
+
 def run_embed(args: argparse.Namespace, cfg: dict[type, Any], paths: Any) -> int:
-    """CLI handler of ``--step_name=embed`` (see the module docstring); prints a summary, returns 0."""
+    """CLI handler of ``--step_name=embed`` (see the module docstring); prints a summary, returns 0.
+
+    Outputs made with other settings (config or seed, recorded in the CSV-ZIP manifest) are only replaced with
+    ``--overwrite``; re-running with the same settings recomputes them (the same bytes on the CPU).
+    """
     config: EmbedConfig = cfg[EmbedConfig]
     runtime: RuntimeConfig = cfg[RuntimeConfig]
     start = time.perf_counter()
+    results = Path(paths.run_dir) / RunFiles.RESULTS
+    check_previous(results / EmbeddingFiles.CSVZIP / "manifest.json",
+                   {"config": dataclasses.asdict(config), "random_seed": runtime.random_seed}, runtime.overwrite)
     inputs = load_section_inputs(paths.run_dir, paths.data_dir, paths.raw_dir)
     device = resolve_device(runtime.device, runtime.gpu_id)
     run = embed_section(inputs, config, seed=runtime.random_seed, device=device,
                         progress=not getattr(args, "quiet", False))
-    results = Path(paths.run_dir) / RunFiles.RESULTS
     types = _nucleus_types(Path(paths.data_dir), run.embeddings.cells["cell"].to_numpy())
     out = write_outputs(run, results, config, genes=inputs.genes, celltypes=types,
                         extra={"random_seed": runtime.random_seed, "datasets_name": getattr(paths, "datasets_name", "")})
