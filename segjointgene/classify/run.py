@@ -204,7 +204,8 @@ def _plot_uncertainty(emb: np.ndarray, predicted: np.ndarray, uncertainty: np.nd
     for i, c in enumerate(cats):
         sel = predicted == c
         axes[0].scatter(xy[sel, 0], xy[sel, 1], s=6, color=cmap(i % cmap.N), label=c, linewidths=0)
-    axes[0].legend(fontsize=7, markerscale=2)
+    if len(cats) <= 20:  # a legend of dozens of types would not fit
+        axes[0].legend(fontsize=7, markerscale=2)
     axes[0].set_title("SNGP predicted type (PCA of embeddings)")
     sc = axes[1].scatter(xy[:, 0], xy[:, 1], s=6, c=uncertainty, cmap="viridis", linewidths=0)
     fig.colorbar(sc, ax=axes[1], label="Dempster-Shafer uncertainty")

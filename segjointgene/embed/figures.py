@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["pca_2d", "plot_embedding"]
 
+_MAX_LEGEND = 20
+
 
 def pca_2d(emb: np.ndarray) -> np.ndarray:
     """(n, 2) float64 coordinates on the first two principal axes of standardised ``emb`` (n, d).
@@ -63,10 +65,11 @@ def plot_embedding(emb: np.ndarray, labels: np.ndarray, path: str | os.PathLike,
             sel = labels == c
             ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=cmap(i % cmap.N), label=f"{c} ({int(sel.sum())})",
                        alpha=0.8, linewidths=0)
-        ax.set_title(f"{title}: {name}")
+        ax.set_title(f"{title}: {name}" + (f" ({len(cats)} labels)" if len(cats) > _MAX_LEGEND else ""))
         ax.set_xlabel(f"{name} 1")
         ax.set_ylabel(f"{name} 2")
-        ax.legend(fontsize=7, markerscale=2, loc="best")
+        if len(cats) <= _MAX_LEGEND:  # a legend of dozens of types would not fit
+            ax.legend(fontsize=7, markerscale=2, loc="best")
         k += 1
         if values is not None:
             ax = axes[0, k]
