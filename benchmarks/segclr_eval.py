@@ -1,6 +1,6 @@
 """Evaluation of the SegCLR-style embeddings and the SNGP classifier on a simulated section (docs/SEGCLR.md §2.11).
 
-Usage (about 5-8 minutes on 2 CPU cores for a 1024 x 1024 section)::
+Usage (measured 3-6 minutes for a 1024 x 1024 section with torch on one thread of a shared 2-core CPU)::
 
     python benchmarks/segclr_eval.py --size 1024 --out /tmp/segclr_eval
 
@@ -18,8 +18,10 @@ What it measures, on one simulated section whose segmentation is the true cell m
    Mahalanobis distance, on the embeddings and on the count vectors; the share of held-out cells flagged at the
    threshold of the default OOD score (the GP variance).
 3. **Merges**: pairs of touching cells of different types in the test blocks are merged in the instance mask and
-   re-embedded with the trained encoder; AUROC of "merged versus intact" from the SNGP uncertainty (classifier
+   re-embedded with the trained encoder; AUROC of "merged versus intact" from the SNGP scores (classifier
    trained on all types in the training blocks) and from the point-embedding coherence.
+
+Results and their reading: ``docs/SEGCLR_RESULTS.md``.
 
 Prints a markdown report and writes ``<out>/segclr_eval.json``, ``<out>/segclr_eval.md`` and PCA figures under
 ``<out>/figures/``.
@@ -191,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     xy = emb.cells[["x", "y"]].to_numpy()
     block = 128.0
     groups = spatial_blocks(xy, block)
-    feats = {"segclr": emb.cell_emb, "untrained encoder": emb_random.cell_emb, "counts (log1p)": log1p_counts(emb.counts),
+    feats = {"segclr": emb.cell_emb, "untrained encoder": emb_random.cell_emb,
+             "counts (log1p)": log1p_counts(emb.counts),
              "counts | segclr": np.hstack([log1p_counts(emb.counts), emb.cell_emb])}
 
     # 1. linear probe
@@ -258,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     merges["segclr"]["coherence_auroc"] = auroc(-coh_int[ok_i], -coh_m[ok_m])
     timings["merge_s"] = time.perf_counter() - t
 
-    np.savez_compressed(out / "embeddings.npz", cell=ids, y=y, xy=xy, segclr=emb.cell_emb, untrained=emb_random.cell_emb,
+    np.savez_compressed(out / "embeddings.npz", cell=ids, y=y, xy=xy, segclr=emb.cell_emb,
+                        untrained=emb_random.cell_emb,
                         counts=emb.counts, merged_segclr=m_emb.cell_emb, merged_counts=m_emb.counts,
                         merged_coherence=coh_m, intact=intact, train=np.isin(np.arange(len(ids)), tr),
                         val=np.isin(np.arange(len(ids)), va), coherence=emb.cells["coherence"].to_numpy())
@@ -303,7 +307,8 @@ def report(r: dict) -> str:
     lines += ["", "**OOD, leave one type out** (AUROC, mean ± sd over held-out types; ID test cells vs as many "
               "held-out cells):", "",
               "| features | SNGP DS uncertainty | SNGP 1-max prob | SNGP variance | plain MLP 1-max softmax | "
-              "Mahalanobis | held-out flagged at t95 (variance) | ID kept | ID accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+              "Mahalanobis | held-out flagged at t95 (variance) | ID kept | ID accuracy |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in r["ood"].items():
         df = pd.DataFrame(rows)
         f = lambda c: f"{df[c].mean():.3f} ± {df[c].std():.3f}"  # noqa: E731
@@ -319,7 +324,8 @@ def report(r: dict) -> str:
               "intact flagged | point coherence |", "|---|---|---|---|---|---|---|"]
     for name in ("segclr", "counts (log1p)"):
         v = m[name]
-        lines.append(f"| {name} | {v['sngp_ds_auroc']:.3f} | {v['sngp_maxprob_auroc']:.3f} | {v['sngp_var_auroc']:.3f} | "
+        lines.append(f"| {name} | {v['sngp_ds_auroc']:.3f} | {v['sngp_maxprob_auroc']:.3f} | "
+                     f"{v['sngp_var_auroc']:.3f} | "
                      f"{v['merged_flagged']:.2f} | {v['intact_flagged']:.2f} | "
                      + (f"{v['coherence_auroc']:.3f} |" if "coherence_auroc" in v else "- |"))
     t = r["timings"]

@@ -70,7 +70,8 @@ def test_spectral_norm_leaves_small_weights_unchanged():
 def test_random_fourier_features_approximate_the_rbf_kernel():
     g = torch.Generator().manual_seed(0)
     d, h, ell = 4096, 5, 1.5
-    omega, b = torch.randn(h, d, generator=g, dtype=torch.float64), torch.rand(d, generator=g, dtype=torch.float64) * 2 * math.pi
+    omega = torch.randn(h, d, generator=g, dtype=torch.float64)
+    b = torch.rand(d, generator=g, dtype=torch.float64) * 2 * math.pi
     x = torch.randn(20, h, generator=g, dtype=torch.float64)
     phi = random_fourier_features(x, omega, b, ell)
     approx = phi @ phi.T

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 
-from segjointgene.config import EmbedConfig
 from segjointgene.embed import (ChannelStats, CropBuilder, SectionInputs, apply_d4, batch_cells, cell_mean,
                                 cell_pixels, coherence, draw_view_params, export_points, identity_params,
                                 md5_shard, nt_xent, radius_mean, read_cell, read_csvzip, read_manifest,

@@ -10,7 +10,8 @@ of held-out in-distribution cells are kept by default). The OOD score (``--class
 variance by default; the Dempster-Shafer uncertainty is always reported.
 
 Outputs under ``<run>/results/``: ``celltypes_sngp.csv`` (per cell: label, split, predicted type, probability,
-uncertainty, variance, ood_score, is_ood), ``sngp_classifier.pt`` (weights, standardisation, classes, threshold, lambda),
+uncertainty, variance, ood_score, is_ood), ``sngp_classifier.pt`` (weights, standardisation, classes, threshold,
+lambda),
 ``sngp_classifier.json`` (summary), the ``sngp_*`` columns added to ``embeddings.h5ad``'s ``obs`` (when anndata is
 available) and ``figures/sngp_uncertainty_pca.png``.
 """
@@ -297,7 +298,8 @@ def run_classify(args: argparse.Namespace, cfg: dict[type, Any], paths: Any) -> 
     m = res.metrics
     print(f"classify: {len(table)} cells, {len(fitted.classes)} types, {m['n_train']} train / {m['n_val']} val cells; "
           + (f"val accuracy {m['val_accuracy']:.3f}, macro-F1 {m['val_macro_f1']:.3f}; " if "val_accuracy" in m else "")
-          + f"OOD threshold {res.threshold:.4g} on {config.ood_score} (q={config.ood_quantile}), {m['n_ood']} cells flagged; "
+          + f"OOD threshold {res.threshold:.4g} on {config.ood_score} (q={config.ood_quantile}), "
+          f"{m['n_ood']} cells flagged; "
           f"{time.perf_counter() - start:.1f} s\n  -> {results / ClassifyFiles.TABLE}"
           + (f"\n  -> {results / _EMB_H5AD} (obs sngp_*)" if in_h5ad else ""))
     return 0

@@ -273,7 +273,8 @@ class CropBuilder:
             params = identity_params(n, self.inputs.n_genes)
         counts, mask, dapi = self._raw(np.asarray(cell_ids, np.int64), centres, params, rng)
         s = self.input_px
-        x = torch.log1p(torch.from_numpy(counts)) * torch.as_tensor(params.gain, dtype=torch.float32)[:, None, None, None]
+        gain = torch.as_tensor(params.gain, dtype=torch.float32)[:, None, None, None]
+        x = torch.log1p(torch.from_numpy(counts)) * gain  # (N, G, s, s)
         proj = torch.from_numpy(self.stats.projection * self.stats.scale[None, :])  # (G, k)
         x = torch.einsum("ngij,gk->nkij", x, proj)  # (N, k, s, s)
         bin_px = self.crop_px / s

@@ -34,7 +34,8 @@ from ..io import atomic_path, save_npz, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CSVZIP_FORMAT", "CellEmbeddings", "EmbeddingFiles", "anndata_available", "default_num_shards", "md5_shard", "read_cell",
+__all__ = ["CSVZIP_FORMAT", "CellEmbeddings", "EmbeddingFiles", "anndata_available", "default_num_shards", "md5_shard",
+           "read_cell",
            "read_csvzip", "read_manifest", "write_csvzip", "write_table"]
 
 CSVZIP_FORMAT = "segjointgene-segclr-csvzip"
@@ -234,7 +235,8 @@ def read_cell(folder: str | os.PathLike, object_id: int, *, num_shards: int | No
         with zipfile.ZipFile(shard) as zf:
             text = zf.read(member).decode()
     except (FileNotFoundError, KeyError):
-        raise InputNotFoundError(f"{folder}: object {object_id} not found (expected {member} in {shard.name})") from None
+        raise InputNotFoundError(f"{folder}: object {object_id} not found (expected {member} in {shard.name})"
+                                 ) from None
     return _parse_csv(text, f"{shard.name}:{member}")
 
 

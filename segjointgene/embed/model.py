@@ -2,7 +2,8 @@
 
 Stem: a 3 x 3 convolution, stride 1, no max-pool (crops are small). Stages of BasicBlocks (two 3 x 3 convolutions
 and a skip, pre-addition normalisation), the first block of every stage after the first with stride 2. Global
-average pooling. Bottleneck MLP (width-preserving layers with bias, BatchNorm (none in group-norm mode) and ReLU, then a bias-free linear layer to
+average pooling. Bottleneck MLP (width-preserving layers with bias, BatchNorm (none in group-norm mode) and ReLU,
+then a bias-free linear layer to
 ``embed_dim``): **its output is the exported embedding**. Projection MLP to ``proj_dim``: used by the loss only.
 
 Presets (widths per stage, blocks per stage): ``micro`` (8, 16) x 1 for tests, ``tiny`` (16, 32, 64, 128) x 1

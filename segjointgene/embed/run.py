@@ -208,7 +208,8 @@ def run_embed(args: argparse.Namespace, cfg: dict[type, Any], paths: Any) -> int
                         progress=not getattr(args, "quiet", False))
     types = _nucleus_types(Path(paths.data_dir), run.embeddings.cells["cell"].to_numpy())
     out = write_outputs(run, results, config, genes=inputs.genes, celltypes=types,
-                        extra={"random_seed": runtime.random_seed, "datasets_name": getattr(paths, "datasets_name", "")})
+                        extra={"random_seed": runtime.random_seed,
+                               "datasets_name": getattr(paths, "datasets_name", "")})
     last = run.train_log.iloc[-1].to_dict() if len(run.train_log) else {}
     print(f"embed: {len(run.embeddings.cells)} cells, {len(run.embeddings.points)} points, "
           f"{run.embeddings.cell_emb.shape[1]}-d embeddings (crop {run.builder.crop_px} px -> {run.builder.input_px}, "
