@@ -196,3 +196,20 @@ def test_classify_step_end_to_end(tmp_path):
     assert main(["--step_name=classify", *common, *fast, "--classify_ood_score=ds", "--overwrite"]) == 0
     ds = pd.read_csv(results / "celltypes_sngp.csv")
     assert np.allclose(ds["ood_score"], ds["uncertainty"])
+
+
+def test_reads_the_npz_fallback_of_the_embed_step(tmp_path, monkeypatch):
+    from segjointgene.classify.run import read_cell_embeddings
+    from segjointgene.embed import export as export_mod
+    from segjointgene.embed.export import EmbeddingFiles
+
+    monkeypatch.setattr(export_mod, "anndata_available", lambda: False)
+    obs = pd.DataFrame({"cell": [4, 9], "x": [1.0, 2.0], "y": [3.0, 4.0]}, index=["4", "9"])
+    emb = np.arange(6, dtype=np.float32).reshape(2, 3)
+    export_mod.write_table(tmp_path / EmbeddingFiles.CELLS_H5AD, obs, {"X_segclr": emb},
+                           fallback_npz=tmp_path / EmbeddingFiles.CELLS_NPZ,
+                           fallback_obs=tmp_path / EmbeddingFiles.CELLS_OBS)
+    table = read_cell_embeddings(tmp_path)
+    assert np.array_equal(table.emb, emb) and table.obs["cell"].tolist() == [4, 9]
+    with pytest.raises(FileNotFoundError):
+        read_cell_embeddings(tmp_path / "nothing")
