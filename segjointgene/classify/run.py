@@ -33,7 +33,7 @@ import torch
 
 from .. import __version__
 from ..config import ClassifyConfig, RuntimeConfig
-from ..constants import CELLS_TABLE, ResultFiles, RunFiles
+from ..constants import CELLS_TABLE, ResultFiles, RunFiles, ClassifyFiles, EmbeddingFiles
 from ..errors import ColumnError, ConfigError, DataError, InputNotFoundError
 from ..io import atomic_path, load_npz, write_csv, write_json
 from .evaluate import spatial_split
@@ -44,18 +44,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CellTable", "ClassifyFiles", "ClassifyResult", "classify_cells", "ood_score", "read_cell_embeddings",
            "run_classify"]
 
-#: Embedding files written by the embed step (names mirrored from ``segjointgene.embed.export.EmbeddingFiles``;
-#: classify may not import embed: both are layer 2.5).
-_EMB_H5AD, _EMB_NPZ, _EMB_OBS = "embeddings.h5ad", "embeddings.npz", "embeddings_obs.csv"
-
-
-class ClassifyFiles:
-    """Names of the classify outputs under ``<run>/results/``."""
-
-    TABLE = "celltypes_sngp.csv"
-    MODEL = "sngp_classifier.pt"
-    SUMMARY = "sngp_classifier.json"
-    FIGURE = "sngp_uncertainty_pca.png"
+_EMB_H5AD, _EMB_NPZ, _EMB_OBS = EmbeddingFiles.CELLS_H5AD, EmbeddingFiles.CELLS_NPZ, EmbeddingFiles.CELLS_OBS
 
 
 @dataclass(frozen=True)

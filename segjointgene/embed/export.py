@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..constants import EmbeddingFiles
 from ..errors import DataError, InputNotFoundError
 from ..io import atomic_path, save_npz, write_csv, write_json
 
@@ -44,20 +45,6 @@ MANIFEST = "manifest.json"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
-class EmbeddingFiles:
-    """Names of the embedding outputs under ``<run>/results/``."""
-
-    CELLS_H5AD = "embeddings.h5ad"  # per cell: obsm['X_segclr'], obsm['spatial'], X = counts
-    POINTS_H5AD = "embedding_points.h5ad"  # per point: obsm['X_segclr'], obsm['X_segclr_agg'], obsm['spatial']
-    CELLS_NPZ = "embeddings.npz"  # fallback without anndata (+ embeddings_obs.csv)
-    CELLS_OBS = "embeddings_obs.csv"
-    POINTS_NPZ = "embedding_points.npz"
-    POINTS_OBS = "embedding_points_obs.csv"
-    CSVZIP = "embeddings_csvzip"  # per point, radius 0
-    CSVZIP_AGG = "embeddings_csvzip_aggregated"  # per point, radius-R aggregated
-    ENCODER = "segclr_encoder.pt"
-    TRAIN_LOG = "segclr_train_log.csv"
-    FIGURE = "segclr_pca_by_celltype.png"
 
 
 def anndata_available() -> bool:
