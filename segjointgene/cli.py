@@ -253,7 +253,7 @@ def _configure_logging(debug: bool) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("matplotlib", "PIL", "h5py", "numba"):
+    for noisy in ("matplotlib", "PIL", "h5py", "numba", "numcodecs", "fsspec", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -269,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = configs(args)
         paths = Paths.from_args(args)
+        if cfg[RuntimeConfig].num_threads:
+            import torch
+
+            torch.set_num_threads(cfg[RuntimeConfig].num_threads)
         return handler(args, cfg, paths)
     except UserError as err:
         if args.debug:

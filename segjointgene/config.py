@@ -57,6 +57,8 @@ class RuntimeConfig:
     device: str = opt("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     gpu_id: int = opt(0, "CUDA device index used by --device auto/cuda (ignored on CPU and under torchrun)")
     num_workers: int = opt(2, "worker processes for preprocessing and for the training data loader")
+    num_threads: int = opt(0, "CPU threads of torch operations (0 = torch's default); 1 is often fastest for small "
+                              "networks on a shared or 2-core machine")
     random_seed: int = opt(1234, "seed of every random draw of the run (recorded in the run metadata)")
     overwrite: bool = opt(False, "replace outputs that already exist and were made differently (a raw section, a "
                                  "preprocessed dataset, a run folder); without it such outputs are never touched")
@@ -67,6 +69,7 @@ class RuntimeConfig:
         _check(ok, RuntimeConfig, "device", d, "use auto, cpu, cuda or cuda:N")
         _check(self.num_workers >= 0, RuntimeConfig, "num_workers", self.num_workers, "must be >= 0")
         _check(self.gpu_id >= 0, RuntimeConfig, "gpu_id", self.gpu_id, "must be >= 0")
+        _check(self.num_threads >= 0, RuntimeConfig, "num_threads", self.num_threads, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,12 @@ class LabelUpdateConfig:
     expand_k: int = opt(3, "growth radius per update (pixels): a pixel can only join a cell within this distance")
     prediction_threshold: float = opt(0.5, "minimum 3x3-smoothed softmax confidence of a pixel joining a cell")
     vote_min: int = opt(3, "v1: minimum agreeing pixels in the 3x3 neighbourhood (itself included)")
+    territory: str = opt("mask", "v1: mask = a pixel joins the nearest cell (by its current mask) whose type the network "
+                                 "predicts there (reference); nucleus = a foreground pixel joins the cell with the "
+                                 "nearest nucleus within reach unless the prediction favours another reachable cell's "
+                                 "type by --type_margin", choices=("mask", "nucleus"))
+    type_margin: float = opt(0.3, "v1 --territory nucleus: smoothed probability margin by which a cell's type must beat "
+                                  "the nearest-nucleus cell's type to take the pixel instead")
     top_ratio: float = opt(0.1, "v2: fraction of most-attributed anchors kept per patch", flag="--attr_top_ratio")
     repeats: int = opt(1, "applications of the rule per batch with the same logits (the reference ran v2 10 times; "
                           "growth per batch can reach repeats * expand_k pixels)", flag="--label_update_repeats")
@@ -135,6 +144,7 @@ class LabelUpdateConfig:
         _check(0.0 <= self.prediction_threshold < 1.0, c, "prediction_threshold", self.prediction_threshold, "must be in [0, 1)")
         _check(1 <= self.vote_min <= 9, c, "vote_min", self.vote_min, "must be in 1..9")
         _check(0.0 < self.top_ratio <= 1.0, c, "top_ratio", self.top_ratio, "must be in (0, 1]")
+        _check(0.0 <= self.type_margin < 1.0, c, "type_margin", self.type_margin, "must be in [0, 1)")
         _check_choices(self)
 
 
@@ -193,6 +203,14 @@ class TrainConfig:
     loss: str = opt("ce", "ce: cross-entropy on the current labels; ce_dice: class-weighted CE + soft Dice",
                     choices=("ce", "ce_dice"))
     warmup_epochs: int = opt(1, "labels are updated from this epoch on; before it the network only trains")
+    ignore_margin: int = opt(8, "background pixels within this distance (px) of a labelled cell are left out of the "
+                                "loss: they may be cytoplasm not labelled yet, and training them as background would "
+                                "teach the network to stop growth at the current labels (0 = use every pixel)")
+    train_targets: str = opt("current", "what the loss trains on: current = the current (grown) labels; nuclei = only the "
+                                        "certain labels, i.e. nucleus pixels and background away from every current label "
+                                        "(predictions then reflect expression, not the label geometry)",
+                             choices=("current", "nuclei"))
+    augment: bool = opt(True, "random flips / 90-degree rotations of the training patches (same for image and labels)")
     passes_per_epoch: int = opt(1, "optimizer passes over the training patches per epoch (small sections need "
                                    "several so that predictions are trained before they drive growth)")
     save_interval: int = opt(10, "save a checkpoint and label cache every N epochs (and at the end)")
@@ -203,7 +221,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         c = TrainConfig
-        for name in ("net_epoch", "warmup_epochs"):
+        for name in ("net_epoch", "warmup_epochs", "ignore_margin"):
             _check(getattr(self, name) >= 0, c, name, getattr(self, name), "must be >= 0")
         for name in ("net_batch_size", "net_width", "passes_per_epoch", "save_interval", "pixel_distance"):
             _check(getattr(self, name) >= 1, c, name, getattr(self, name), "must be >= 1")

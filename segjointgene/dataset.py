@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from .constants import BACKGROUND, CELLS_TABLE, METADATA_FILE, PatchKeys
 from .errors import DataError, InputNotFoundError
+from .geometry import parse_patch_name
 from .io import load_npz, npz_headers, read_json, save_npz
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ class ImagePatchDataset(Dataset):
     patch is checked for NaN when it is read. Errors name the file.
 
     Items are dicts: ``image`` (G, P, P) float32; ``instance`` and ``label`` (P, P) int64, the current labels;
-    ``core`` (P, P) int64, the fixed nucleus instance map; ``index`` int.
+    ``core`` (P, P) int64, the fixed nucleus instance map; ``origin`` (2,) int64, the patch's top-left pixel
+    (y, x) in the padded patch frame; ``index`` int.
     """
 
     def __init__(self, data_dir: str | os.PathLike, split: str, *, metadata: dict | None = None,
@@ -160,6 +162,8 @@ class ImagePatchDataset(Dataset):
                 raise DataError(f"{path}: instance ids outside 0..{len(lut) - 1} (the cells table); re-run preprocessing")
             core[i] = torch.from_numpy(inst)
         self.core = core.share_memory_()
+        self.origins = torch.tensor([[r * self.patch_size, c * self.patch_size]
+                                     for r, c in map(parse_patch_name, self.names)], dtype=torch.int64).reshape(-1, 2)
         self.labels = LabelStore(self.names, core, lut)
         self._cache: torch.Tensor | None = None
         self._cached: torch.Tensor | None = None
@@ -207,5 +211,6 @@ class ImagePatchDataset(Dataset):
             "instance": instance,
             "label": self.labels.classes(instance),
             "core": self.core[index].long(),
+            "origin": self.origins[index],
             "index": index,
         }

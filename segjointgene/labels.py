@@ -75,6 +75,8 @@ def update_labels(
     attribution: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    seeds: torch.Tensor | None = None,
+    origin: torch.Tensor | None = None,
 ) -> LabelUpdateResult:
     """Update the pseudo-labels of a batch from the network's predictions (rule V1 or V2).
 
@@ -98,6 +100,14 @@ def update_labels(
     generator : torch.Generator, optional
         Source of V2's random ranks, on the tensors' device. ``None`` uses a fresh, non-deterministically seeded
         generator (V2 is then not reproducible); V1 draws nothing.
+    seeds : (M, 3) float tensor, optional
+        V1: (y, x, r) of every cell's nucleus: centroid in one section-wide frame and equivalent radius
+        ``sqrt(area / pi)`` (row ``i`` = instance id ``i``; NaN for ids without a nucleus). With ``origin``,
+        candidates compete by the distance from the pixel to their *nucleus* (centroid distance minus radius, which
+        approximates the distance to the nucleus boundary, as nucleus expansion uses) instead of to their current
+        mask (see V1 step 1).
+    origin : (B, 2) int tensor, optional
+        (y, x) of each patch's top-left pixel in the frame of ``seeds``.
 
     Returns
     -------
@@ -200,12 +210,23 @@ def update_labels(
     zero = torch.zeros((), dtype=torch.long, device=device)
     counts = {"n_candidates": zero, "n_blocked_by_attribution": zero, "n_anchors": zero}
     new = torch.where(core_mask, core, instance)
-    if config.rule == "v1":
+    seed_dist = None
+    if seeds is not None and config.rule == "v1":
+        seed_dist = _seed_distance(seeds, origin, instance.shape, device)
+    if config.rule == "v1" and config.territory == "nucleus":
+        if seed_dist is None:
+            raise ValueError("--territory nucleus needs the nucleus centroids: pass seeds and origin")
+        dominant = None
+        if attribution is not None:
+            dominant = _dominant_type(attribution.float(), targets)  # (B, H, W) class id, -1 = no information
+        step = functools.partial(_v1_nucleus_step, core=core, core_mask=core_mask, class_lut=class_lut, prob=prob,
+                                 pred=pred, confident=confident, dominant=dominant, config=config, seed_dist=seed_dist)
+    elif config.rule == "v1":
         allowed = None
         if attribution is not None:
             allowed = _attribution_allows(attribution.float(), targets, pred, n_classes)  # (B, H, W) bool
         step = functools.partial(_v1_step, core=core, core_mask=core_mask, class_lut=class_lut, pred=pred,
-                                 confident=confident, allowed=allowed, config=config)
+                                 confident=confident, allowed=allowed, config=config, seed_dist=seed_dist)
     else:
         if generator is None:
             generator = torch.Generator(device=device)
@@ -280,13 +301,15 @@ def _validate_inputs(instance, core, logits, class_lut, attribution, targets, ge
 # Rules
 
 
-def _v1_step(instance, *, core, core_mask, class_lut, pred, confident, allowed, config):
+def _v1_step(instance, *, core, core_mask, class_lut, pred, confident, allowed, config, seed_dist=None):
     """One application of V1 (see :func:`update_labels`). All maps (B, H, W); returns (new instance, counters)."""
     k = config.expand_k
     cls = class_lut[instance]  # (B, H, W) class of the current owner
-    ti, ti_pred = _nearest_label(instance, cls, pred, k)  # (B, H, W) each
+    ti, ti_pred = _nearest_label(instance, cls, pred, k, seed_dist)  # (B, H, W) each
     non_core = ~core_mask
     contradicted = (instance == 0) | (cls != pred)  # background, or the owner's type disagrees with the prediction
+    if seed_dist is not None:  # ... or a cell of the predicted type has a strictly nearer nucleus
+        contradicted |= (ti_pred > 0) & (ti_pred != instance) & (seed_dist(ti_pred) < seed_dist(instance))
     candidates = non_core & (ti_pred > 0) & (pred > 0) & confident & contradicted
     anchors = candidates if allowed is None else candidates & allowed
     cand_id = torch.where(anchors, ti_pred, 0)  # (B, H, W) candidate instance of each anchor
@@ -298,6 +321,38 @@ def _v1_step(instance, *, core, core_mask, class_lut, pred, confident, allowed, 
     new = torch.where(core_mask, core, new)
     return new, {"n_candidates": candidates.sum(), "n_blocked_by_attribution": (candidates & ~anchors).sum(),
                  "n_anchors": valid.sum()}
+
+
+def _v1_nucleus_step(instance, *, core, core_mask, class_lut, prob, pred, confident, dominant, config, seed_dist):
+    """V1 with nucleus territories (``--territory nucleus``); all maps (B, H, W). See :func:`update_labels`."""
+    k = config.expand_k
+    cls = class_lut[instance]
+    near, near_typed = _nearest_label(instance, cls, pred, k, seed_dist)  # nearest nucleus: any type / predicted type
+    smooth = _box_mean(prob)  # (B, K, H, W) 3x3-smoothed probabilities
+    p_of = lambda ids: smooth.gather(1, class_lut[ids][:, None])[:, 0]  # noqa: E731 - prob. of each id's type
+    foreground = _box_mean(1.0 - prob[:, 0]) > config.prediction_threshold
+    override = (near_typed > 0) & (class_lut[near_typed] != class_lut[near]) & confident & \
+        (p_of(near_typed) - p_of(near) > config.type_margin)
+    cand = torch.where(override, near_typed, near)  # (B, H, W) the cell the evidence gives the pixel to
+    candidates = ~core_mask & (cand > 0) & (cand != instance) & foreground
+    anchors = candidates
+    if dominant is not None:  # the dominant attributed type must be the candidate's type, where it is informative
+        anchors = candidates & ((dominant < 0) | (dominant == class_lut[cand]))
+    cand_id = torch.where(anchors, cand, 0)
+    valid = anchors & (_same_id_votes(cand_id) >= config.vote_min)
+    reach = _disc_dilate(valid, k)
+    fill = reach & (instance == 0) & ~core_mask & (near > 0) & foreground
+    new = torch.where(valid, cand, torch.where(fill, near, instance))
+    new = torch.where(core_mask, core, new)
+    return new, {"n_candidates": candidates.sum(), "n_blocked_by_attribution": (candidates & ~anchors).sum(),
+                 "n_anchors": valid.sum()}
+
+
+def _dominant_type(attribution: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) class id of the target type with the largest attribution; -1 where all types tie (no information)."""
+    best = attribution.argmax(dim=1)
+    flat = attribution.amax(dim=1) == attribution.amin(dim=1)
+    return torch.where(flat, torch.full_like(best, -1), targets[best])
 
 
 def _v2_step(instance, *, core, core_mask, class_lut, pred, confident, attribution, target_index, config, generator):
@@ -379,26 +434,64 @@ def _shift(padded: torch.Tensor, dy: int, dx: int, r: int) -> torch.Tensor:
 
 def _box_mean(x: torch.Tensor) -> torch.Tensor:
     """(B, H, W) float -> (B, H, W): 3x3 mean over the pixels inside the image (border-correct)."""
+    if x.ndim == 4:  # (B, K, H, W): every channel
+        return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
     return F.avg_pool2d(x.unsqueeze(1), 3, stride=1, padding=1, count_include_pad=False).squeeze(1)
 
 
-def _nearest_label(instance: torch.Tensor, cls: torch.Tensor, pred: torch.Tensor,
-                   radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest_label(instance: torch.Tensor, cls: torch.Tensor, pred: torch.Tensor, radius: int,
+                   seed_dist: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest labelled pixel within Euclidean ``radius``: any class, and of class ``pred`` (``pred > 0`` only).
 
     instance, cls, pred (B, H, W) int64 (cls = class of instance). Returns (TI, TI_pred), (B, H, W) int64 each,
     0 where none (TI_pred is 0 where ``pred == 0``). Offsets are visited in reverse :func:`_disc_offsets` order and
     every hit overwrites, so the last write is the nearest hit and, among equally near ones, the first in that order.
+    With ``seed_dist`` (id map -> squared distance from each pixel to that id's nucleus), both pick, among the ids
+    within ``radius``, the one whose nucleus is nearest (ties: the nearest hit, as above).
     """
     padded_id, padded_cls = _pad(instance, radius), _pad(cls, radius)
     wanted = torch.where(pred > 0, pred, -1)  # (B, H, W) -1 never matches: a class match implies a labelled pixel
     ti = torch.zeros_like(instance)
     ti_pred = torch.zeros_like(instance)
-    for dy, dx in reversed(_disc_offsets(radius)):
-        other = _shift(padded_id, dy, dx, radius)  # (B, H, W) id at offset (dy, dx)
-        ti = torch.where(other > 0, other, ti)
-        ti_pred = torch.where(_shift(padded_cls, dy, dx, radius) == wanted, other, ti_pred)
+    if seed_dist is None:
+        for dy, dx in reversed(_disc_offsets(radius)):
+            other = _shift(padded_id, dy, dx, radius)  # (B, H, W) id at offset (dy, dx)
+            ti = torch.where(other > 0, other, ti)
+            ti_pred = torch.where(_shift(padded_cls, dy, dx, radius) == wanted, other, ti_pred)
+        return ti, ti_pred
+    inf = torch.full(instance.shape, float("inf"), device=instance.device)
+    best, best_pred = inf, inf.clone()
+    for dy, dx in _disc_offsets(radius):  # nearest first: on equal nucleus distance the nearer hit stays
+        other = _shift(padded_id, dy, dx, radius)
+        d = torch.where(other > 0, seed_dist(other), inf)  # (B, H, W) distance to that id's nucleus
+        take = d < best
+        ti, best = torch.where(take, other, ti), torch.where(take, d, best)
+        take_pred = (_shift(padded_cls, dy, dx, radius) == wanted) & (d < best_pred)
+        ti_pred, best_pred = torch.where(take_pred, other, ti_pred), torch.where(take_pred, d, best_pred)
     return ti, ti_pred
+
+
+def _seed_distance(seeds: torch.Tensor, origin: torch.Tensor | None, shape: torch.Size,
+                   device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """id map (B, H, W) -> (B, H, W) distance from each pixel to that id's nucleus (inf if unknown).
+
+    The distance is the centroid distance minus the nucleus's equivalent radius: a larger nucleus claims
+    proportionally more space, as in nucleus expansion (which measures from the nucleus boundary).
+    """
+    if origin is None or seeds.ndim != 2 or seeds.shape[1] != 3 or origin.shape != (shape[0], 2):
+        raise ValueError(f"seeds must be (M, 3) and origin (B, 2) = ({shape[0]}, 2); got {tuple(seeds.shape)} and "
+                         f"{None if origin is None else tuple(origin.shape)}")
+    seeds = torch.nan_to_num(seeds.to(device=device, dtype=torch.float32), nan=float("inf"))
+    b, h, w = shape
+    ys = origin[:, 0, None, None].to(device, torch.float32) + torch.arange(h, device=device)[None, :, None] + 0.5
+    xs = origin[:, 1, None, None].to(device, torch.float32) + torch.arange(w, device=device)[None, None, :] + 0.5
+
+    def dist(ids: torch.Tensor) -> torch.Tensor:
+        s = seeds[ids]  # (B, H, W, 3)
+        return torch.sqrt((ys - s[..., 0]) ** 2 + (xs - s[..., 1]) ** 2) - torch.where(
+            torch.isfinite(s[..., 2]), s[..., 2], torch.zeros_like(s[..., 2]))
+
+    return dist
 
 
 def _disc_dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
