@@ -155,8 +155,42 @@ def step_evaluate(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) 
     return run_evaluate(args, cfg, paths)
 
 
+#: The demo: a small simulated section and a short self-training with CID, minutes on a laptop CPU.
+#: Keys are argparse destinations; a flag given on the command line overrides its entry.
+DEMO_SETTINGS: dict[str, Any] = {
+    "sim_size": 256, "sim_mode": "dense", "patch_size": 64,
+    "net_width": 16, "net_epoch": 30, "net_lr": 1e-3, "passes_per_epoch": 8, "warmup_epochs": 5, "save_interval": 10,
+    "attr_epoch": 10, "attr_every": 5, "CID_n_steps": 10, "attr_n_gene": 30, "attr_n_celltype": 6,
+    "territory": "nucleus", "type_margin": 0.5, "train_targets": "nuclei",
+    "num_workers": 0, "num_threads": 1,
+}
+
+
 def step_demo(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
-    raise UserError("--step_name=demo is not available yet")
+    """simulate -> preprocess -> SegJointGene (CID) -> export -> evaluate on a small simulated section."""
+    explicit = getattr(args, "explicit", set())
+    demo = argparse.Namespace(**vars(args))
+    for dest, value in DEMO_SETTINGS.items():
+        if dest not in explicit:
+            setattr(demo, dest, value)
+    cfg = configs(demo)
+    previous = [p for p in (paths.raw_dir, paths.data_dir, paths.run_dir) if p.exists() and any(p.iterdir())]
+    if previous and not cfg[RuntimeConfig].overwrite:
+        raise UserError(f"a previous demo is in {previous[0]}; pass --overwrite to run it again (or --work_dir DIR)")
+    if cfg[RuntimeConfig].num_threads:
+        import torch
+
+        torch.set_num_threads(cfg[RuntimeConfig].num_threads)
+    start = time.perf_counter()
+    settings = ", ".join(f"--{k}={getattr(demo, k)}" for k in DEMO_SETTINGS)
+    print(f"demo: {settings}\n")
+    for step in (step_simulate, step_preprocess, step_train, step_evaluate):
+        code = step(demo, cfg, paths)
+        if code:
+            return code
+        print()
+    print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min; results in {paths.run_dir / 'results'}")
+    return 0
 
 
 def step_embed(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
@@ -257,6 +291,12 @@ def _configure_logging(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The destinations of the flags present on the command line (their values override the demo's settings)."""
+    flags = parser._option_string_actions  # noqa: SLF001 - argparse keeps no public map from flags to actions
+    return {flags[tok.split("=", 1)[0]].dest for tok in argv if tok.startswith("--") and tok.split("=", 1)[0] in flags}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one step; returns the exit status (0 ok, 1 internal error, 2 usage or data error)."""
     parser = build_parser()
@@ -264,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse: --help (0) or a usage error (2), already printed
         return int(stop.code or 0)
+    args.explicit = _explicit_dests(parser, sys.argv[1:] if argv is None else argv)
     _configure_logging(args.debug)
     handler = STEPS[args.step_name][0]
     try:

@@ -206,6 +206,8 @@ class TrainConfig:
     ignore_margin: int = opt(8, "background pixels within this distance (px) of a labelled cell are left out of the "
                                 "loss: they may be cytoplasm not labelled yet, and training them as background would "
                                 "teach the network to stop growth at the current labels (0 = use every pixel)")
+    background_density: float = opt(0.5, "background pixels whose total spot density is below this fraction of the median "
+                                         "density at nucleus pixels are trained as background even near cells (0 = off)")
     train_targets: str = opt("current", "what the loss trains on: current = the current (grown) labels; nuclei = only the "
                                         "certain labels, i.e. nucleus pixels and background away from every current label "
                                         "(predictions then reflect expression, not the label geometry)",
@@ -221,7 +223,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         c = TrainConfig
-        for name in ("net_epoch", "warmup_epochs", "ignore_margin"):
+        for name in ("net_epoch", "warmup_epochs", "ignore_margin", "background_density"):
             _check(getattr(self, name) >= 0, c, name, getattr(self, name), "must be >= 0")
         for name in ("net_batch_size", "net_width", "passes_per_epoch", "save_interval", "pixel_distance"):
             _check(getattr(self, name) >= 1, c, name, getattr(self, name), "must be >= 1")

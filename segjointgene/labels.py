@@ -25,10 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from .config import LabelUpdateConfig
+from .constants import BACKGROUND
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LabelUpdateResult", "STAT_KEYS", "update_labels"]
+__all__ = ["IGNORE", "LabelUpdateResult", "STAT_KEYS", "training_targets", "update_labels"]
+
+#: Target value of pixels left out of the training loss.
+IGNORE = -1
 
 #: Counters of :attr:`LabelUpdateResult.stats` (0-d int64 tensors on the input's device), the same for both rules.
 STAT_KEYS = (
@@ -248,6 +252,53 @@ def update_labels(
     counts["n_reassigned"] = (changed & before & after).sum()
     counts["n_removed"] = (changed & before & ~after).sum()
     return LabelUpdateResult(instance=new, stats={key: counts[key] for key in STAT_KEYS})
+
+
+def training_targets(labels: torch.Tensor, nuclei: torch.Tensor, total_density: torch.Tensor | None = None, *,
+                     margin: int, mode: str = "current", density_floor: float = 0.0) -> torch.Tensor:
+    """Loss targets for self-training: the current labels, with uncertain background left out (:data:`IGNORE`).
+
+    Background next to a labelled cell may be cytoplasm that is not labelled yet; training it as background would
+    teach the network to stop growth at the current labels (confirmation bias). So background pixels within
+    ``margin`` px (Chebyshev) of a labelled pixel are ignored, unless the data say they are background: a total
+    spot density below ``density_floor`` (e.g. half the median density at nucleus pixels).
+
+    Parameters
+    ----------
+    labels : (B, H, W) int64 current class map (0 = background).
+    nuclei : (B, H, W) int64 class map of the nuclei (the fixed labels).
+    total_density : (B, H, W) float, the gene densities summed over genes (needed when ``density_floor > 0``).
+    margin : ignore radius in pixels (0 = keep every background pixel).
+    mode : "current" trains on the current labels; "nuclei" only on the certain ones: nucleus pixels and certain
+        background (grown cell pixels are ignored too, so the predictions reflect expression, not label geometry).
+    density_floor : see above (0 = no density test).
+
+    Returns
+    -------
+    (B, H, W) int64 targets with :data:`IGNORE` where the loss must not look.
+
+    Examples
+    --------
+    >>> lab = torch.zeros(1, 1, 7, dtype=torch.long); lab[0, 0, 3] = 2
+    >>> training_targets(lab, lab, margin=2)[0, 0].tolist()
+    [0, -1, -1, 2, -1, -1, 0]
+    >>> dens = torch.tensor([[[1., 1., 0., 1., 1., 0., 1.]]])
+    >>> training_targets(lab, lab, dens, margin=2, density_floor=0.5)[0, 0].tolist()
+    [0, -1, 0, 2, -1, 0, 0]
+    """
+    fg = labels > BACKGROUND
+    uncertain = torch.zeros_like(fg)
+    if margin > 0:
+        near = F.max_pool2d(fg[:, None].float(), kernel_size=2 * margin + 1, stride=1, padding=margin)[:, 0] > 0
+        uncertain = near & ~fg
+        if density_floor > 0 and total_density is not None:
+            uncertain &= total_density >= density_floor
+    ignore = torch.full_like(labels, IGNORE)
+    targets = torch.where(uncertain, ignore, labels)
+    if mode == "nuclei":
+        certain_background = ~fg & ~uncertain
+        targets = torch.where(nuclei > BACKGROUND, nuclei, torch.where(certain_background, labels, ignore))
+    return targets
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -233,14 +233,37 @@ def make_patch(job: _Job, row: int, col: int) -> dict[str, np.ndarray]:
             PatchKeys.SPOTS: counts, PatchKeys.DAPI: dapi}
 
 
-def _write_patch(task: tuple[int, int, str]) -> str:
+#: Log-spaced bins (spots per pixel) of the histogram of total density at nucleus pixels.
+_DENSITY_BINS = np.logspace(-7, 2, 901)
+
+
+def _nuclear_density_hist(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Histogram (over ``_DENSITY_BINS``) of the total gene density at the patch's nucleus pixels."""
+    values = arrays[PatchKeys.IMAGE].sum(0)[arrays[PatchKeys.INSTANCE] > 0]
+    return np.histogram(np.clip(values, _DENSITY_BINS[0], _DENSITY_BINS[-1]), _DENSITY_BINS)[0]
+
+
+def _write_patch(task: tuple[int, int, str]) -> np.ndarray:
     row, col, path = task
-    save_npz(path, make_patch(_JOB, row, col))
-    return path
+    arrays = make_patch(_JOB, row, col)
+    save_npz(path, arrays)
+    return _nuclear_density_hist(arrays)
 
 
-def verify_patch(path: str | os.PathLike, n_genes: int, patch_size: int) -> None:
-    """Load a patch file and check its keys, shapes, dtypes and finiteness; raise :class:`DataError` naming it."""
+def _hist_median(hist: np.ndarray) -> float:
+    """Median of a histogram over ``_DENSITY_BINS`` (geometric centre of the median bin); 0 when empty."""
+    total = hist.sum()
+    if total == 0:
+        return 0.0
+    i = int(np.searchsorted(np.cumsum(hist), total / 2))
+    return float(np.sqrt(_DENSITY_BINS[i] * _DENSITY_BINS[i + 1]))
+
+
+def verify_patch(path: str | os.PathLike, n_genes: int, patch_size: int) -> dict[str, np.ndarray]:
+    """Load a patch file and check its keys, shapes, dtypes and finiteness; raise :class:`DataError` naming it.
+
+    Returns the arrays.
+    """
     arrays = load_npz(path, PatchKeys.ALL)
     expect = {PatchKeys.IMAGE: (n_genes, patch_size, patch_size)}
     for key, arr in arrays.items():
@@ -250,6 +273,7 @@ def verify_patch(path: str | os.PathLike, n_genes: int, patch_size: int) -> None
                             f"{PatchKeys.DTYPES[key]}; re-run preprocessing")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise DataError(f"{path}: array '{key}' contains NaN or infinite values; re-run preprocessing")
+    return arrays
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -402,11 +426,12 @@ def preprocess_section(section: Section, out_dir: str | os.PathLike, config: Pre
 
     tasks = []
     n_kept = 0
+    hist = np.zeros(len(_DENSITY_BINS) - 1, np.int64)
     for (r, c), name in zip(cells_rc, names):
         path = out_dir / split_of[name] / name
         if path.is_file():
             try:
-                verify_patch(path, len(genes), geo.patch_size)
+                hist += _nuclear_density_hist(verify_patch(path, len(genes), geo.patch_size))
                 n_kept += 1
                 continue
             except DataError as err:
@@ -414,27 +439,32 @@ def preprocess_section(section: Section, out_dir: str | os.PathLike, config: Pre
         tasks.append((r, c, str(path)))
     if n_kept:
         log.info("resume: %d patch file(s) already complete, %d to write", n_kept, len(tasks))
-    _run_tasks(job, tasks, num_workers, progress, tqdm)
+    hist += _run_tasks(job, tasks, num_workers, progress, tqdm)
 
+    metadata["nuclear_density_median"] = _hist_median(hist)
     metadata["complete"] = True
     write_json(out_dir / METADATA_FILE, metadata)
     return metadata
 
 
-def _run_tasks(job: _Job, tasks: list[tuple[int, int, str]], num_workers: int, progress: bool, tqdm) -> None:
+def _run_tasks(job: _Job, tasks: list[tuple[int, int, str]], num_workers: int, progress: bool, tqdm) -> np.ndarray:
+    """Write the patches (in worker processes when ``num_workers``); returns the summed nuclear-density histogram."""
+    hist = np.zeros(len(_DENSITY_BINS) - 1, np.int64)
     bar = tqdm(total=len(tasks), desc="patches", unit="patch", disable=not progress or not tasks, leave=False)
     try:
         if num_workers <= 0 or len(tasks) < 2:
             _init_worker(job)
             for task in tasks:
-                _write_patch(task)
+                hist += _write_patch(task)
                 bar.update()
-            return
+            return hist
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         ctx = mp.get_context(method)
         with ctx.Pool(num_workers, initializer=_init_worker, initargs=(job,)) as pool:
-            for _ in pool.imap_unordered(_write_patch, tasks, chunksize=max(1, len(tasks) // (8 * num_workers))):
+            for part in pool.imap_unordered(_write_patch, tasks, chunksize=max(1, len(tasks) // (8 * num_workers))):
+                hist += part
                 bar.update()
+        return hist
     finally:
         bar.close()
 

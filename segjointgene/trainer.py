@@ -38,15 +38,13 @@ from .constants import BACKGROUND, CELLS_TABLE, SPOTS_TABLE, RunFiles
 from .dataset import ImagePatchDataset, LabelStore, load_label_cache, load_metadata, read_class_lut, save_label_cache
 from .errors import ConfigError, DataError, InputNotFoundError, UserError
 from .io import load_npz, read_json, write_csv, write_json, save_npz
-from .labels import update_labels
+from .labels import IGNORE, training_targets, update_labels
 from .metrics import cell_calling_score
 from .model import UNet, check_patch_size
 from .stitch import stitch_patches
 
 log = logging.getLogger(__name__)
 
-#: Label value of pixels left out of the loss.
-IGNORE = -1
 
 __all__ = ["TrainResult", "propagate", "resolve_device", "run_training", "self_train", "train_one_epoch"]
 
@@ -86,15 +84,6 @@ def _soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     denom = probs.sum((2, 3)) + onehot.sum((2, 3))
     dice = (2 * inter + 1) / (denom + 1)  # (B, K)
     return 1 - dice[:, 1:].mean() if dice.shape[1] > 1 else dice.new_zeros(())
-
-
-def _ignore_uncertain_background(labels: torch.Tensor, margin: int) -> torch.Tensor:
-    """Labels with background pixels within ``margin`` px (Chebyshev) of a labelled cell set to ``IGNORE``."""
-    if margin <= 0:
-        return labels
-    fg = (labels > BACKGROUND).float()[:, None]  # (B, 1, H, W)
-    near = F.max_pool2d(fg, kernel_size=2 * margin + 1, stride=1, padding=margin)[:, 0] > 0
-    return torch.where(near & (labels == BACKGROUND), torch.full_like(labels, IGNORE), labels)
 
 
 def _augment(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +191,8 @@ def _sync(device: torch.device) -> None:
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
                     *, train_cfg: TrainConfig, step: bool, tally: _Tally, class_weights: torch.Tensor | None,
                     scaler: torch.amp.GradScaler | None, augment_generator: torch.Generator | None = None,
-                    lut: torch.Tensor | None = None, after_batch=None, progress=None) -> None:
+                    lut: torch.Tensor | None = None, density_floor: float = 0.0, after_batch=None,
+                    progress=None) -> None:
     """One pass over the training patches: forward, loss on the current labels, optimizer step when ``step``.
 
     Background pixels near labelled cells are left out of the loss (``--ignore_margin``); with ``augment_generator``
@@ -213,10 +203,8 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     model.train()
     for batch in loader:
         images = batch["image"]
-        labels = _ignore_uncertain_background(batch["label"], train_cfg.ignore_margin)
-        if train_cfg.train_targets == "nuclei":  # certain labels only: nucleus classes, background far from cells
-            nuclei = lut[batch["core"]]
-            labels = torch.where(nuclei > 0, nuclei, torch.where(labels == BACKGROUND, labels, torch.full_like(labels, IGNORE)))
+        labels = training_targets(batch["label"], lut[batch["core"]], images.sum(1), margin=train_cfg.ignore_margin,
+                                  mode=train_cfg.train_targets, density_floor=density_floor)
         if step and augment_generator is not None:
             images, labels = _augment(images, labels, augment_generator)
         images = images.to(device, non_blocking=True)
@@ -502,6 +490,7 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
                             class_weights=weights, scaler=scaler,
                             augment_generator=generators["augment"] if train_cfg.augment else None,
                             lut=stores["train"].class_lut,
+                            density_floor=train_cfg.background_density * meta.get("nuclear_density_median", 0.0),
                             after_batch=after if last else None, progress=bar)
         if test_loader is not None and (update or attribute):
             for batch in test_loader:

@@ -661,3 +661,90 @@ def test_cuda_matches_cpu(rule):
     assert torch.equal(gpu.instance[core.to(dev) > 0], core.to(dev)[core.to(dev) > 0])
     if rule == "v1":  # no randomness: identical results
         assert torch.equal(gpu.instance.cpu(), cpu.instance)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# V1 with nucleus territories (--territory nucleus) and the training targets
+
+def _nucleus_run(instance, core, pred, seeds, *, conf=0.95, logits=None, **kw):
+    cfg = LabelUpdateConfig(**{"expand_k": 3, "prediction_threshold": 0.5, "vote_min": 1, "territory": "nucleus",
+                               "type_margin": 0.3, **kw})
+    logits = logits if logits is not None else logits_for(pred, conf, tuple(instance.shape))
+    return update_labels(instance[None], core[None], logits, LUT, config=cfg, seeds=seeds,
+                         origin=torch.zeros(1, 2, dtype=torch.long))
+
+
+def _seeds(**cells) -> torch.Tensor:
+    """(10, 3) seeds table: id -> (y, x, r) in pixel-centre coordinates; NaN elsewhere."""
+    seeds = torch.full((10, 3), float("nan"))
+    for cid, (y, x, r) in cells.items():
+        seeds[int(cid.lstrip("c"))] = torch.tensor([y + 0.5, x + 0.5, r])
+    return seeds
+
+
+def test_nucleus_territory_uses_distance_to_the_nucleus_boundary():
+    # two type-1 cells in one row: cell 1's nucleus (radius 2) centred at x=2, cell 5's (radius 0) at x=10
+    core = torch.zeros(1, 13, dtype=torch.long)
+    core[0, 1:4] = 1
+    core[0, 10] = 5
+    seeds = _seeds(c1=(0, 2, 2.0), c5=(0, 10, 0.0))
+    out = core.clone()
+    for _ in range(4):  # grow to convergence
+        out = _nucleus_run(out, core, 1, seeds).instance[0]
+    # distance minus radius: x=6 -> cell 1: 4-2=2, cell 5: 4-0=4 -> cell 1; x=7 -> 3 vs 3: the nearer hit (cell 5 via
+    # its grown pixel at x=8) keeps it; x=8 -> 4 vs 2 -> cell 5
+    assert out[0, :7].tolist() == [1] * 7
+    assert out[0, 8:].tolist() == [5] * 5
+    # plain centroid distance would have split at the midpoint (x=6) instead: the larger nucleus claims more
+
+
+def test_nucleus_territory_type_override_needs_the_margin():
+    # cell 1 (type 1) left, cell 2 (type 2) right; the pixels between are nearer cell 1's nucleus
+    core = torch.zeros(1, 9, dtype=torch.long)
+    core[0, 0:2] = 1
+    core[0, 8] = 2
+    seeds = _seeds(c1=(0, 0.5, 1.0), c2=(0, 8, 0.5))
+    inst = core.clone()
+    inst[0, 2:4] = 1
+    inst[0, 6:8] = 2
+
+    def probs(p_type2: float) -> torch.Tensor:  # background 0.02, the rest split between types 1 and 2
+        p = torch.zeros(1, K, 1, 9)
+        p[0, 0], p[0, 2] = 0.02, p_type2
+        p[0, 1] = 0.98 - p_type2
+        return p.log()
+
+    weak = _nucleus_run(inst, core, None, seeds, logits=probs(0.6)).instance[0]  # margin 0.6 - 0.38 = 0.22 < 0.3
+    strong = _nucleus_run(inst, core, None, seeds, logits=probs(0.9)).instance[0]  # margin 0.82 > 0.3
+    assert weak[0, 4].item() == 1  # geometry: nearer cell 1
+    assert strong[0, 4].item() == 2 and strong[0, 5].item() == 2  # expression clearly says type 2
+    assert torch.equal(strong[core > 0], core[core > 0])
+
+
+def test_nucleus_territory_stops_where_background_is_predicted():
+    core = torch.zeros(1, 12, dtype=torch.long)
+    core[0, 0:2] = 1
+    pred = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]])
+    seeds = _seeds(c1=(0, 0.5, 1.0))
+    out = core.clone()
+    for _ in range(4):
+        out = _nucleus_run(out, core, pred, seeds).instance[0]
+    assert (out[0, :3] == 1).all() and (out[0, 5:] == 0).all()
+
+
+def test_nucleus_territory_needs_seeds():
+    with pytest.raises(ValueError, match="seeds"):
+        update_labels(CORE_A[None], CORE_A[None], logits_for(1), LUT,
+                      config=LabelUpdateConfig(territory="nucleus"))
+
+
+def test_training_targets_nuclei_mode_keeps_only_certain_labels():
+    from segjointgene.labels import IGNORE, training_targets
+
+    labels = torch.tensor([[[0, 0, 1, 1, 1, 0, 0, 0, 0]]])  # a cell grown from its nucleus at x=3
+    nuclei = torch.tensor([[[0, 0, 0, 1, 0, 0, 0, 0, 0]]])
+    out = training_targets(labels, nuclei, margin=2, mode="nuclei")[0, 0].tolist()
+    # within 2 px of the grown cell (x=0..6): uncertain; the grown pixels x=2, x=4: not certain either
+    assert out == [IGNORE, IGNORE, IGNORE, 1, IGNORE, IGNORE, IGNORE, 0, 0]
+    current = training_targets(labels, nuclei, margin=0, mode="current")
+    assert torch.equal(current, labels)
