@@ -457,6 +457,22 @@ def _celltypes_lut(results: Path, celltypes: list[str]) -> np.ndarray | None:
     return None if np.array_equal(lut, np.arange(lut.size)) else lut
 
 
+#: Gene ranking scored against a simulated section's marker genes.
+RANKING_EVALUATION = "gene_ranking_evaluation.csv"
+
+
+def _score_ranking(results: Path, truth_dir: Path | None) -> pd.DataFrame | None:
+    """Score ``gene_ranking.csv`` against the truth folder's ``markers.csv`` (when both exist); write the table."""
+    ranking_path = results / ResultFiles.GENE_RANKING
+    if truth_dir is None or not ranking_path.is_file() or not (truth_dir / TruthFiles.MARKERS).is_file():
+        return None
+    table = M.ranking_marker_precision(pd.read_csv(ranking_path), pd.read_csv(truth_dir / TruthFiles.MARKERS))
+    if table.empty:
+        return None
+    write_csv(results / RANKING_EVALUATION, table, index=True)
+    return table
+
+
 def run_evaluate(args: Any, cfg: dict[type, Any], paths: Any) -> int:
     """``--step_name=evaluate``: score the run in ``<run_dir>/results/`` and every baseline; write
     ``results/evaluation.csv`` and print a markdown table (metrics as rows, methods as columns)."""
@@ -557,6 +573,10 @@ def run_evaluate(args: Any, cfg: dict[type, Any], paths: Any) -> int:
     if pciseq is not None:
         notes.append("pciseq: a spot assignment without masks (spots_in_cells = fraction of spots assigned)")
     print(markdown_table(out))
+    ranking = _score_ranking(results, truth_dir)
+    if ranking is not None:
+        notes.append(f"gene ranking vs the simulated markers: precision of the top-m genes {ranking['precision_at_m'].mean():.2f} "
+                     f"(chance {ranking['chance'].mean():.2f}) -> {results / RANKING_EVALUATION}")
     print("\n".join(notes))
     print(f"evaluation of {len(out)} methods in {time.perf_counter() - start:.1f} s -> {results / ResultFiles.EVALUATION}")
     return 0

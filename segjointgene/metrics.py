@@ -788,3 +788,49 @@ def mecr(counts: np.ndarray | scipy.sparse.spmatrix, genes: list[str], pairs: li
             rows.append((a, b, n_both, n_any, n_both / n_any))
     table = pd.DataFrame(rows, columns=["gene_a", "gene_b", "n_both", "n_any", "rate"])
     return MECR(value=float(table["rate"].mean()) if len(table) else float("nan"), n_pairs=len(table), per_pair=table)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gene ranking against known markers
+
+
+def ranking_marker_precision(ranking: pd.DataFrame, markers: pd.DataFrame) -> pd.DataFrame:
+    """How well a per-type gene ranking recovers known marker genes.
+
+    Parameters
+    ----------
+    ranking : long table ``celltype, gene, rank`` (rank 1 = most important), e.g. ``results/gene_ranking.csv``.
+    markers : table ``celltype, gene, is_marker`` (e.g. a simulated section's ``markers.csv``).
+
+    Returns
+    -------
+    DataFrame indexed by cell type with ``n_markers`` (m), ``precision_at_m`` (fraction of the type's markers among
+    its top-m ranked genes), ``chance`` (m / number of ranked genes: the expected precision of a random ranking) and
+    ``mean_marker_rank``. Types without markers or without a ranking are left out.
+
+    Examples
+    --------
+    >>> ranking = pd.DataFrame({"celltype": ["A"] * 4, "gene": ["g1", "g2", "g3", "g4"], "rank": [1, 2, 3, 4]})
+    >>> markers = pd.DataFrame({"celltype": ["A", "A"], "gene": ["g1", "g3"], "is_marker": [True, True]})
+    >>> ranking_marker_precision(ranking, markers).loc["A", ["precision_at_m", "chance", "mean_marker_rank"]].tolist()
+    [0.5, 0.5, 2.0]
+    """
+    rows = {}
+    marker_sets = markers[markers["is_marker"].astype(bool)].groupby("celltype")["gene"].apply(set)
+    for celltype, part in ranking.groupby("celltype"):
+        wanted = marker_sets.get(celltype)
+        if not wanted:
+            continue
+        part = part.sort_values("rank")
+        m = len(wanted)
+        ranked = part["gene"].tolist()
+        in_panel = [g for g in wanted if g in set(ranked)]
+        rows[celltype] = {
+            "n_markers": m,
+            "precision_at_m": len(set(ranked[:m]) & wanted) / m,
+            "chance": m / len(ranked),
+            "mean_marker_rank": float(part[part["gene"].isin(in_panel)]["rank"].mean()) if in_panel else float("nan"),
+        }
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "celltype"
+    return table
