@@ -6,7 +6,10 @@ the next batch any worker loads. Class maps are never stored separately: the cla
 its instance (``class_lut[instance]``), which makes "class map = class of the instance map" hold by construction.
 
 :class:`ImagePatchDataset` reads patch files (validated when the dataset is opened) and returns, per patch, the
-density image, the current labels, the fixed (core) labels and the patch index.
+density image, the current labels, the fixed (core) labels and the patch index. With ``spot_lists=True`` it returns
+the patch's spots instead of its density image: the whole split's spots are held in (shared) memory, batches are
+collated by :func:`collate_spot_lists`, and :func:`segjointgene.density.batch_images` builds the images on the
+training device, equal to the stored images within float32 rounding.
 """
 
 from __future__ import annotations
@@ -20,14 +23,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .constants import BACKGROUND, CELLS_TABLE, METADATA_FILE, PatchKeys
+from .constants import BACKGROUND, CELLS_TABLE, METADATA_FILE, SPOTS_TABLE, PatchKeys
 from .errors import DataError, InputNotFoundError
 from .geometry import parse_patch_name
 from .io import load_npz, npz_headers, read_json, save_npz
+from .preprocess import DENSITY_TRUNCATE, density_halo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImagePatchDataset", "LabelStore", "load_label_cache", "read_class_lut", "load_metadata", "save_label_cache"]
+__all__ = ["ImagePatchDataset", "LabelStore", "collate_spot_lists", "load_label_cache", "read_class_lut", "load_metadata",
+           "save_label_cache"]
 
 
 def load_metadata(data_dir: str | os.PathLike) -> dict:
@@ -135,17 +140,21 @@ class ImagePatchDataset(Dataset):
     metadata : the dataset's metadata (read when None).
     class_lut : instance id -> class id (read from ``cells.csv`` when None).
     cache_images : keep every density image in (shared) memory after the first read.
+    spot_lists : return each patch's spots (``spots``) instead of its density image (``image``); the split's spots
+        are read once from ``spots.npz`` (see :meth:`spot_list`). Batch such items with :func:`collate_spot_lists`
+        and build their images on the device with :func:`segjointgene.density.batch_images`.
 
     Every patch file is validated when the dataset opens (keys, shapes and dtypes from the headers); the image of a
     patch is checked for NaN when it is read. Errors name the file.
 
-    Items are dicts: ``image`` (G, P, P) float32; ``instance`` and ``label`` (P, P) int64, the current labels;
-    ``core`` (P, P) int64, the fixed nucleus instance map; ``origin`` (2,) int64, the patch's top-left pixel
-    (y, x) in the padded patch frame; ``index`` int.
+    Items are dicts: ``image`` (G, P, P) float32 (or, with ``spot_lists``, ``spots`` (n, 3) int32 rows
+    ``(gene, row, col)``); ``instance`` and ``label`` (P, P) int64, the current labels; ``core`` (P, P) int64, the
+    fixed nucleus instance map; ``origin`` (2,) int64, the patch's top-left pixel (y, x) in the padded patch frame;
+    ``index`` int.
     """
 
     def __init__(self, data_dir: str | os.PathLike, split: str, *, metadata: dict | None = None,
-                 class_lut: np.ndarray | None = None, cache_images: bool = False):
+                 class_lut: np.ndarray | None = None, cache_images: bool = False, spot_lists: bool = False):
         self.data_dir = Path(data_dir)
         self.split = split
         self.metadata = metadata if metadata is not None else load_metadata(data_dir)
@@ -170,6 +179,13 @@ class ImagePatchDataset(Dataset):
         if cache_images and self.paths:
             self._cache = torch.zeros((len(self.paths), self.n_genes, self.patch_size, self.patch_size)).share_memory_()
             self._cached = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
+        self.spot_lists = bool(spot_lists)
+        self.density_sigma = float(self.metadata.get("density_sigma", 0.0))
+        self.density_halo = int(self.metadata.get("density_halo", density_halo(self.density_sigma)))
+        self._spot_offsets: torch.Tensor | None = None
+        self._spot_rows: torch.Tensor | None = None
+        if self.spot_lists:
+            self._spot_offsets, self._spot_rows = self._load_spot_lists()
 
     def _check_headers(self, path: Path) -> None:
         if not path.is_file():
@@ -206,11 +222,81 @@ class ImagePatchDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         instance = self.labels.instances[index].long()
+        data = {"spots": self.spot_list(index)} if self.spot_lists else {"image": self.read_image(index)}
         return {
-            "image": self.read_image(index),
+            **data,
             "instance": instance,
             "label": self.labels.classes(instance),
             "core": self.core[index].long(),
             "origin": self.origins[index],
             "index": index,
         }
+
+    # ------------------------------------------------------------------------------------------ spot-list mode
+    def _load_spot_lists(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every patch's spots from ``spots.npz``: (N + 1,) int64 offsets and (M, 3) int32 rows (gene, row, col).
+
+        A spot belongs to every patch whose window enlarged by the density halo holds it, with its pixel
+        (``floor`` of its coordinates, as preprocessing does) relative to that patch's top-left corner.
+        """
+        meta, path = self.metadata, self.data_dir / SPOTS_TABLE
+        if not path.is_file():
+            raise InputNotFoundError(f"{path} not found: spot lists need the spots table that preprocessing writes; "
+                                     "preprocess the section again")
+        truncate = float(meta.get("density_truncate", DENSITY_TRUNCATE))
+        if truncate != DENSITY_TRUNCATE:
+            raise DataError(f"{self.data_dir / METADATA_FILE}: densities were truncated at {truncate} sigma, this "
+                            f"version builds them at {DENSITY_TRUNCATE}; preprocess the section again")
+        spots = load_npz(path, ("gene", "x", "y"))
+        y0, x0 = (int(v) for v in meta["crop_offset"])
+        p, h = self.patch_size, self.density_halo
+        rows = np.floor(spots["y"]).astype(np.int64) - y0  # padded patch frame, as preprocessing computes it
+        cols = np.floor(spots["x"]).astype(np.int64) - x0
+        genes = spots["gene"].astype(np.int64)
+        if genes.size and (genes.min() < 0 or genes.max() >= self.n_genes):
+            raise DataError(f"{path}: gene indices outside 0..{self.n_genes - 1} (the genes of {METADATA_FILE}); "
+                            "preprocess the section again")
+        n_grid = (int(self.origins[:, 0].max()) // p + 1, int(self.origins[:, 1].max()) // p + 1) if len(self) else (0, 0)
+        where = np.full(n_grid, -1, np.int64)  # grid cell -> dataset index (-1: not in this split)
+        if len(self):
+            where[self.origins[:, 0].numpy() // p, self.origins[:, 1].numpy() // p] = np.arange(len(self))
+        reach = -(-h // p)  # neighbouring patches a halo can reach
+        parts = []
+        for dr in range(-reach, reach + 1):
+            for dc in range(-reach, reach + 1):
+                pr, pc = rows // p + dr, cols // p + dc  # the patch that may hold the spot in its halo window
+                ok = (pr >= 0) & (pr < n_grid[0]) & (pc >= 0) & (pc < n_grid[1])
+                idx = np.full(rows.shape, -1, np.int64)
+                idx[ok] = where[pr[ok], pc[ok]]
+                rr, cc = rows - pr * p, cols - pc * p
+                ok &= (idx >= 0) & (rr >= -h) & (rr < p + h) & (cc >= -h) & (cc < p + h)
+                parts.append(np.stack([idx[ok], genes[ok], rr[ok], cc[ok]], axis=1))
+        table = np.concatenate(parts) if parts else np.zeros((0, 4), np.int64)
+        table = table[np.argsort(table[:, 0], kind="stable")]
+        offsets = np.searchsorted(table[:, 0], np.arange(len(self) + 1))
+        return (torch.from_numpy(offsets.astype(np.int64)).share_memory_(),
+                torch.from_numpy(np.ascontiguousarray(table[:, 1:], dtype=np.int32)).share_memory_())
+
+    def spot_list(self, index: int) -> torch.Tensor:
+        """(n, 3) int32 spots of patch ``index``: rows ``(gene, row, col)``, pixel relative to the patch's top-left,
+        including the spots up to ``density_halo`` px outside it (they spill into its density). Spot-list mode only."""
+        if self._spot_offsets is None:
+            raise ValueError("spot_list() needs the dataset opened with spot_lists=True")
+        return self._spot_rows[self._spot_offsets[index]:self._spot_offsets[index + 1]]
+
+
+def collate_spot_lists(items: Sequence[Mapping[str, torch.Tensor | int]]) -> dict[str, torch.Tensor]:
+    """Collate spot-list items (``ImagePatchDataset(..., spot_lists=True)``) into a batch.
+
+    Every key but ``spots`` is stacked as the default collate does; the spots are concatenated into one (N, 4) int32
+    tensor with rows ``(sample, gene, row, col)`` (the layout of :func:`segjointgene.density.batch_density`).
+    """
+    from torch.utils.data import default_collate
+
+    batch = default_collate([{k: v for k, v in item.items() if k != "spots"} for item in items])
+    spots = [torch.as_tensor(item["spots"], dtype=torch.int32) for item in items]
+    sample = torch.repeat_interleave(torch.arange(len(spots), dtype=torch.int32),
+                                     torch.tensor([len(s) for s in spots], dtype=torch.int64))
+    batch["spots"] = torch.cat([sample[:, None], torch.cat(spots) if spots else torch.zeros((0, 3), dtype=torch.int32)],
+                               dim=1)
+    return batch
