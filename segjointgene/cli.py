@@ -159,9 +159,8 @@ def step_evaluate(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) 
 #: Keys are argparse destinations; a flag given on the command line overrides its entry.
 DEMO_SETTINGS: dict[str, Any] = {
     "sim_size": 256, "sim_mode": "dense", "patch_size": 64,
-    "net_width": 16, "net_epoch": 30, "net_lr": 1e-3, "passes_per_epoch": 8, "warmup_epochs": 5, "save_interval": 10,
+    "net_width": 16, "net_epoch": 30, "net_lr": 1e-3, "passes_per_epoch": 8, "save_interval": 10,
     "attr_epoch": 10, "attr_every": 5, "CID_n_steps": 10, "attr_n_gene": 30, "attr_n_celltype": 6,
-    "territory": "nucleus", "type_margin": 0.5, "train_targets": "nuclei",
     "num_workers": 0, "num_threads": 1,
 }
 

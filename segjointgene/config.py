@@ -125,13 +125,14 @@ class LabelUpdateConfig:
                           "v2: balanced dilation, attribution top-ratio, island and hole clean-up",
                     flag="--label_update", choices=("v1", "v2"))
     expand_k: int = opt(3, "growth radius per update (pixels): a pixel can only join a cell within this distance")
-    prediction_threshold: float = opt(0.5, "minimum 3x3-smoothed softmax confidence of a pixel joining a cell")
+    prediction_threshold: float = opt(0.3, "minimum 3x3-smoothed softmax confidence of a pixel joining a cell "
+                                           "(--territory nucleus: of it not being background)")
     vote_min: int = opt(3, "v1: minimum agreeing pixels in the 3x3 neighbourhood (itself included)")
-    territory: str = opt("mask", "v1: mask = a pixel joins the nearest cell (by its current mask) whose type the network "
+    territory: str = opt("nucleus", "v1: mask = a pixel joins the nearest cell (by its current mask) whose type the network "
                                  "predicts there (reference); nucleus = a foreground pixel joins the cell with the "
                                  "nearest nucleus within reach unless the prediction favours another reachable cell's "
                                  "type by --type_margin", choices=("mask", "nucleus"))
-    type_margin: float = opt(0.3, "v1 --territory nucleus: smoothed probability margin by which a cell's type must beat "
+    type_margin: float = opt(0.5, "v1 --territory nucleus: smoothed probability margin by which a cell's type must beat "
                                   "the nearest-nucleus cell's type to take the pixel instead")
     top_ratio: float = opt(0.1, "v2: fraction of most-attributed anchors kept per patch", flag="--attr_top_ratio")
     repeats: int = opt(1, "applications of the rule per batch with the same logits (the reference ran v2 10 times; "
@@ -202,13 +203,13 @@ class TrainConfig:
     net_width: int = opt(64, "UNet width (channels of the first level; 64 as published, 4-8 for CPU tests)")
     loss: str = opt("ce", "ce: cross-entropy on the current labels; ce_dice: class-weighted CE + soft Dice",
                     choices=("ce", "ce_dice"))
-    warmup_epochs: int = opt(1, "labels are updated from this epoch on; before it the network only trains")
+    warmup_epochs: int = opt(5, "labels are updated from this epoch on; before it the network only trains")
     ignore_margin: int = opt(8, "background pixels within this distance (px) of a labelled cell are left out of the "
                                 "loss: they may be cytoplasm not labelled yet, and training them as background would "
                                 "teach the network to stop growth at the current labels (0 = use every pixel)")
     background_density: float = opt(0.5, "background pixels whose total spot density is below this fraction of the median "
                                          "density at nucleus pixels are trained as background even near cells (0 = off)")
-    train_targets: str = opt("current", "what the loss trains on: current = the current (grown) labels; nuclei = only the "
+    train_targets: str = opt("nuclei", "what the loss trains on: current = the current (grown) labels; nuclei = only the "
                                         "certain labels, i.e. nucleus pixels and background away from every current label "
                                         "(predictions then reflect expression, not the label geometry)",
                              choices=("current", "nuclei"))

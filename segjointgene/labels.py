@@ -95,7 +95,7 @@ def update_labels(
     class_lut : (M,) int64 tensor
         Instance id -> class id (``class_lut[0] == 0``); class ids must be ``< K``.
     config : LabelUpdateConfig, optional
-        Rule and parameters (default ``LabelUpdateConfig()``: V1).
+        Rule and parameters (default ``LabelUpdateConfig()``: V1 with nucleus territories, which need ``seeds``).
     attribution : (B, T, H, W) float tensor, optional
         Per target cell type, the gene-summed attribution score at each pixel (higher = that type's prediction
         depends more on the genes at this pixel). Needs ``targets``.
@@ -190,7 +190,7 @@ def update_labels(
     >>> inst = torch.zeros(1, 5, 5, dtype=torch.long); inst[0, 2, 2] = 1     # one nucleus of class 1
     >>> logits = torch.zeros(1, 2, 5, 5); logits[:, 1] = 5.0                 # class 1 predicted everywhere
     >>> res = update_labels(inst, inst.clone(), logits, torch.tensor([0, 1]),
-    ...                     config=LabelUpdateConfig(expand_k=1, vote_min=3))
+    ...                     config=LabelUpdateConfig(expand_k=1, vote_min=3, territory="mask"))
     >>> res.instance[0]
     tensor([[0, 0, 0, 0, 0],
             [0, 0, 1, 0, 0],

@@ -38,7 +38,7 @@ def logits_for(pred: torch.Tensor | int, conf: float = 0.9, shape=(12, 12), k: i
 def run(instance, core, pred, *, conf=0.9, **kw) -> LabelUpdateResult:
     attribution, targets = kw.pop("attribution", None), kw.pop("targets", None)
     generator = kw.pop("generator", None)
-    cfg = LabelUpdateConfig(**{"expand_k": 1, "prediction_threshold": 0.5, "vote_min": 3, **kw})
+    cfg = LabelUpdateConfig(**{"expand_k": 1, "prediction_threshold": 0.5, "vote_min": 3, "territory": "mask", **kw})
     return update_labels(instance[None], core[None], logits_for(pred, conf, tuple(instance.shape)), LUT, config=cfg,
                          attribution=attribution, targets=targets, generator=generator)
 
@@ -130,7 +130,7 @@ def test_v1_nothing_changes_where_the_prediction_is_not_confident():
     conf_map = torch.full((12, 12), 0.9)
     conf_map[:, 7:] = 0.35  # 3x3 means: column 7 (3 * 0.9 + 6 * 0.35) / 9 = 0.53 < 0.55, column 6 0.72
     logits = (logits_for(1, 0.9) * (conf_map > 0.5) + logits_for(1, 0.35) * (conf_map <= 0.5))
-    cfg = LabelUpdateConfig(expand_k=1, prediction_threshold=0.55, vote_min=3)
+    cfg = LabelUpdateConfig(territory="mask", expand_k=1, prediction_threshold=0.55, vote_min=3)
     res = update_labels(CORE_A[None], CORE_A[None], logits, LUT, config=cfg)
     want = GROWN_A.clone()
     want[4:7, 7] = 0
@@ -517,7 +517,7 @@ def test_v2_deterministic_for_a_fixed_seed_and_ranks_are_random():
     logits = torch.randn(2, K, 12, 12, generator=torch.Generator().manual_seed(1)) * 3
     inst = torch.zeros(2, 12, 12, dtype=torch.long)
     inst[:, 5, 3], inst[:, 5, 7], inst[1, 9, 9] = 1, 9, 2
-    cfg = LabelUpdateConfig(rule="v2", expand_k=3, prediction_threshold=0.4)
+    cfg = LabelUpdateConfig(territory="mask", rule="v2", expand_k=3, prediction_threshold=0.4)
     a, b = (update_labels(inst, inst, logits, LUT, config=cfg, generator=torch.Generator().manual_seed(5))
             for _ in range(2))
     assert torch.equal(a.instance, b.instance)
@@ -570,7 +570,7 @@ def _within(instance: np.ndarray, new: np.ndarray, radius: float) -> bool:
 @pytest.mark.parametrize("with_attr", [False, True])
 def test_v1_invariants_random(seed, k, with_attr):
     inst, core, logits, lut, att = _random_batch(seed)
-    cfg = LabelUpdateConfig(expand_k=k, prediction_threshold=0.6, vote_min=2)
+    cfg = LabelUpdateConfig(territory="mask", expand_k=k, prediction_threshold=0.6, vote_min=2)
     kw = {"attribution": att, "targets": torch.tensor([2, 1])} if with_attr else {}
     res = update_labels(inst, core, logits, lut, config=cfg, **kw)
     new = res.instance
@@ -594,7 +594,7 @@ def test_v1_invariants_random(seed, k, with_attr):
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_v2_invariants_random(seed, k):
     inst, core, logits, lut, att = _random_batch(seed)
-    cfg = LabelUpdateConfig(rule="v2", expand_k=k, prediction_threshold=0.6, top_ratio=0.5)
+    cfg = LabelUpdateConfig(territory="mask", rule="v2", expand_k=k, prediction_threshold=0.6, top_ratio=0.5)
     res = update_labels(inst, core, logits, lut, config=cfg, attribution=att, targets=torch.tensor([1, 2]),
                         generator=torch.Generator().manual_seed(seed))
     new = res.instance
@@ -638,7 +638,7 @@ def test_validation_errors():
 
 def test_int32_inputs_and_half_logits_are_accepted():
     res = update_labels(CORE_A[None].int(), CORE_A[None].int(), logits_for(1).half(), LUT,
-                        config=LabelUpdateConfig(expand_k=1))
+                        config=LabelUpdateConfig(territory="mask", expand_k=1))
     assert res.instance.dtype == torch.long
     assert torch.equal(res.instance[0], GROWN_A)
 
@@ -648,7 +648,7 @@ def test_int32_inputs_and_half_logits_are_accepted():
 @pytest.mark.parametrize("rule", ["v1", "v2"])
 def test_cuda_matches_cpu(rule):
     inst, core, logits, lut, att = _random_batch(0)
-    cfg = LabelUpdateConfig(rule=rule, expand_k=2, prediction_threshold=0.6, vote_min=2, top_ratio=0.5)
+    cfg = LabelUpdateConfig(territory="mask", rule=rule, expand_k=2, prediction_threshold=0.6, vote_min=2, top_ratio=0.5)
     targets = torch.tensor([1, 2])
     dev = torch.device("cuda")
     cpu = update_labels(inst, core, logits, lut, config=cfg, attribution=att, targets=targets,
