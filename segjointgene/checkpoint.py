@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 __all__ = ["file_sha256", "list_epochs", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = 1
+#: What torch's weights-only unpickler names when it refuses a global (e.g. "GLOBAL posix.system").
+_REFUSED = re.compile(r"GLOBAL ([\w.]+)")
+_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -39,9 +42,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write a checkpoint dict atomically (and fsync it). Values must be tensors, state dicts or plain data."""
-    with atomic_path(path, fsync=True) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+    """Write a checkpoint dict atomically (and fsync it), byte-deterministically. Values must be tensors, state dicts
+    or plain data."""
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as fh:
+        # through a file object, torch names the archive's records "archive/..." instead of after the (random)
+        # temporary file name, so the same state always gives the same bytes
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, fh)
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -58,9 +64,16 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "refused"
-        raise DataError(f"{path}: refused to load - it holds objects other than tensors and plain data ({first[:160]}); "
-                        "only load checkpoints written by segjointgene, or retrain") from None
+        # torch's message advises weights_only=False, which would run the payload: say only what was refused
+        refused = _REFUSED.search(str(err))
+        if refused:
+            raise DataError(f"{path}: refused to load - it carries a pickled {refused.group(1)} object, not only "
+                            "tensors and plain data, and loading it could run code (nothing was executed); only load "
+                            "checkpoints written by segjointgene, or retrain") from None
+        detail = _UNPICKLER_DETAIL.search(str(err))
+        raise DataError(f"{path}: corrupt or not a segjointgene checkpoint (unreadable contents"
+                        f"{': ' + detail.group(1).strip()[:80] if detail else ''}; nothing in it was executed); resume "
+                        "from an earlier epoch (--ckpt_load_epoch) or retrain") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise DataError(f"{path}: corrupt or truncated checkpoint ({type(err).__name__}: {str(err)[:160]}); "
                         "resume from an earlier epoch (--ckpt_load_epoch) or retrain") from None

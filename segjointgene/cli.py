@@ -138,8 +138,14 @@ def step_preprocess(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths
 
 
 def step_train(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
+    import torch
+
     from .trainer import run_training
 
+    # Every draw of the run comes from generators the trainer seeds; the global generator (random per process in
+    # recent torch) is seeded too, once, so that its state saved in the checkpoints - and anything a dependency
+    # draws from it - is the same in every run with this --random_seed.
+    torch.manual_seed(cfg[RuntimeConfig].random_seed)
     return run_training(args, cfg, paths)
 
 
@@ -296,6 +302,20 @@ def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set
     return {flags[tok.split("=", 1)[0]].dest for tok in argv if tok.startswith("--") and tok.split("=", 1)[0] in flags}
 
 
+def _one_line(err: BaseException) -> str:
+    """The message of a user error on one line.
+
+    An error raised in a DataLoader worker is re-raised by torch with the worker's traceback in its message; the
+    original message is its last line, after the exception's qualified name.
+    """
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+        text = last[len(prefix):] if last.startswith(prefix) else last
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one step; returns the exit status (0 ok, 1 internal error, 2 usage or data error)."""
     parser = build_parser()
@@ -317,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

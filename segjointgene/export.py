@@ -25,7 +25,7 @@ import pandas as pd
 
 from .constants import CELLS_TABLE, METADATA_FILE, SPOTS_TABLE, SPLITS, PatchKeys, ResultFiles, RunFiles
 from .errors import DataError, InputNotFoundError
-from .io import atomic_path, load_npz, read_json, write_csv, write_tif
+from .io import atomic_path, load_npz, npz_headers, read_json, remove_stale_temps, write_csv, write_tif
 from .plots import (densest_window, display_factor, downsample_labels, downsample_mean, plot_gene_ranking_heatmap,
                     plot_initial_vs_final, plot_section_overview, plot_training_curves, plot_zoom, spot_density)
 from .stitch import (assign_spots, cell_table, celltype_table, class_map, stitch_label_cache, stitch_patch_channel)
@@ -243,11 +243,9 @@ def _load_dataset(data_dir: Path) -> tuple[dict[str, Any], np.ndarray]:
 
 
 def _cache_names(path: Path) -> dict[str, list[str]]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {f.removesuffix(".names"): [str(n) for n in npz[f]] for f in npz.files if f.endswith(".names")}
-    except (OSError, ValueError, EOFError) as err:
-        raise DataError(f"{path}: corrupt label cache ({type(err).__name__}: {err}); delete it") from None
+    """split -> patch names of a label cache; a corrupt or truncated cache raises :class:`DataError` naming it."""
+    keys = tuple(k for k in npz_headers(path) if k.endswith(".names"))
+    return {k.removesuffix(".names"): [str(n) for n in v] for k, v in load_npz(path, keys).items()}
 
 
 def _attribution_path(run_dir: Path, epoch: int) -> Path | None:
@@ -356,6 +354,8 @@ def export_results(run_dir: str | os.PathLike, *, epoch: int | None = None, figu
     meta, lut = _load_dataset(data_dir)
     out = run_dir / RunFiles.RESULTS
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / ResultFiles.FIGURES):  # leftovers of a killed export (hidden, never read)
+        remove_stale_temps(folder)
     genes, celltypes = list(meta["genes"]), list(meta["celltypes"])
     raw_shape = tuple(int(v) for v in meta["raw_shape"])
     title = f"{info.get('datasets_name', meta.get('datasets_name', data_dir.name))}/{run_dir.name}, epoch {epoch}"

@@ -11,10 +11,14 @@ folder and renamed over the final name, so an interrupted run never leaves a hal
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io as _io
 import json
 import logging
 import os
+import re
+import shutil
+import socket
 import uuid
 import zipfile
 import zlib
@@ -39,6 +43,7 @@ __all__ = [
     "npz_headers",
     "read_json",
     "read_section",
+    "remove_stale_temps",
     "save_npz",
     "write_csv",
     "write_json",
@@ -52,15 +57,22 @@ _MAX_OUTSIDE_FRACTION = 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
+#: Short tag of this machine in temporary names: a temporary file is only ever judged stale on the host that made it.
+_HOST_TAG = hashlib.blake2s(socket.gethostname().encode(), digest_size=3).hexdigest()
+#: ``.tmp-<pid>-<host tag>-<random>-<final name>``
+_TEMP_NAME = re.compile(r"^\.tmp-(?P<pid>\d+)-(?P<host>[0-9a-f]{6})-[0-9a-f]{8}-.")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.
 
-    The temporary name starts with a dot and keeps the suffix, so globs such as ``p_*.npz`` never see it and
-    writers that infer the format from the suffix still work.
+    The temporary name (``.tmp-<pid>-<host>-<random>-<name>``) starts with a dot and keeps the suffix, so globs such
+    as ``p_*.npz`` never see it and writers that infer the format from the suffix still work. A process killed
+    while writing leaves its temporary file behind; :func:`remove_stale_temps` deletes such files.
     """
     path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{_HOST_TAG}-{uuid.uuid4().hex[:8]}-{path.name}")
     try:
         yield tmp
         if fsync:
@@ -70,6 +82,47 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Pat
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (a reused id counts as alive: its file is kept)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process / not a valid pid
+        return False
+    except OSError:  # e.g. EPERM: the process exists but belongs to someone else
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (or folders) that :func:`atomic_path` left in ``folder`` when a process was killed.
+
+    Only temporaries made on this machine by a process that no longer runs are removed, so a concurrent writer is
+    never disturbed. A missing folder is fine.
+
+    Returns
+    -------
+    The paths removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        m = _TEMP_NAME.match(entry.name)
+        if m is None or m["host"] != _HOST_TAG or _pid_alive(int(m["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by an interrupted run", folder, len(removed))
+    return removed
 
 
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], *, compress: bool = True,

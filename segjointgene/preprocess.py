@@ -12,7 +12,8 @@ Steps (SPEC §2.1-2.2):
    patch's working set; no genes x H x W array is ever built;
 4. each patch file is written atomically; ``metadata.json`` is written first with ``complete: false`` and rewritten
    with ``complete: true`` at the end, so an interrupted run resumes: patches already on disk are verified by
-   content and kept.
+   content and kept, temporary files of a killed run are removed, and pool workers whose main process died stop
+   at once.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .constants import (BACKGROUND, BACKGROUND_NAME, CELLS_TABLE, METADATA_FILE,
                         SPOTS_TABLE, PatchKeys)
 from .errors import DataError
 from .geometry import FrameGeometry
-from .io import Section, load_npz, read_json, save_npz, write_csv, write_json
+from .io import Section, load_npz, read_json, remove_stale_temps, save_npz, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +187,19 @@ class _Job:
 
 
 _JOB: _Job | None = None
+#: In a pool worker: the pid of the process that started the pool (None in the main process).
+_PARENT: int | None = None
 
 
 def _init_worker(job: _Job) -> None:
     global _JOB
     _JOB = job
+
+
+def _init_pool_worker(job: _Job) -> None:
+    global _PARENT
+    _init_worker(job)
+    _PARENT = os.getppid()
 
 
 def _raw_window(image, geo: FrameGeometry, r0: int, c0: int) -> np.ndarray:
@@ -244,6 +253,9 @@ def _nuclear_density_hist(arrays: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _write_patch(task: tuple[int, int, str]) -> np.ndarray:
+    if _PARENT is not None and os.getppid() != _PARENT:
+        # the main process was killed (kill -9, pre-emption): stop instead of finishing the chunk as an orphan
+        os._exit(1)
     row, col, path = task
     arrays = make_patch(_JOB, row, col)
     save_npz(path, arrays)
@@ -416,6 +428,8 @@ def preprocess_section(section: Section, out_dir: str | os.PathLike, config: Pre
     out_dir.mkdir(parents=True, exist_ok=True)
     for s in SPLITS:
         (out_dir / s).mkdir(exist_ok=True)
+    for folder in (out_dir, *(out_dir / s for s in SPLITS)):  # leftovers of a killed run (hidden, never read)
+        remove_stale_temps(folder)
     write_json(out_dir / METADATA_FILE, metadata)
     write_csv(out_dir / CELLS_TABLE, pd.DataFrame({
         "cell": cell_ids, "celltype_id": class_lut[cell_ids], "celltype": section.cells["celltype"],
@@ -460,7 +474,7 @@ def _run_tasks(job: _Job, tasks: list[tuple[int, int, str]], num_workers: int, p
             return hist
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         ctx = mp.get_context(method)
-        with ctx.Pool(num_workers, initializer=_init_worker, initargs=(job,)) as pool:
+        with ctx.Pool(num_workers, initializer=_init_pool_worker, initargs=(job,)) as pool:
             for part in pool.imap_unordered(_write_patch, tasks, chunksize=max(1, len(tasks) // (8 * num_workers))):
                 hist += part
                 bar.update()
