@@ -221,9 +221,12 @@ class TrainConfig:
     amp: bool = opt(True, "mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU")
     cache_patches: str = opt("auto", "keep the patch images in memory: auto (when they fit in 1/4 of RAM), yes, no",
                              choices=("auto", "yes", "no"))
+    ddp_timeout_min: float = opt(60.0, "torchrun runs: minutes a rank may wait for the others (e.g. while rank 0 writes "
+                                       "checkpoints or exports the results) before the job is stopped")
 
     def __post_init__(self) -> None:
         c = TrainConfig
+        _check(self.ddp_timeout_min > 0, c, "ddp_timeout_min", self.ddp_timeout_min, "must be > 0")
         for name in ("net_epoch", "warmup_epochs", "ignore_margin", "background_density"):
             _check(getattr(self, name) >= 0, c, name, getattr(self, name), "must be >= 0")
         for name in ("net_batch_size", "net_width", "passes_per_epoch", "save_interval", "pixel_distance"):

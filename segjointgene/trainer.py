@@ -9,12 +9,28 @@ epochs and at the end, as consistent pairs; ``train_log.csv`` gets one row per e
 
 Resuming from epoch E restores the weights, the optimizer, every random generator and the labels as they were at
 the end of epoch E, and continues with epoch E+1: on CPU the result is bit-identical to an uninterrupted run.
+
+Data-parallel (``torchrun --nproc_per_node=N main.py ...``; the plumbing is in :mod:`segjointgene.distributed`): the
+network is wrapped in ``DistributedDataParallel``; ``DistributedSampler`` shards the train patches (shuffled from
+``--random_seed`` and the epoch, identically on every rank) and the test patches. Each rank propagates only its own
+patches of each batch (not the sampler's padding, which repeats another rank's); after every propagation step the
+new labels of all ranks are gathered into every rank's label store, so all stores are identical whenever a step
+reads neighbouring patches (``_SectionLabels.context``), an epoch ends or a cache is saved. Within a step every rank
+sees the labels as they were after the previous step, across all ranks. Per-epoch tallies and the (type x gene)
+attribution sums are summed over the ranks; rank 0 alone writes files, with the others waiting for its status.
+Guarantees: world size 1 (plain ``python main.py``) is the single-process run, unchanged; N ranks give a consistent
+run that is deterministic for a fixed N and seed (given deterministic kernels), but not bit-identical to N = 1 (the
+batches and the order of label updates differ). Checkpoints hold the unwrapped model, rank 0's random states as
+``rng``, every rank's as ``rng_ranks`` and the ``world_size``: resuming with the same N continues every rank's
+streams; with another N (a DDP run resumed by one process or the reverse) the weights, optimizer, labels and
+attribution sums are restored exactly and rank 0 continues its streams, while the shuffling differs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -29,8 +45,9 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
-from . import __version__
+from . import __version__, distributed
 from .attribution import select_targets, summarize
 from .checkpoint import file_sha256, list_epochs, load_checkpoint, save_checkpoint
 from .config import AttributionConfig, LabelUpdateConfig, RuntimeConfig, TrainConfig
@@ -50,14 +67,26 @@ __all__ = ["TrainResult", "propagate", "resolve_device", "run_training", "self_t
 
 
 # ------------------------------------------------------------------------------------------------ device, amp
-def resolve_device(runtime: RuntimeConfig) -> torch.device:
-    """``--device auto`` -> CUDA (``--gpu_id``) when available, else CPU; an unavailable CUDA request is an error."""
+def resolve_device(runtime: RuntimeConfig, *, local_rank: int | None = None) -> torch.device:
+    """``--device auto`` -> CUDA (``--gpu_id``) when available, else CPU; an unavailable CUDA request is an error.
+
+    Under ``torchrun`` (``local_rank`` given) each rank uses ``cuda:<local_rank>`` and ``--gpu_id`` is ignored; a fixed
+    ``--device cuda:N`` is refused there (every rank would take the same GPU).
+    """
     if runtime.device == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         if runtime.device == "auto":
             return torch.device("cpu")
         raise ConfigError(f"--device={runtime.device}: CUDA is not available on this machine; use --device cpu or auto")
+    if local_rank is not None:
+        if runtime.device not in ("auto", "cuda"):
+            raise ConfigError(f"--device={runtime.device}: under torchrun each rank uses cuda:LOCAL_RANK; use --device "
+                              "cuda or auto (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={local_rank} needs cuda:{local_rank}, but {torch.cuda.device_count()} CUDA "
+                              "device(s) are visible; start at most that many processes per node (--nproc_per_node)")
+        return torch.device("cuda", local_rank)
     if runtime.device == "auto" or runtime.device == "cuda":
         index = runtime.gpu_id
     else:
@@ -236,11 +265,13 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
 def propagate(model: torch.nn.Module, batch: dict[str, Any], store: LabelStore, device: torch.device, *,
               label_cfg: LabelUpdateConfig, update: bool, attr: _Attr | None, label_generator: torch.Generator,
               amp: bool, tally: _Tally, seeds: torch.Tensor | None = None,
-              section: _SectionLabels | None = None) -> None:
+              section: _SectionLabels | None = None) -> torch.Tensor | None:
     """Predict a batch with the current weights (eval mode), attribute, update its labels in ``store``.
 
     The label rule runs on the batch's patches enlarged by a halo of the neighbouring patches' current labels
     (``section``), so cells grow across patch borders; only the patches themselves are written back.
+
+    Returns the (B, P, P) new instance labels on ``device`` (also written to ``store``), None when not ``update``.
     """
     images = batch["image"].to(device, non_blocking=True)
     instance = batch["instance"].to(device, non_blocking=True)
@@ -266,7 +297,7 @@ def propagate(model: torch.nn.Module, batch: dict[str, Any], store: LabelStore, 
         attr.type_gene_sum = summary.type_gene_sum if attr.type_gene_sum is None else attr.type_gene_sum + summary.type_gene_sum
         attr.type_pixels = summary.type_pixels if attr.type_pixels is None else attr.type_pixels + summary.type_pixels
     if not update:
-        return
+        return None
     t0 = time.perf_counter()
     h = label_cfg.expand_k * label_cfg.repeats if label_cfg.rule == "v1" else 2 * label_cfg.expand_k * label_cfg.repeats
     p = instance.shape[-1]
@@ -286,6 +317,7 @@ def propagate(model: torch.nn.Module, batch: dict[str, Any], store: LabelStore, 
         tally.add(key, value)
     tally.add("n_relabelled", (new != instance).sum())
     store.update(batch["index"], new)
+    return new
 
 
 # ------------------------------------------------------------------------------------------------ scores
@@ -329,27 +361,47 @@ class TrainResult:
     run_dir: Path
 
 
+def _generators(seed: int, device: torch.device, rank: int) -> dict[str, torch.Generator]:
+    """The run's generators, seeded from ``--random_seed`` and the rank (rank 0 gets the single-process seeds).
+
+    ``sampler`` shuffles the single-process loader; under DDP ``DistributedSampler(seed=--random_seed)`` shuffles,
+    identically on every rank. ``augment``, ``attribution`` (CID noise) and ``labels`` (rule V2) differ by rank.
+    """
+    s = distributed.rank_seed(seed, rank)
+    return {"sampler": torch.Generator().manual_seed(s), "augment": torch.Generator().manual_seed(s + 3),
+            "attribution": torch.Generator(device).manual_seed(s + 1),
+            "labels": torch.Generator(device).manual_seed(s + 2)}
+
+
 def _rng_states(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
     return {name: g.get_state() for name, g in generators.items()} | {"torch": torch.get_rng_state()}
 
 
 def _restore_rng(generators: dict[str, torch.Generator], states: dict[str, torch.Tensor]) -> None:
     for name, g in generators.items():
-        g.set_state(states[name])
-    torch.set_rng_state(states["torch"])
+        g.set_state(states[name].cpu())  # states load onto the training device; generators take CPU byte tensors
+    torch.set_rng_state(states["torch"].cpu())
 
 
-def _save(run_dir: Path, epoch: int, *, model, optimizer, scaler, stores: dict[str, LabelStore], generators, configs: dict,
-          attr: _Attr | None, meta: dict, extra: dict[str, Any]) -> None:
-    """Label cache first, then the checkpoint that names its sha256 (a consistent pair), then the gene ranking."""
+def _save(run_dir: Path, epoch: int, *, model, optimizer, scaler, stores: dict[str, LabelStore],
+          rng_ranks: list[dict[str, torch.Tensor]], configs: dict, attr: _Attr | None, meta: dict,
+          extra: dict[str, Any]) -> None:
+    """Label cache first, then the checkpoint that names its sha256 (a consistent pair), then the gene ranking.
+
+    ``model`` is the unwrapped network (keys without DDP's ``module.``); ``rng_ranks`` holds every rank's generator
+    states: rank 0's are the checkpoint's ``rng``, all of them ``rng_ranks`` when several processes trained.
+    """
     cache = run_dir / RunFiles.LABEL_CACHE.format(epoch=epoch)
     save_label_cache(cache, stores)
     state = {
         "version": __version__, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {}, "config": configs,
-        "rng": _rng_states(generators), "label_cache": {"file": cache.name, "sha256": file_sha256(cache)},
+        "rng": rng_ranks[0], "world_size": len(rng_ranks),
+        "label_cache": {"file": cache.name, "sha256": file_sha256(cache)},
         "n_genes": len(meta["genes"]), "n_classes": len(meta["celltypes"]), **extra,
     }
+    if len(rng_ranks) > 1:
+        state["rng_ranks"] = rng_ranks
     if attr is not None and attr.type_gene_sum is not None:
         state["attribution"] = {"type_gene_sum": attr.type_gene_sum.cpu(), "type_pixels": attr.type_pixels.cpu(),
                                 "epoch": attr.epoch}
@@ -377,10 +429,32 @@ def _append_log(run_dir: Path, rows: list[dict]) -> pd.DataFrame:
     return table
 
 
+def _log_row(epoch: int, stats: dict[str, float], calling: float, foreground: int, seconds: float) -> dict:
+    """One ``train_log.csv`` row from the epoch's (rank-summed) tallies."""
+    return {
+        "epoch": epoch, "loss": stats["loss_sum"] / max(stats["pixels"], 1),
+        "pixel_acc": stats["correct"] / max(stats["pixels"], 1),
+        "n_relabelled": int(stats.get("n_relabelled", 0)), "n_grown": int(stats.get("n_grown", 0)),
+        "n_reassigned": int(stats.get("n_reassigned", 0)),
+        "n_blocked_by_attribution": int(stats.get("n_blocked_by_attribution", 0)),
+        "foreground_px": foreground, "cell_calling": calling,
+        "attr_seconds": stats.get("attr_seconds", 0.0),
+        "attr_steps_mean": stats["attr_steps"] / stats["attr_samples"] if stats.get("attr_samples") else 0.0,
+        "label_seconds": stats.get("label_seconds", 0.0),
+        "epoch_seconds": seconds,
+    }
+
+
+#: Tallies of wall-clock seconds: the slowest rank's, not the sum over ranks, goes to the log.
+_WALL_KEYS = frozenset({"attr_seconds", "label_seconds"})
+
+
 def _loader(ds: ImagePatchDataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None,
-            num_workers: int, pin: bool) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, pin_memory=pin, drop_last=False)
+            num_workers: int, pin: bool, sampler: DistributedSampler | None = None) -> DataLoader:
+    if sampler is not None:  # the sampler shards (and shuffles) by itself
+        shuffle, generator = False, None
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
+                      num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin, drop_last=False)
 
 
 def _cache_images(ds_sizes: int, setting: str) -> bool:
@@ -391,6 +465,33 @@ def _cache_images(ds_sizes: int, setting: str) -> bool:
     except (ValueError, OSError, AttributeError):  # pragma: no cover
         return False
     return ds_sizes < total // 4
+
+
+def _share_label_updates(store: LabelStore, indices: torch.Tensor, new: torch.Tensor | None, patch_size: int,
+                         ctx: distributed.DistContext, *, capacity: int) -> None:
+    """DDP: write every rank's new labels of this step into this rank's ``store`` (its own are there already).
+
+    Called by every rank at every propagation step, also with nothing to send (``new`` None), so that each rank's
+    store holds every patch's current labels before the next step reads neighbours or an epoch ends.
+    """
+    if not ctx.enabled:
+        return
+    if new is None:
+        indices, new = indices[:0], torch.zeros((0, patch_size, patch_size), dtype=torch.int32)
+    idx, labels = distributed.all_gather_label_updates(indices, new, ctx, capacity=capacity)
+    store.update(idx, labels)
+
+
+def _reduce_attribution(attr: _Attr, ctx: distributed.DistContext) -> None:
+    """DDP: sum the epoch's (type x gene) attribution sums over the ranks, so every rank holds the section's."""
+    if not ctx.enabled:
+        return
+    if attr.type_gene_sum is None:  # this rank attributed no patch of its own
+        attr.type_gene_sum = torch.zeros((attr.classes.numel(), attr.genes.numel()), dtype=torch.float64,
+                                         device=attr.classes.device)
+        attr.type_pixels = torch.zeros(attr.classes.numel(), dtype=torch.float64, device=attr.classes.device)
+    distributed.all_reduce_sum_(attr.type_gene_sum, ctx)
+    distributed.all_reduce_sum_(attr.type_pixels, ctx)
 
 
 def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train_cfg: TrainConfig = TrainConfig(),
@@ -405,18 +506,25 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
     train_cfg, label_cfg, attr_cfg, runtime : settings (see ``config.py``).
     resume_epoch : continue after this saved epoch (weights, optimizer, generators, labels restored).
     progress : show a progress bar per epoch.
+
+    Notes
+    -----
+    Called by every rank of an open process group (``torchrun``), it trains data-parallel (see the module
+    docstring); only rank 0 writes files.
     """
     from tqdm.auto import tqdm
 
+    ctx = distributed.current()
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     meta = load_metadata(data_dir)
     check_patch_size(int(meta["patch_size"]))
-    device = resolve_device(runtime)
+    device = resolve_device(runtime, local_rank=ctx.local_rank if ctx.enabled else None)
     n_genes, n_classes = len(meta["genes"]), len(meta["celltypes"])
     lut = read_class_lut(data_dir)
     p = int(meta["patch_size"])
     n_patches = sum(len(meta["split"][s]) for s in ("train", "test"))
-    cache = _cache_images(n_patches * n_genes * p * p * 4, train_cfg.cache_patches)
+    # every rank of a node keeps its own copy: count them all against the memory
+    cache = _cache_images(n_patches * n_genes * p * p * 4 * ctx.local_world_size, train_cfg.cache_patches)
     splits = {s: ImagePatchDataset(data_dir, s, metadata=meta, class_lut=lut, cache_images=cache)
               for s in ("train", "test") if meta["split"][s]}
     if "train" not in splits:
@@ -432,9 +540,7 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.net_lr, weight_decay=train_cfg.net_weight_decay)
     use_fp16 = device.type == "cuda" and train_cfg.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda") if use_fp16 else None
-    generators = {"sampler": torch.Generator().manual_seed(seed), "augment": torch.Generator().manual_seed(seed + 3),
-                  "attribution": torch.Generator(device).manual_seed(seed + 1),
-                  "labels": torch.Generator(device).manual_seed(seed + 2)}
+    generators = _generators(seed, device, ctx.rank)
 
     # attribution targets: top genes by spot count, top cell types by nucleus pixels (background excluded)
     attr = None
@@ -451,18 +557,24 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
     start = 0
     if resume_epoch is not None:
         start, rows = _resume(run_dir, resume_epoch, model=model, optimizer=optimizer, scaler=scaler, stores=stores,
-                              generators=generators, meta=meta, attr=attr, device=device)
+                              generators=generators, meta=meta, attr=attr, device=device, ctx=ctx)
+    # `net` trains (DDP averages its gradients); `model`, the same module unwrapped, predicts, attributes, is saved
+    net = distributed.wrap_model(model, device, ctx)
 
     pin = device.type == "cuda"
+    samplers = {s: distributed.shard_sampler(ds, ctx, shuffle=s == "train", seed=seed) if ctx.enabled else None
+                for s, ds in splits.items()}
     train_loader = _loader(splits["train"], train_cfg.net_batch_size, shuffle=True, generator=generators["sampler"],
-                           num_workers=runtime.num_workers, pin=pin)
+                           num_workers=runtime.num_workers, pin=pin, sampler=samplers["train"])
     test_loader = (_loader(splits["test"], train_cfg.net_batch_size, shuffle=False, generator=None,
-                           num_workers=runtime.num_workers, pin=pin) if "test" in splits else None)
+                           num_workers=runtime.num_workers, pin=pin, sampler=samplers["test"])
+                   if "test" in splits else None)
     spot_x, spot_y = _spot_positions(data_dir, meta)
     seeds = _nucleus_seeds(data_dir, meta, splits, len(lut)).to(device)
     section = _SectionLabels(splits)
     saved = list_epochs(run_dir)
     extra = {"attr_targets": {"genes": attr.genes.cpu(), "classes": attr.classes.cpu()} if attr else {}}
+    density_floor = train_cfg.background_density * meta.get("nuclear_density_median", 0.0)
 
     for epoch in range(start, train_cfg.net_epoch + 1):
         t_epoch = time.perf_counter()
@@ -476,60 +588,70 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
         passes = train_cfg.passes_per_epoch if epoch > 0 else 1
         n_batches = passes * len(train_loader) + ((len(test_loader) if test_loader else 0) if (update or attribute) else 0)
         bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{train_cfg.net_epoch}", unit="batch", leave=False,
-                   disable=not progress)
+                   disable=not (progress and ctx.is_main))
 
-        def after(batch, store=stores["train"], do=update or attribute):
-            if do:
-                propagate(model, batch, store, device, label_cfg=label_cfg, update=update,
-                          attr=attr if attribute else None, label_generator=generators["labels"],
-                          amp=train_cfg.amp, tally=tally, seeds=seeds, section=section)
+        def step(batch: dict[str, Any], split: str, cursor: distributed.ShardCursor) -> None:
+            """Propagate this rank's own patches of a batch, then share the new labels with every rank."""
+            own = cursor.own(len(batch["index"]))
+            distributed.broadcast_buffers(model, ctx)  # every rank predicts with rank 0's BatchNorm statistics
+            new = None
+            if own:
+                part = batch if own == len(batch["index"]) else {k: v[:own] for k, v in batch.items()}
+                new = propagate(model, part, stores[split], device, label_cfg=label_cfg, update=update,
+                                attr=attr if attribute else None, label_generator=generators["labels"],
+                                amp=train_cfg.amp, tally=tally, seeds=seeds, section=section)
+            if update:
+                _share_label_updates(stores[split], batch["index"][:own], new, p, ctx,
+                                     capacity=train_cfg.net_batch_size)
 
         for pass_i in range(passes):
             last = pass_i == passes - 1
-            train_one_epoch(model, train_loader, optimizer, device, train_cfg=train_cfg, step=epoch > 0, tally=tally,
+            if samplers["train"] is not None:
+                samplers["train"].set_epoch(epoch * train_cfg.passes_per_epoch + pass_i)
+            cursor = distributed.ShardCursor(len(splits["train"]), ctx)
+            train_one_epoch(net, train_loader, optimizer, device, train_cfg=train_cfg, step=epoch > 0, tally=tally,
                             class_weights=weights, scaler=scaler,
                             augment_generator=generators["augment"] if train_cfg.augment else None,
-                            lut=stores["train"].class_lut,
-                            density_floor=train_cfg.background_density * meta.get("nuclear_density_median", 0.0),
-                            after_batch=after if last else None, progress=bar)
+                            lut=stores["train"].class_lut, density_floor=density_floor,
+                            after_batch=(functools.partial(step, split="train", cursor=cursor)
+                                         if last and (update or attribute) else None),
+                            progress=bar)
         if test_loader is not None and (update or attribute):
+            cursor = distributed.ShardCursor(len(splits["test"]), ctx)
             for batch in test_loader:
-                propagate(model, batch, stores["test"], device, label_cfg=label_cfg, update=update,
-                          attr=attr if attribute else None, label_generator=generators["labels"],
-                          amp=train_cfg.amp, tally=tally, seeds=seeds, section=section)
+                step(batch, "test", cursor)
                 bar.update()
         bar.close()
 
-        stats = tally.host()
-        calling, foreground = _cell_calling(list(stores.values()), meta, spot_x, spot_y, train_cfg.pixel_distance)
-        row = {
-            "epoch": epoch, "loss": stats["loss_sum"] / max(stats["pixels"], 1),
-            "pixel_acc": stats["correct"] / max(stats["pixels"], 1),
-            "n_relabelled": int(stats.get("n_relabelled", 0)), "n_grown": int(stats.get("n_grown", 0)),
-            "n_reassigned": int(stats.get("n_reassigned", 0)),
-            "n_blocked_by_attribution": int(stats.get("n_blocked_by_attribution", 0)),
-            "foreground_px": foreground, "cell_calling": calling,
-            "attr_seconds": stats.get("attr_seconds", 0.0),
-            "attr_steps_mean": stats["attr_steps"] / stats["attr_samples"] if stats.get("attr_samples") else 0.0,
-            "label_seconds": stats.get("label_seconds", 0.0),
-            "epoch_seconds": time.perf_counter() - t_epoch,
-        }
-        rows.append(row)
-        log_table = _append_log(run_dir, rows)
-        log.info("epoch %d: loss %.4f, pixel acc %.3f, relabelled %d px, cell-calling %.3f, attribution %.1f s, "
-                 "epoch %.1f s", epoch, row["loss"], row["pixel_acc"], row["n_relabelled"], row["cell_calling"],
-                 row["attr_seconds"], row["epoch_seconds"])
-        if epoch % train_cfg.save_interval == 0 or epoch == train_cfg.net_epoch:
-            _save(run_dir, epoch, model=model, optimizer=optimizer, scaler=scaler, stores=stores, generators=generators,
-                  configs=configs, attr=attr, meta=meta, extra=extra)
+        # the whole section's figures on every rank; then rank 0 scores, logs and saves while the others wait
+        stats = distributed.reduce_metrics(tally.host(), ctx, max_keys=_WALL_KEYS)
+        if attribute:
+            _reduce_attribution(attr, ctx)
+        due = epoch % train_cfg.save_interval == 0 or epoch == train_cfg.net_epoch
+        rng_ranks = distributed.gather_objects(_rng_states(generators), ctx) if due else None
+
+        def finish() -> dict:
+            calling, foreground = _cell_calling(list(stores.values()), meta, spot_x, spot_y, train_cfg.pixel_distance)
+            row = _log_row(epoch, stats, calling, foreground, time.perf_counter() - t_epoch)
+            _append_log(run_dir, [*rows, row])
+            log.info("epoch %d: loss %.4f, pixel acc %.3f, relabelled %d px, cell-calling %.3f, attribution %.1f s, "
+                     "epoch %.1f s", epoch, row["loss"], row["pixel_acc"], row["n_relabelled"], row["cell_calling"],
+                     row["attr_seconds"], row["epoch_seconds"])
+            if rng_ranks is not None:
+                _save(run_dir, epoch, model=model, optimizer=optimizer, scaler=scaler, stores=stores,
+                      rng_ranks=rng_ranks, configs=configs, attr=attr, meta=meta, extra=extra)
+            return row
+
+        rows.append(distributed.run_on_main(finish, ctx))
+        if due:
             saved.append(epoch)
-    if start > train_cfg.net_epoch:
-        log_table = pd.DataFrame(rows)
-    return TrainResult(last_epoch=train_cfg.net_epoch, saved_epochs=sorted(set(saved)), log=log_table, run_dir=run_dir)
+    return TrainResult(last_epoch=train_cfg.net_epoch, saved_epochs=sorted(set(saved)), log=pd.DataFrame(rows),
+                       run_dir=run_dir)
 
 
 def _resume(run_dir: Path, epoch: int, *, model, optimizer, scaler, stores: dict[str, LabelStore], generators,
-            meta: dict, attr: _Attr | None, device: torch.device) -> tuple[int, list[dict]]:
+            meta: dict, attr: _Attr | None, device: torch.device,
+            ctx: distributed.DistContext = distributed.SINGLE) -> tuple[int, list[dict]]:
     """Restore the state at the end of ``epoch``; returns the first epoch to run and the earlier log rows."""
     epochs = list_epochs(run_dir)
     if epoch not in epochs:
@@ -547,7 +669,7 @@ def _resume(run_dir: Path, epoch: int, *, model, optimizer, scaler, stores: dict
     if not cache.is_file() or file_sha256(cache) != state["label_cache"]["sha256"]:
         raise DataError(f"{cache}: missing or not the label cache saved with {path.name}; resume from another epoch")
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(distributed.strip_module_prefix(state["model"]))
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise DataError(f"{path}: does not fit this network ({str(err).splitlines()[0][:160]}); it was trained with other "
@@ -559,7 +681,7 @@ def _resume(run_dir: Path, epoch: int, *, model, optimizer, scaler, stores: dict
         if split not in cached:
             raise DataError(f"{cache}: no labels for the {split} split")
         store.load_state_dict(cached[split], source=str(cache))
-    _restore_rng(generators, state["rng"])
+    _restore_rank_rng(generators, state, ctx)
     if attr is not None and "attribution" in state:
         attr.type_gene_sum = state["attribution"]["type_gene_sum"].to(device)
         attr.type_pixels = state["attribution"]["type_pixels"].to(device)
@@ -571,6 +693,21 @@ def _resume(run_dir: Path, epoch: int, *, model, optimizer, scaler, stores: dict
         rows = table[table["epoch"] <= epoch].to_dict("records")
     log.info("resumed from %s (epoch %d); continuing with epoch %d", path.name, epoch, epoch + 1)
     return epoch + 1, rows
+
+
+def _restore_rank_rng(generators: dict[str, torch.Generator], state: dict[str, Any], ctx: distributed.DistContext) -> None:
+    """Each rank continues its own random streams when the checkpoint has them (same world size); otherwise rank 0
+    continues the saved rank-0 streams and the other ranks keep their fresh ``(--random_seed, rank)`` streams."""
+    saved_world = int(state.get("world_size", 1))
+    per_rank = state.get("rng_ranks")
+    if saved_world == ctx.world_size and per_rank is not None:
+        _restore_rng(generators, per_rank[ctx.rank])
+    elif ctx.is_main:
+        _restore_rng(generators, state["rng"])
+    if saved_world != ctx.world_size:
+        log.info("checkpoint of a %d-process run resumed by %d process(es): weights, optimizer, labels and attribution "
+                 "sums are restored exactly; the patch shuffling and the other ranks' random streams differ from an "
+                 "uninterrupted run", saved_world, ctx.world_size)
 
 
 # ------------------------------------------------------------------------------------------------ CLI body
@@ -597,9 +734,8 @@ def _prepare_run_dir(run_dir: Path, data_dir: Path, *, resume: bool, overwrite: 
         shutil.rmtree(run_dir / RunFiles.RESULTS, ignore_errors=True)
 
 
-def run_training(args: Any, cfg: dict[type, Any], paths: Any) -> int:
-    """The ``SegJointGene`` step: check the run folder, train, export the results."""
-    runtime: RuntimeConfig = cfg[RuntimeConfig]
+def _open_run(args: Any, cfg: dict[type, Any], paths: Any, *, world_size: int) -> int | None:
+    """Check and prepare the run folder, write ``run.json``; returns the epoch to resume from (None: a new run)."""
     meta = load_metadata(paths.data_dir)
     run_dir = Path(paths.run_dir)
     resume_epoch = None
@@ -608,24 +744,58 @@ def run_training(args: Any, cfg: dict[type, Any], paths: Any) -> int:
         if not epochs:
             raise InputNotFoundError(f"--if_load_ckpt: {run_dir} holds no checkpoint to resume from")
         resume_epoch = args.ckpt_load_epoch if args.ckpt_load_epoch is not None else epochs[-1]
-    _prepare_run_dir(run_dir, Path(paths.data_dir), resume=resume_epoch is not None, overwrite=runtime.overwrite)
+    _prepare_run_dir(run_dir, Path(paths.data_dir), resume=resume_epoch is not None, overwrite=cfg[RuntimeConfig].overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     info = {"datasets_name": paths.datasets_name, "data_dir": str(Path(paths.data_dir).resolve()),
-            "raw_dir": meta.get("raw_dir", ""), "package_version": __version__,
+            "raw_dir": meta.get("raw_dir", ""), "package_version": __version__, "world_size": world_size,
             "config": {name: dataclasses.asdict(cfg[cls]) for name, cls in
                        (("train", TrainConfig), ("labels", LabelUpdateConfig), ("attribution", AttributionConfig),
                         ("runtime", RuntimeConfig))}}
     write_json(run_dir / RunFiles.RUN_INFO, info)
-    start = time.perf_counter()
-    result = self_train(paths.data_dir, run_dir, train_cfg=cfg[TrainConfig], label_cfg=cfg[LabelUpdateConfig],
-                        attr_cfg=cfg[AttributionConfig], runtime=runtime, resume_epoch=resume_epoch,
-                        progress=not args.quiet)
-    minutes = (time.perf_counter() - start) / 60
+    return resume_epoch
+
+
+def _export_and_report(result: TrainResult, datasets_name: str, minutes: float) -> None:
     from .export import export_results
 
-    results = export_results(run_dir, epoch=result.last_epoch)
+    results = export_results(result.run_dir, epoch=result.last_epoch)
     last = result.log.iloc[-1]
-    print(f"trained {paths.datasets_name} to epoch {result.last_epoch} in {minutes:.1f} min: loss {last['loss']:.4f}, "
+    print(f"trained {datasets_name} to epoch {result.last_epoch} in {minutes:.1f} min: loss {last['loss']:.4f}, "
           f"pixel acc {last['pixel_acc']:.3f}, cell-calling {last['cell_calling']:.3f}\n"
-          f"checkpoints: {run_dir} (epochs {', '.join(map(str, result.saved_epochs))})\nresults: {results}")
+          f"checkpoints: {result.run_dir} (epochs {', '.join(map(str, result.saved_epochs))})\nresults: {results}")
+
+
+@contextlib.contextmanager
+def _main_rank_logs(ctx: distributed.DistContext) -> Iterator[None]:
+    """Info messages from rank 0 only (the other ranks still report warnings and errors)."""
+    logger = logging.getLogger(__name__.rpartition(".")[0] or __name__)
+    before = logger.level
+    if not ctx.is_main:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+def run_training(args: Any, cfg: dict[type, Any], paths: Any) -> int:
+    """The ``SegJointGene`` step: check the run folder, train, export the results.
+
+    Under ``torchrun`` every rank runs this: rank 0 checks and prepares the run folder and tells the others its
+    decision (an error there stops every rank with its message), all ranks train their shards, rank 0 exports the
+    results while the others wait.
+    """
+    runtime: RuntimeConfig = cfg[RuntimeConfig]
+    train_cfg: TrainConfig = cfg[TrainConfig]
+    env = distributed.from_env()
+    device = resolve_device(runtime, local_rank=env.local_rank if env.enabled else None)
+    with (distributed.process_group(env, device, timeout_s=train_cfg.ddp_timeout_min * 60) as ctx,
+          _main_rank_logs(ctx)):
+        resume_epoch = distributed.run_on_main(lambda: _open_run(args, cfg, paths, world_size=ctx.world_size), ctx)
+        start = time.perf_counter()
+        result = self_train(paths.data_dir, paths.run_dir, train_cfg=train_cfg, label_cfg=cfg[LabelUpdateConfig],
+                            attr_cfg=cfg[AttributionConfig], runtime=runtime, resume_epoch=resume_epoch,
+                            progress=not args.quiet)
+        minutes = (time.perf_counter() - start) / 60
+        distributed.run_on_main(lambda: _export_and_report(result, paths.datasets_name, minutes), ctx)
     return 0
