@@ -17,7 +17,8 @@ patches of each batch (not the sampler's padding, which repeats another rank's);
 new labels of all ranks are gathered into every rank's label store, so all stores are identical whenever a step
 reads neighbouring patches (``_SectionLabels.context``), an epoch ends or a cache is saved. Within a step every rank
 sees the labels as they were after the previous step, across all ranks. Per-epoch tallies and the (type x gene)
-attribution sums are summed over the ranks; rank 0 alone writes files, with the others waiting for its status.
+attribution sums are summed over the ranks (the training loss and accuracy also count the few patches the sampler
+repeats to even out the shards); rank 0 alone writes files, the others waiting for its status.
 Guarantees: world size 1 (plain ``python main.py``) is the single-process run, unchanged; N ranks give a consistent
 run that is deterministic for a fixed N and seed (given deterministic kernels), but not bit-identical to N = 1 (the
 batches and the order of label updates differ). Checkpoints hold the unwrapped model, rank 0's random states as
@@ -379,7 +380,10 @@ def _rng_states(generators: dict[str, torch.Generator]) -> dict[str, torch.Tenso
 
 def _restore_rng(generators: dict[str, torch.Generator], states: dict[str, torch.Tensor]) -> None:
     for name, g in generators.items():
-        g.set_state(states[name].cpu())  # states load onto the training device; generators take CPU byte tensors
+        try:
+            g.set_state(states[name].cpu())  # states load onto the training device; generators take CPU byte tensors
+        except RuntimeError:  # a device generator saved on another device type (a CUDA run resumed on CPU, ...)
+            log.warning("the '%s' random stream was saved on another device type; it restarts from --random_seed", name)
     torch.set_rng_state(states["torch"].cpu())
 
 
@@ -623,7 +627,7 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
                 bar.update()
         bar.close()
 
-        # the whole section's figures on every rank; then rank 0 scores, logs and saves while the others wait
+        # the section's totals on every rank; then rank 0 scores, logs and saves while the others wait for its status
         stats = distributed.reduce_metrics(tally.host(), ctx, max_keys=_WALL_KEYS)
         if attribute:
             _reduce_attribution(attr, ctx)
@@ -695,7 +699,8 @@ def _resume(run_dir: Path, epoch: int, *, model, optimizer, scaler, stores: dict
     return epoch + 1, rows
 
 
-def _restore_rank_rng(generators: dict[str, torch.Generator], state: dict[str, Any], ctx: distributed.DistContext) -> None:
+def _restore_rank_rng(generators: dict[str, torch.Generator], state: dict[str, Any],
+                      ctx: distributed.DistContext) -> None:
     """Each rank continues its own random streams when the checkpoint has them (same world size); otherwise rank 0
     continues the saved rank-0 streams and the other ranks keep their fresh ``(--random_seed, rank)`` streams."""
     saved_world = int(state.get("world_size", 1))
@@ -744,7 +749,8 @@ def _open_run(args: Any, cfg: dict[type, Any], paths: Any, *, world_size: int) -
         if not epochs:
             raise InputNotFoundError(f"--if_load_ckpt: {run_dir} holds no checkpoint to resume from")
         resume_epoch = args.ckpt_load_epoch if args.ckpt_load_epoch is not None else epochs[-1]
-    _prepare_run_dir(run_dir, Path(paths.data_dir), resume=resume_epoch is not None, overwrite=cfg[RuntimeConfig].overwrite)
+    _prepare_run_dir(run_dir, Path(paths.data_dir), resume=resume_epoch is not None,
+                     overwrite=cfg[RuntimeConfig].overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     info = {"datasets_name": paths.datasets_name, "data_dir": str(Path(paths.data_dir).resolve()),
             "raw_dir": meta.get("raw_dir", ""), "package_version": __version__, "world_size": world_size,

@@ -251,16 +251,35 @@ def test_rank_0_error_stops_every_rank(ddp_run, section):
 
 
 def test_torchrun_with_cid_reduces_the_attribution_sums(section):
-    res = _torchrun(section.work_dir, *CID, "--net_epoch=2", "--save_interval=1", "--net_sub_suffix=cid")
+    res = _torchrun(section.work_dir, *CID, "--net_epoch=1", "--save_interval=1", "--passes_per_epoch=1",
+                    "--net_sub_suffix=cid")
     _check_ok(res)
     run = section.work_dir / "checkpoints" / "sim" / "cid"
-    assert (run / "attribution_2.npz").is_file() and (run / "results" / "gene_ranking.csv").is_file()
-    attribution = np.load(run / "attribution_2.npz")
+    assert (run / "attribution_1.npz").is_file() and (run / "results" / "gene_ranking.csv").is_file()
+    attribution = np.load(run / "attribution_1.npz")
     # each patch is attributed once per epoch, with the labels it had at the end of the previous epoch: the summed
-    # pixel counts of both ranks equal the section's counts in the epoch-1 cache
-    before = load_label_cache(run / "labels_cache_1.npz")
+    # pixel counts of both ranks equal the section's counts in the epoch-0 cache
+    before = load_label_cache(run / "labels_cache_0.npz")
     counts = sum(np.bincount(before[s]["classes"].ravel(), minlength=8) for s in ("train", "test"))
     np.testing.assert_array_equal(attribution["type_pixels"], counts[attribution["targets"]])
     assert np.isfinite(attribution["type_gene_sum"]).all() and attribution["type_gene_sum"].any()
     log = pd.read_csv(run / "train_log.csv")
     assert (log["attr_seconds"].iloc[1:] > 0).all() and (log["attr_steps_mean"].iloc[1:] > 0).all()
+
+
+@pytest.mark.slow
+def test_torchrun_resume_with_the_same_world_size_is_exact(section, ddp_run, tmp_path):
+    """Resuming a 2-process run under 2 processes continues every rank's streams: the same weights and labels."""
+    _, straight = ddp_run
+    work = tmp_path / "w"
+    shutil.copytree(section.work_dir / "data", work / "data")
+    run = work / "checkpoints" / "sim" / "ddp"
+    run.mkdir(parents=True)
+    for name in ("net_2.pt", "labels_cache_2.npz", "train_log.csv"):
+        shutil.copy(straight / name, run / name)
+    _check_ok(_torchrun(work, *NO_ATTR, "--net_epoch=3", "--save_interval=2", "--net_sub_suffix=ddp",
+                        "--if_load_ckpt=True"))
+    a, b = load_checkpoint(straight / "net_3.pt"), load_checkpoint(run / "net_3.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert (straight / "labels_cache_3.npz").read_bytes() == (run / "labels_cache_3.npz").read_bytes()
