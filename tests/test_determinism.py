@@ -23,8 +23,8 @@ MAIN = str(ROOT / "main.py")
 NAME = "det"
 TRAIN = ["--step_name=SegJointGene", f"--datasets_name={NAME}", "--quiet", "--device=cpu", "--num_threads=1",
          "--num_workers=0", "--net_width=4", "--net_batch_size=4", "--net_lr=0.01", "--passes_per_epoch=3",
-         "--attr_method=CID", "--attr_epoch=2", "--attr_n_gene=4", "--attr_n_celltype=3", "--CID_n_steps=3",
-         "--cache_patches=yes", "--save_interval=2"]
+         "--warmup_epochs=1", "--attr_method=CID", "--attr_epoch=2", "--attr_n_gene=4", "--attr_n_celltype=3",
+         "--CID_n_steps=3", "--cache_patches=yes", "--save_interval=2"]
 TIMEOUT_S = 300
 #: Files of a run that legitimately differ between two identical runs: they record times (seconds per epoch in
 #: the log and its curves) or absolute paths (run.json). Everything else, checkpoints included, is byte-identical.
@@ -123,7 +123,7 @@ def test_resident_memory_stays_flat_over_20_epochs(section):
     pytest.importorskip("psutil")
     n_epochs = 20
     args = [*TRAIN, f"--work_dir={section.work_dir}", "--net_sub_suffix=memory", f"--net_epoch={n_epochs}",
-            "--save_interval=1", "--random_seed=3"]
+            "--save_interval=1", "--random_seed=3", "--passes_per_epoch=1"]
     done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, *args], capture_output=True, text=True,
                           timeout=TIMEOUT_S, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
