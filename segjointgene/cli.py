@@ -2,17 +2,22 @@
 
 The parser is built from the config dataclasses (each default is defined once, in ``config.py``). Step handlers
 import the library lazily, so ``--help`` stays fast. Errors a user can fix print one line and exit with status 2;
-anything else prints one line (the traceback with ``--debug``) and exits with status 1.
+anything else prints one line (the traceback with ``--debug``) and exits with status 1. Ctrl-C exits with 130 and
+SIGTERM (e.g. a scheduler's pre-emption) with 143, after the file being written is discarded.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import logging
+import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -316,8 +321,38 @@ def _one_line(err: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+class _Terminated(BaseException):
+    """SIGTERM (``kill``, a scheduler's pre-emption) as an exception: files being written are then discarded cleanly.
+
+    A ``BaseException``, so that no ``except Exception`` on the way swallows it.
+    """
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception():
+    """Turn SIGTERM into :class:`_Terminated` in this process while a step runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    main_pid = os.getpid()
+
+    def terminate(signum, frame):
+        if os.getpid() != main_pid:  # a forked worker (process pool, DataLoader) ends as it would without us
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise _Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one step; returns the exit status (0 ok, 1 internal error, 2 usage or data error)."""
+    """Run one step; returns the exit status (0 ok, 1 internal error, 2 usage or data error, 130 interrupted by
+    Ctrl-C, 143 terminated by SIGTERM)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -333,15 +368,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(cfg[RuntimeConfig].num_threads)
-        return handler(args, cfg, paths)
+        with _sigterm_as_exception():
+            return handler(args, cfg, paths)
     except UserError as err:
         if args.debug:
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Terminated) as stop:
+        # every file is written under a temporary name and renamed when complete: the one being written is discarded,
+        # everything saved before is intact
+        how, status = ("terminated (SIGTERM)", 143) if isinstance(stop, _Terminated) else ("interrupted", 130)
+        print(f"{how}: files saved so far are complete; resume training with --if_load_ckpt=True, re-run any other "
+              "step (preprocessing keeps its finished patches)", file=sys.stderr)
+        return status
     except Exception as err:  # noqa: BLE001 - one line for the user, the traceback with --debug
         if args.debug:
             raise

@@ -182,6 +182,25 @@ def test_kill_training_and_resume_gives_the_uninterrupted_result(section):
     del temp  # the trainer does not clean its run folder (see the report); the hidden file stays harmless
 
 
+def test_sigterm_stops_training_cleanly(section):
+    """A scheduler's SIGTERM: exit status 143, one line saying how to resume, no temporary file left at all."""
+    from segjointgene.checkpoint import list_epochs, load_checkpoint
+
+    work = section.work_dir
+    run = work / "checkpoints" / NAME / "term"
+    proc = _popen(*_train_args(work, "term", "--save_interval=1"))
+    _wait_for(lambda: list(run.glob("net_*.pt")), proc, "the first checkpoint")
+    time.sleep(float(np.random.default_rng(99).uniform(0.05, 0.5)))
+    proc.send_signal(signal.SIGTERM)
+    status, _, err = _finish(proc)
+    assert status == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("terminated (SIGTERM)") and "--if_load_ckpt=True" in last and "Traceback" not in err
+    assert not [p.name for p in run.rglob(".tmp-*")]  # the file being written was discarded, not left behind
+    saved = list_epochs(run)
+    assert saved and load_checkpoint(run / f"net_{saved[-1]}.pt")["epoch"] == saved[-1]
+
+
 @pytest.mark.xfail(strict=True, reason="trainer: temporary files that a killed run left in its run folder (e.g. a "
                                        "checkpoint being written: up to a checkpoint's size each) are never removed; "
                                        "_prepare_run_dir should call segjointgene.io.remove_stale_temps(run_dir)")
