@@ -471,6 +471,11 @@ def _cache_images(ds_sizes: int, setting: str) -> bool:
     return ds_sizes < total // 4
 
 
+def _first_samples(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """The first ``n`` samples of a collated batch (spot lists of ``collate_spot_lists``: the rows of those samples)."""
+    return {k: v[v[:, 0] < n] if k == "spots" else v[:n] for k, v in batch.items()}
+
+
 def _share_label_updates(store: LabelStore, indices: torch.Tensor, new: torch.Tensor | None, patch_size: int,
                          ctx: distributed.DistContext, *, capacity: int) -> None:
     """DDP: write every rank's new labels of this step into this rank's ``store`` (its own are there already).
@@ -600,7 +605,7 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
             distributed.broadcast_buffers(model, ctx)  # every rank predicts with rank 0's BatchNorm statistics
             new = None
             if own:
-                part = batch if own == len(batch["index"]) else {k: v[:own] for k, v in batch.items()}
+                part = batch if own == len(batch["index"]) else _first_samples(batch, own)
                 new = propagate(model, part, stores[split], device, label_cfg=label_cfg, update=update,
                                 attr=attr if attribute else None, label_generator=generators["labels"],
                                 amp=train_cfg.amp, tally=tally, seeds=seeds, section=section)
