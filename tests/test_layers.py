@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "segjointgene"
 LAYERS = {
     "__init__": 0, "constants": 0, "errors": 0, "config": 0.5,
     "io": 1, "geometry": 1, "simulate": 1.5, "preprocess": 1.5, "stitch": 1.5, "metrics": 1.5, "baselines": 1.5,
-    "labels": 2, "dataset": 2, "model": 2, "checkpoint": 2, "attribution": 2, "plots": 2, "distributed": 2,
+    "labels": 2, "dataset": 2, "model": 2, "checkpoint": 2, "attribution": 2, "plots": 2, "distributed": 2, "density": 2,
     "export": 2.5, "evaluation": 2.5, "embed": 2.5, "classify": 2.5,
     "trainer": 3,
     "cli": 4,
