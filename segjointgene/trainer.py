@@ -55,7 +55,7 @@ from .config import AttributionConfig, LabelUpdateConfig, RuntimeConfig, TrainCo
 from .constants import BACKGROUND, CELLS_TABLE, SPOTS_TABLE, RunFiles
 from .dataset import ImagePatchDataset, LabelStore, load_label_cache, load_metadata, read_class_lut, save_label_cache
 from .errors import ConfigError, DataError, InputNotFoundError, UserError
-from .io import load_npz, read_json, write_csv, write_json, save_npz
+from .io import load_npz, read_json, remove_stale_temps, save_npz, write_csv, write_json
 from .labels import IGNORE, training_targets, update_labels
 from .metrics import cell_calling_score
 from .model import UNet, check_patch_size
@@ -390,7 +390,7 @@ def _restore_rng(generators: dict[str, torch.Generator], states: dict[str, torch
 def _save(run_dir: Path, epoch: int, *, model, optimizer, scaler, stores: dict[str, LabelStore],
           rng_ranks: list[dict[str, torch.Tensor]], configs: dict, attr: _Attr | None, meta: dict,
           extra: dict[str, Any]) -> None:
-    """Label cache first, then the checkpoint that names its sha256 (a consistent pair), then the gene ranking.
+    """Label cache, then the gene ranking, then the checkpoint that names the cache's sha256 (a consistent set).
 
     ``model`` is the unwrapped network (keys without DDP's ``module.``); ``rng_ranks`` holds every rank's generator
     states: rank 0's are the checkpoint's ``rng``, all of them ``rng_ranks`` when several processes trained.
@@ -409,9 +409,8 @@ def _save(run_dir: Path, epoch: int, *, model, optimizer, scaler, stores: dict[s
     if attr is not None and attr.type_gene_sum is not None:
         state["attribution"] = {"type_gene_sum": attr.type_gene_sum.cpu(), "type_pixels": attr.type_pixels.cpu(),
                                 "epoch": attr.epoch}
+        _write_attribution(run_dir, epoch, attr, meta)  # before the checkpoint: a saved epoch always has its ranking
     save_checkpoint(run_dir / RunFiles.CHECKPOINT.format(epoch=epoch), state)
-    if attr is not None and attr.type_gene_sum is not None:
-        _write_attribution(run_dir, epoch, attr, meta)
 
 
 def _write_attribution(run_dir: Path, epoch: int, attr: _Attr, meta: dict) -> None:
@@ -505,16 +504,19 @@ def _reduce_attribution(attr: _Attr, ctx: distributed.DistContext) -> None:
 
 def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train_cfg: TrainConfig = TrainConfig(),
                label_cfg: LabelUpdateConfig = LabelUpdateConfig(), attr_cfg: AttributionConfig = AttributionConfig(),
-               runtime: RuntimeConfig = RuntimeConfig(), resume_epoch: int | None = None, progress: bool = True) -> TrainResult:
+               runtime: RuntimeConfig = RuntimeConfig(), resume_epoch: int | None = None, progress: bool = True,
+               run_info: dict[str, Any] | None = None) -> TrainResult:
     """Self-train on a preprocessed dataset; write checkpoints, label caches, the log and the gene ranking.
 
     Parameters
     ----------
     data_dir : preprocessed dataset (``data/<datasets_name>``).
-    run_dir : run folder (``checkpoints/<datasets_name>/<net_sub_suffix>``); must exist.
+    run_dir : run folder (``checkpoints/<datasets_name>/<net_sub_suffix>``); created (with ``run_info`` as
+        ``run.json``) once the data are open and a resume is restored, so a failed start leaves nothing behind.
     train_cfg, label_cfg, attr_cfg, runtime : settings (see ``config.py``).
     resume_epoch : continue after this saved epoch (weights, optimizer, generators, labels restored).
     progress : show a progress bar per epoch.
+    run_info : written to ``run.json`` (rank 0) when the run starts.
 
     Notes
     -----
@@ -585,6 +587,10 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
     extra = {"attr_targets": {"genes": attr.genes.cpu(), "classes": attr.classes.cpu()} if attr else {}}
     density_floor = train_cfg.background_density * meta.get("nuclear_density_median", 0.0)
 
+    if ctx.is_main:  # everything checked: the run starts
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if run_info is not None:
+            write_json(run_dir / RunFiles.RUN_INFO, run_info)
     for epoch in range(start, train_cfg.net_epoch + 1):
         t_epoch = time.perf_counter()
         tally = _Tally(device)
@@ -681,8 +687,9 @@ def _resume(run_dir: Path, epoch: int, *, model, optimizer, scaler, stores: dict
         model.load_state_dict(distributed.strip_module_prefix(state["model"]))
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
-        raise DataError(f"{path}: does not fit this network ({str(err).splitlines()[0][:160]}); it was trained with other "
-                        "settings (e.g. --net_width)") from None
+        detail = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err).strip())
+        raise DataError(f"{path}: does not fit this network ({detail[:160]}); it was trained with other settings "
+                        "(e.g. --net_width)") from None
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     cached = load_label_cache(cache)
@@ -698,8 +705,12 @@ def _resume(run_dir: Path, epoch: int, *, model, optimizer, scaler, stores: dict
     log_path = run_dir / RunFiles.TRAIN_LOG
     rows = []
     if log_path.is_file():
-        table = pd.read_csv(log_path)
-        rows = table[table["epoch"] <= epoch].to_dict("records")
+        try:
+            table = pd.read_csv(log_path)
+            rows = table[table["epoch"] <= epoch].to_dict("records")
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise DataError(f"{log_path}: unreadable ({type(err).__name__}); delete it to resume without the earlier "
+                            "log rows") from None
     log.info("resumed from %s (epoch %d); continuing with epoch %d", path.name, epoch, epoch + 1)
     return epoch + 1, rows
 
@@ -725,6 +736,10 @@ _RUN_PATTERNS = ("net_*.pt", "labels_cache_*.npz", "attribution_*.npz", RunFiles
 
 
 def _prepare_run_dir(run_dir: Path, data_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to replace another run without ``--overwrite``; check a resume's dataset. Writes nothing but the removal
+    of a killed run's hidden temporary files (and, with ``--overwrite``, of the previous run)."""
+    if run_dir.is_dir():
+        remove_stale_temps(run_dir)
     held = [p for pattern in _RUN_PATTERNS for p in run_dir.glob(pattern)]
     if resume:
         info = run_dir / RunFiles.RUN_INFO
@@ -744,9 +759,9 @@ def _prepare_run_dir(run_dir: Path, data_dir: Path, *, resume: bool, overwrite: 
         shutil.rmtree(run_dir / RunFiles.RESULTS, ignore_errors=True)
 
 
-def _open_run(args: Any, cfg: dict[type, Any], paths: Any, *, world_size: int) -> int | None:
-    """Check and prepare the run folder, write ``run.json``; returns the epoch to resume from (None: a new run)."""
-    meta = load_metadata(paths.data_dir)
+def _open_run(args: Any, cfg: dict[type, Any], paths: Any) -> int | None:
+    """Check the run folder (nothing is created yet); returns the epoch to resume from (None: a new run)."""
+    load_metadata(paths.data_dir)
     run_dir = Path(paths.run_dir)
     resume_epoch = None
     if args.if_load_ckpt:
@@ -756,14 +771,16 @@ def _open_run(args: Any, cfg: dict[type, Any], paths: Any, *, world_size: int) -
         resume_epoch = args.ckpt_load_epoch if args.ckpt_load_epoch is not None else epochs[-1]
     _prepare_run_dir(run_dir, Path(paths.data_dir), resume=resume_epoch is not None,
                      overwrite=cfg[RuntimeConfig].overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    info = {"datasets_name": paths.datasets_name, "data_dir": str(Path(paths.data_dir).resolve()),
+    return resume_epoch
+
+
+def _run_info(cfg: dict[type, Any], paths: Any, meta: dict, *, world_size: int) -> dict[str, Any]:
+    """The content of ``run.json``."""
+    return {"datasets_name": paths.datasets_name, "data_dir": str(Path(paths.data_dir).resolve()),
             "raw_dir": meta.get("raw_dir", ""), "package_version": __version__, "world_size": world_size,
             "config": {name: dataclasses.asdict(cfg[cls]) for name, cls in
                        (("train", TrainConfig), ("labels", LabelUpdateConfig), ("attribution", AttributionConfig),
                         ("runtime", RuntimeConfig))}}
-    write_json(run_dir / RunFiles.RUN_INFO, info)
-    return resume_epoch
 
 
 def _export_and_report(result: TrainResult, datasets_name: str, minutes: float) -> None:
@@ -802,11 +819,12 @@ def run_training(args: Any, cfg: dict[type, Any], paths: Any) -> int:
     device = resolve_device(runtime, local_rank=env.local_rank if env.enabled else None)
     with (distributed.process_group(env, device, timeout_s=train_cfg.ddp_timeout_min * 60) as ctx,
           _main_rank_logs(ctx)):
-        resume_epoch = distributed.run_on_main(lambda: _open_run(args, cfg, paths, world_size=ctx.world_size), ctx)
+        resume_epoch = distributed.run_on_main(lambda: _open_run(args, cfg, paths), ctx)
+        info = _run_info(cfg, paths, load_metadata(paths.data_dir), world_size=ctx.world_size)
         start = time.perf_counter()
         result = self_train(paths.data_dir, paths.run_dir, train_cfg=train_cfg, label_cfg=cfg[LabelUpdateConfig],
                             attr_cfg=cfg[AttributionConfig], runtime=runtime, resume_epoch=resume_epoch,
-                            progress=not args.quiet)
+                            progress=not args.quiet, run_info=info)
         minutes = (time.perf_counter() - start) / 60
         distributed.run_on_main(lambda: _export_and_report(result, paths.datasets_name, minutes), ctx)
     return 0

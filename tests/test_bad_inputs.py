@@ -296,8 +296,6 @@ def test_bad_dataset_at_training_start(work, capsys, damage, extra, needles):
     assert not list(run.glob("net_*.pt")) and not list(run.glob("labels_cache_*")) and not (run / "results").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="trainer bug: run_training creates the run folder and writes run.json before "
-                                       "the dataset is validated, so a failed start leaves a half-made run folder")
 @pytest.mark.parametrize("damage", [lambda w: _truncate(_first_patch(w)),
                                     lambda w: _rewrite_patch(w, lambda a: {**a, "image": a["image"][1:]})],
                          ids=["truncated patch", "wrong shape"])
@@ -372,16 +370,12 @@ def test_resume_without_any_checkpoint(work, capsys):
     assert "--if_load_ckpt" in err and "no checkpoint" in err
 
 
-@pytest.mark.xfail(strict=True, reason="trainer bug: run_training rewrites run.json with the new settings before the "
-                                       "resume is validated, so a refused resume changes the run's record")
 def test_refused_resume_leaves_run_json_untouched(work):
     before = (_run_dir(work) / "run.json").read_bytes()
     assert _train(work, f"--net_sub_suffix={RUN}", "--if_load_ckpt=True", "--net_epoch=2", "--net_width=8") == 2
     assert (_run_dir(work) / "run.json").read_bytes() == before
 
 
-@pytest.mark.xfail(strict=True, reason="trainer bug: _resume reads train_log.csv with pd.read_csv unguarded, so a "
-                                       "damaged log is an internal error (exit 1) instead of a data error")
 def test_damaged_train_log_on_resume(work, capsys):
     (_run_dir(work) / "train_log.csv").write_bytes(b"\x00\xff\xfe not a table")
     assert _train(work, f"--net_sub_suffix={RUN}", "--if_load_ckpt=True", "--net_epoch=2") == 2

@@ -201,9 +201,6 @@ def test_sigterm_stops_training_cleanly(section):
     assert saved and load_checkpoint(run / f"net_{saved[-1]}.pt")["epoch"] == saved[-1]
 
 
-@pytest.mark.xfail(strict=True, reason="trainer: temporary files that a killed run left in its run folder (e.g. a "
-                                       "checkpoint being written: up to a checkpoint's size each) are never removed; "
-                                       "_prepare_run_dir should call segjointgene.io.remove_stale_temps(run_dir)")
 def test_resume_removes_the_killed_runs_temporary_files(section):
     import torch
 
