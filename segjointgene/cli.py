@@ -373,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         if args.debug:
             raise
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the error: rank 0 says it
+            print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, _Terminated) as stop:
         # every file is written under a temporary name and renamed when complete: the one being written is discarded,

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from .. import __version__
+from ..checkpoint import save_checkpoint
 from ..config import ClassifyConfig, RuntimeConfig
 from ..constants import CELLS_TABLE, ResultFiles, RunFiles, ClassifyFiles, EmbeddingFiles
 from ..errors import ColumnError, ConfigError, DataError, InputNotFoundError
@@ -271,8 +272,7 @@ def run_classify(args: argparse.Namespace, cfg: dict[type, Any], paths: Any) -> 
              "threshold": res.threshold, "ood_score": config.ood_score, "mean_field_factor": fitted.mean_field_factor,
              "precision_mode": "exact sum over the training cells (one pass after training)",
              "config": dataclasses.asdict(config), "version": __version__}
-    with atomic_path(model_path) as tmp:
-        torch.save(state, tmp)
+    save_checkpoint(model_path, state)  # atomic and byte-deterministic
     summary = {"classes": state["classes"], "labels": config.labels, "label_file": str(label_path),
                "threshold": res.threshold, "ood_score": config.ood_score, "ood_quantile": config.ood_quantile,
                "gp_lengthscale": float(fitted.model.gp.lengthscale) if fitted.model.gp is not None else None,

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from .. import __version__
+from ..checkpoint import save_checkpoint
 from ..config import EmbedConfig, RuntimeConfig
 from ..constants import CELLS_TABLE, SPOTS_TABLE, ResultFiles, RunFiles
 from ..dataset import load_metadata
@@ -157,8 +158,7 @@ def write_outputs(run: EmbedRun, results: Path, config: EmbedConfig, *, genes: l
              "crop_px": b.crop_px, "input_px": b.input_px, "mask_mode": b.mask_mode,
              "blur_sigma_px": b.blur_sigma_px, "config": dataclasses.asdict(config), "genes": list(genes),
              "version": __version__}
-    with atomic_path(out["encoder"]) as tmp:
-        torch.save(state, tmp)
+    save_checkpoint(out["encoder"], state)  # atomic and byte-deterministic
     if len(run.train_log):
         out["train_log"] = results / EmbeddingFiles.TRAIN_LOG
         write_csv(out["train_log"], run.train_log)
