@@ -52,7 +52,7 @@ from . import __version__, distributed
 from .attribution import select_targets, summarize
 from .checkpoint import file_sha256, list_epochs, load_checkpoint, save_checkpoint
 from .config import AttributionConfig, LabelUpdateConfig, RuntimeConfig, TrainConfig
-from .constants import BACKGROUND, CELLS_TABLE, SPOTS_TABLE, RunFiles
+from .constants import CELLS_TABLE, SPOTS_TABLE, RunFiles
 from .dataset import ImagePatchDataset, LabelStore, load_label_cache, load_metadata, read_class_lut, save_label_cache
 from .errors import ConfigError, DataError, InputNotFoundError, UserError
 from .io import load_npz, read_json, remove_stale_temps, save_npz, write_csv, write_json

@@ -154,10 +154,9 @@ def test_cid_ranks_ignored_channel_last_and_strong_channel_first(case, request):
     for t, best in enumerate(strongest):
         assert (scores[:, t].argmin(dim=1) == 0).all(), f"type {t}: the ignored channel 0 must score lowest"
         assert (scores[:, t].argmax(dim=1) == best).all(), f"type {t}: channel {best} must score highest"
-    # the ignored channel only feels the entropy term: its s rises by exactly lr at every step (Adam on a constant
-    # gradient) from the sample's start level, the same for every pixel and type of the sample
+    # the ignored channel only feels the entropy term: its s rises by the same amount at every step (Adam on a
+    # constant gradient) from the sample's start level, so it is the same for every pixel and type of the sample
     ignored = res.log_sigma[:, :, 0]  # (B, T, H, W)
-    rise = DEFAULT.cid_lr * DEFAULT.cid_n_steps
     top = ignored.flatten(1)[:, :1]  # (B, 1): start level of the sample + rise
     torch.testing.assert_close(ignored.flatten(1), top.expand(-1, ignored[0].numel()), rtol=0, atol=1e-4)
     assert res.n_steps.shape == (x.shape[0], 3) and (res.n_steps == DEFAULT.cid_n_steps).all()

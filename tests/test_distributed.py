@@ -24,7 +24,7 @@ from segjointgene.checkpoint import list_epochs, load_checkpoint
 from segjointgene.cli import main
 from segjointgene.dataset import ImagePatchDataset, load_label_cache
 from segjointgene.distributed import DistContext, ShardCursor
-from segjointgene.errors import ConfigError, DataError
+from segjointgene.errors import ConfigError
 from segjointgene.model import UNet
 
 from tests.conftest import make_sim

@@ -15,7 +15,7 @@ from segjointgene.dataset import load_metadata
 from segjointgene.errors import DataError
 from segjointgene.io import load_npz, read_section, write_raw_section
 from segjointgene.geometry import parse_patch_name
-from segjointgene.preprocess import DENSITY_TRUNCATE, density_halo, gene_density, preprocess_section, seeded_watershed
+from segjointgene.preprocess import DENSITY_TRUNCATE, gene_density, preprocess_section, seeded_watershed
 
 
 def _stitch(data_dir, key, meta=None):

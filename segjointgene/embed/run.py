@@ -31,7 +31,7 @@ from ..config import EmbedConfig, RuntimeConfig
 from ..constants import CELLS_TABLE, SPOTS_TABLE, ResultFiles, RunFiles
 from ..dataset import load_metadata
 from ..errors import ConfigError, DataError, InputNotFoundError
-from ..io import atomic_path, load_npz, read_section, write_csv
+from ..io import load_npz, read_section, write_csv
 from .crops import SectionInputs
 from .export import EmbeddingFiles, write_csvzip, write_table
 from .figures import plot_embedding
