@@ -28,7 +28,7 @@ TRAIN_DEFAULTS = ["--net_width=16", "--net_epoch=30", "--net_lr=1e-3", "--passes
                   "--attr_every=5", "--CID_n_steps=10", "--attr_n_gene=30", "--attr_n_celltype=6", "--save_interval=10",
                   "--num_workers=0", "--num_threads=1"]
 KEY_METRICS = ["gene_mIoU", "gene_mIoU_pen", "spot_acc", "spot_acc_cell", "F1@0.5", "type_mIoU", "n_cells",
-               "marker_precision", "marker_chance"]
+               "marker_precision", "marker_precision_de", "marker_chance"]
 
 
 def run_one(work: Path, mode: str, seed: int, size: int, train_args: list[str], suffix: str) -> pd.DataFrame:
@@ -47,10 +47,13 @@ def run_one(work: Path, mode: str, seed: int, size: int, train_args: list[str], 
     table.insert(0, "section", name)
     table["train_minutes"] = minutes
     ranking = results / "gene_ranking_evaluation.csv"
-    if ranking.is_file():  # the ranking belongs to our method only
-        scores = pd.read_csv(ranking)
-        table.loc[table["method"] == "ours", "marker_precision"] = scores["precision_at_m"].mean()
-        table.loc[table["method"] == "ours", "marker_chance"] = scores["chance"].mean()
+    if ranking.is_file():  # the rankings belong to our method only
+        scores = pd.read_csv(ranking).groupby("ranking")[["precision_at_m", "chance"]].mean()
+        ours = table["method"] == "ours"
+        for source, column in (("attribution", "marker_precision"), ("expression", "marker_precision_de")):
+            if source in scores.index:
+                table.loc[ours, column] = scores.loc[source, "precision_at_m"]
+        table.loc[ours, "marker_chance"] = scores["chance"].iloc[0]
     return table
 
 

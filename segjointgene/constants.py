@@ -71,6 +71,7 @@ class ResultFiles:
     ANNDATA = "cells.h5ad"
     GENE_RANKING = "gene_ranking.csv"
     GENE_SCORES = "gene_celltype_scores.csv"
+    GENE_RANKING_DE = "gene_ranking_expression.csv"  # differential expression of the segmented cells
     EVALUATION = "evaluation.csv"
     FIGURES = "figures"
 

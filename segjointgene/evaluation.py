@@ -462,13 +462,20 @@ RANKING_EVALUATION = "gene_ranking_evaluation.csv"
 
 
 def _score_ranking(results: Path, truth_dir: Path | None) -> pd.DataFrame | None:
-    """Score ``gene_ranking.csv`` against the truth folder's ``markers.csv`` (when both exist); write the table."""
-    ranking_path = results / ResultFiles.GENE_RANKING
-    if truth_dir is None or not ranking_path.is_file() or not (truth_dir / TruthFiles.MARKERS).is_file():
+    """Score the gene rankings (attribution, and differential expression) against the truth folder's
+    ``markers.csv`` when both exist; write the table (one row per ranking and cell type)."""
+    if truth_dir is None or not (truth_dir / TruthFiles.MARKERS).is_file():
         return None
-    table = M.ranking_marker_precision(pd.read_csv(ranking_path), pd.read_csv(truth_dir / TruthFiles.MARKERS))
-    if table.empty:
+    markers = pd.read_csv(truth_dir / TruthFiles.MARKERS)
+    tables = []
+    for source, name in (("attribution", ResultFiles.GENE_RANKING), ("expression", ResultFiles.GENE_RANKING_DE)):
+        if (results / name).is_file():
+            table = M.ranking_marker_precision(pd.read_csv(results / name), markers)
+            if not table.empty:
+                tables.append(table.assign(ranking=source).reset_index().set_index(["ranking", "celltype"]))
+    if not tables:
         return None
+    table = pd.concat(tables)
     write_csv(results / RANKING_EVALUATION, table, index=True)
     return table
 
@@ -575,8 +582,10 @@ def run_evaluate(args: Any, cfg: dict[type, Any], paths: Any) -> int:
     print(markdown_table(out))
     ranking = _score_ranking(results, truth_dir)
     if ranking is not None:
-        notes.append(f"gene ranking vs the simulated markers: precision of the top-m genes {ranking['precision_at_m'].mean():.2f} "
-                     f"(chance {ranking['chance'].mean():.2f}) -> {results / RANKING_EVALUATION}")
+        scores = ranking.groupby(level="ranking")[["precision_at_m", "chance"]].mean()
+        notes.append("gene rankings vs the simulated markers, precision of the top-m genes: " + ", ".join(
+            f"{src} {row.precision_at_m:.2f}" for src, row in scores.iterrows())
+            + f" (chance {scores['chance'].iloc[0]:.2f}) -> {results / RANKING_EVALUATION}")
     print("\n".join(notes))
     print(f"evaluation of {len(out)} methods in {time.perf_counter() - start:.1f} s -> {results / ResultFiles.EVALUATION}")
     return 0

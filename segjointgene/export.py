@@ -26,6 +26,7 @@ import pandas as pd
 from .constants import CELLS_TABLE, METADATA_FILE, SPOTS_TABLE, SPLITS, PatchKeys, ResultFiles, RunFiles
 from .errors import DataError, InputNotFoundError
 from .io import atomic_path, load_npz, npz_headers, read_json, remove_stale_temps, write_csv, write_tif
+from .metrics import expression_ranking
 from .plots import (densest_window, display_factor, downsample_labels, downsample_mean, plot_gene_ranking_heatmap,
                     plot_initial_vs_final, plot_section_overview, plot_training_curves, plot_zoom, spot_density)
 from .stitch import (assign_spots, cell_table, celltype_table, class_map, stitch_label_cache, stitch_patch_channel)
@@ -405,6 +406,8 @@ def export_results(run_dir: str | os.PathLike, *, epoch: int | None = None, figu
         "gene": np.asarray(genes, dtype=object)[spot_gene], "spotX": sx, "spotY": sy, "cell": spot_cell,
         "celltype": names[lut[spot_cell]], "inside": assigned.inside}))
     write_csv(out / ResultFiles.CELLS, cells)
+    write_csv(out / ResultFiles.GENE_RANKING_DE,
+              expression_ranking(spot_cell, spot_gene, cells.set_index("cell")["celltype"], genes))
     _write_anndata(out / ResultFiles.ANNDATA, cells, spot_cell, spot_gene, genes,
                    {"epoch": int(epoch), "datasets_name": str(meta.get("datasets_name", "")), "run": run_dir.name})
 
