@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -473,11 +475,17 @@ def _run_tasks(job: _Job, tasks: list[tuple[int, int, str]], num_workers: int, p
                 bar.update()
             return hist
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        ctx = mp.get_context(method)
-        with ctx.Pool(num_workers, initializer=_init_pool_worker, initargs=(job,)) as pool:
-            for part in pool.imap_unordered(_write_patch, tasks, chunksize=max(1, len(tasks) // (8 * num_workers))):
-                hist += part
-                bar.update()
+        # a ProcessPoolExecutor, not a multiprocessing.Pool: when a worker dies (out of memory, killed) the Pool
+        # waits forever for its lost tasks, the executor raises BrokenProcessPool
+        with ProcessPoolExecutor(num_workers, mp_context=mp.get_context(method), initializer=_init_pool_worker,
+                                 initargs=(job,)) as pool:
+            try:
+                for part in pool.map(_write_patch, tasks, chunksize=max(1, len(tasks) // (8 * num_workers))):
+                    hist += part
+                    bar.update()
+            except BrokenProcessPool:
+                raise RuntimeError("a preprocessing worker process died (out of memory or killed?); run the same "
+                                   "command again: the patches already written are kept") from None
         return hist
     finally:
         bar.close()
