@@ -28,7 +28,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .preprocess import DENSITY_TRUNCATE, density_halo
+from .preprocess import density_halo
 
 __all__ = ["SPOT_COLUMNS", "batch_density", "batch_images", "gaussian_kernel1d"]
 

@@ -285,12 +285,18 @@ def propagate(model: torch.nn.Module, batch: dict[str, Any], store: LabelStore, 
             logits = model(images).float()
     finally:
         model.train(was_training)
+    h = label_cfg.expand_k * label_cfg.repeats if label_cfg.rule == "v1" else 2 * label_cfg.expand_k * label_cfg.repeats
+    if section is not None:
+        ctx_inst, ctx_core = (t.to(device, non_blocking=True) for t in section.context(batch["origin"], h))
+    else:
+        ctx_inst, ctx_core = F.pad(instance, (h,) * 4), F.pad(core, (h,) * 4)
     summary = None
     if attr is not None:
         _sync(device)
         t0 = time.perf_counter()
+        # the window the label update reads lets CID leave out the patches (and types) nothing can use
         summary = summarize(model, images, lut[instance], targets=attr.classes, genes=attr.genes,
-                            config=attr.config, generator=attr.generator)
+                            config=attr.config, generator=attr.generator, context=lut[ctx_inst])
         _sync(device)
         tally.time("attr_seconds", time.perf_counter() - t0)
         tally.add("attr_steps", summary.n_steps.double().mean() * len(images))
@@ -300,12 +306,7 @@ def propagate(model: torch.nn.Module, batch: dict[str, Any], store: LabelStore, 
     if not update:
         return None
     t0 = time.perf_counter()
-    h = label_cfg.expand_k * label_cfg.repeats if label_cfg.rule == "v1" else 2 * label_cfg.expand_k * label_cfg.repeats
     p = instance.shape[-1]
-    if section is not None:
-        ctx_inst, ctx_core = (t.to(device, non_blocking=True) for t in section.context(batch["origin"], h))
-    else:
-        ctx_inst, ctx_core = F.pad(instance, (h,) * 4), F.pad(core, (h,) * 4)
     pad = (h,) * 4
     attribution = F.pad(summary.gene_sum, pad, mode="replicate") if summary is not None else None
     origin = batch["origin"].to(device) - h
