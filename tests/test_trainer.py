@@ -114,3 +114,20 @@ def test_cli_run_folder_protection_and_resume(sim128_copy, capsys):
     assert main(["--step_name=SegJointGene", *[a for a in common if not a.startswith("--net_epoch")], "--net_epoch=2",
                  "--if_load_ckpt"]) == 0
     assert list_epochs(run) == [0, 1, 2]
+
+
+def test_local_cid_types_compute_fewer_rows_and_rank_the_same_pixels(tmp_path):
+    """--CID_types=local: the trainer passes the label window, so CID optimises only the types present near each
+    patch (fewer steps per sample on average); the default optimises every type everywhere."""
+    from tests.conftest import make_sim
+
+    sim = make_sim(tmp_path, n_celltypes=8, n_genes=16, patch_size=32)
+    train = TrainConfig(**{**FAST.__dict__, "net_epoch": 1, "passes_per_epoch": 1})
+    means = {}
+    for types in ("all", "local"):
+        attr = AttributionConfig(**{**CID.__dict__, "n_celltype": 8, "cid_types": types})
+        _train(sim, tmp_path / types, train=train, attr=attr)
+        means[types] = pd.read_csv(tmp_path / types / "train_log.csv").loc[1, "attr_steps_mean"]
+        assert (tmp_path / types / "results" / "gene_ranking.csv").is_file()
+    assert means["all"] == pytest.approx(CID.cid_n_steps)
+    assert 0 < means["local"] < 0.75 * CID.cid_n_steps
