@@ -7,8 +7,9 @@ Simulates a section (``--size`` px, dense), preprocesses it into ``--patch-size`
 (``--attr_epoch=1``), once per variant:
 
 * ``none``: ``--attr_method=none`` (training + label updates only);
-* ``cid``: the default CID settings (20 steps, chunks of 8 types, 50 genes, up to 59 types);
-* ``cid_local``: ``--CID_types=local``; ``cid_noskip``: ``--CID_skip=false``;
+* ``cid``: the default CID settings (20 steps, chunks of 8 types, 50 genes, up to 59 types, ``--CID_types=local``);
+* ``cid_all``: ``--CID_types=all`` (every type at every patch); ``cid_all_noskip``: also ``--CID_skip=false`` (every
+  patch: the behaviour before the speed work, BatchNorm folding apart);
 
 and reads ``train_log.csv``: ``epoch_seconds``, ``attr_seconds`` and ``label_seconds`` of the last epoch, plus the
 wall time of the whole command.
@@ -26,8 +27,8 @@ from _common import ROOT, Recorder, run_measured  # noqa: E402
 VARIANTS = {
     "none": ["--attr_method=none"],
     "cid": ["--attr_method=CID"],
-    "cid_local": ["--attr_method=CID", "--CID_types=local"],
-    "cid_noskip": ["--attr_method=CID", "--CID_skip=false"],
+    "cid_all": ["--attr_method=CID", "--CID_types=all"],
+    "cid_all_noskip": ["--attr_method=CID", "--CID_types=all", "--CID_skip=false"],
 }
 
 
