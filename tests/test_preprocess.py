@@ -169,10 +169,19 @@ def test_parallel_workers_give_identical_files(sim128, tmp_path):
             assert (tmp_path / "w2" / split / name).read_bytes() == (sim128.data_dir / split / name).read_bytes()
 
 
+@pytest.fixture(scope="module")
+def real_dataset(real_raw, tmp_path_factory):
+    """The real CA1 section preprocessed at patch size 128 (shared by the real-data tests of this module)."""
+    out = tmp_path_factory.mktemp("real") / "CA1"
+    meta = preprocess_section(read_section(real_raw), out, PreprocessConfig(patch_size=128), num_workers=2,
+                              progress=False)
+    return out, meta
+
+
 @pytest.mark.realdata
-def test_real_section_preprocesses(real_raw, tmp_path):
-    meta = preprocess_section(read_section(real_raw), tmp_path / "CA1", PreprocessConfig(patch_size=128),
-                              num_workers=2, progress=False)
+def test_real_section_preprocesses(real_dataset):
+    data, meta = real_dataset
+    tmp_path = data.parent
     assert len(meta["genes"]) == 92
     assert meta["has_dapi"] is False and meta["nucleus_source"] == "label_image"
     assert meta["n_spots_outside"] == 0  # the raw folder's spots file already excludes the 6 spots at x = -1
@@ -183,3 +192,36 @@ def test_real_section_preprocesses(real_raw, tmp_path):
     ids.discard(0)
     assert ids and ids <= set(range(1, 3482))
     assert os.path.getsize(tmp_path / "CA1" / "metadata.json") > 0
+
+
+@pytest.mark.realdata
+def test_real_section_trains_one_epoch_on_a_few_patches(real_dataset, tmp_path):
+    """Self-training with CID on 6 train + 2 test patches of the real section (a copy of the dataset whose split
+    lists are cut): the documented step runs on real data, grows labels and writes its outputs."""
+    import json
+    import shutil
+
+    from segjointgene.cli import main
+
+    data, meta = real_dataset
+    small = tmp_path / "data" / "CA1"
+    keep = {"train": meta["split"]["train"][:6], "test": meta["split"]["test"][:2]}
+    for split, names in keep.items():
+        (small / split).mkdir(parents=True)
+        for name in names:
+            shutil.copy(data / split / name, small / split / name)
+    for name in os.listdir(data):
+        if (data / name).is_file() and name != "metadata.json":
+            shutil.copy(data / name, small / name)
+    (small / "metadata.json").write_text(json.dumps({**meta, "split": keep, "n_patches": 8}))
+    args = ["--step_name=SegJointGene", f"--work_dir={tmp_path}", "--datasets_name=CA1", "--attr_method=CID",
+            "--net_sub_suffix=SegJointGene_CID", "--net_width=4", "--net_epoch=1", "--warmup_epochs=0",
+            "--attr_epoch=1", "--CID_n_steps=2", "--attr_n_celltype=4", "--attr_n_gene=10", "--num_workers=0",
+            "--num_threads=1", "--quiet"]
+    assert main(args) == 0
+    run = tmp_path / "checkpoints" / "CA1" / "SegJointGene_CID"
+    log = pd.read_csv(run / "train_log.csv")
+    assert log["epoch"].tolist() == [0, 1] and log.loc[1, "n_relabelled"] > 0 and log.loc[1, "attr_seconds"] > 0
+    ranking = pd.read_csv(run / "results" / "gene_ranking.csv")
+    assert set(ranking["gene"]) <= set(meta["genes"]) and len(ranking) > 0
+    assert (run / "results" / "instance_mask.tif").is_file()
