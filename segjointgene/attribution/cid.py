@@ -267,8 +267,8 @@ class CID(Attribution):
         return x, classes, gene_ids, budget, base_seed
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        # CUDA only: bfloat16 autocast on a CPU with native bf16 was ~2x faster but moved the dominant type at
-        # ~45% of the pixels of a small trained UNet (rankings kept), too much for the label rule
+        # CUDA only: bfloat16 autocast on the CPU moved the dominant type at ~45% of the pixels of a small trained
+        # UNet (rankings kept), too much for the label rule
         return mixed_precision(device, self.mixed_precision)
 
     def _forward(self, device: torch.device) -> ForwardFunc:
