@@ -23,27 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import batch_parser, best_time, start  # noqa: E402
 
 
-def nucleus_seeds(inst, origins, n_ids: int):
-    """(n_ids, 3) nucleus (y, x, r) in the frame of the patches' origins, from the batch's nucleus pixels (as the
-    trainer's seeds, restricted to the batch); NaN for ids not in it."""
-    import torch
-
-    b, p, _ = inst.shape
-    yy, xx = torch.meshgrid(torch.arange(p, device=inst.device), torch.arange(p, device=inst.device), indexing="ij")
-    ids = inst.flatten()
-    fy = (yy[None] + origins[:, 0, None, None]).flatten().double()
-    fx = (xx[None] + origins[:, 1, None, None]).flatten().double()
-    area = torch.bincount(ids, minlength=n_ids).double()
-    seeds = torch.full((n_ids, 3), float("nan"), dtype=torch.float64, device=inst.device)
-    has = area > 0
-    seeds[:, 0] = torch.bincount(ids, weights=fy, minlength=n_ids) / area
-    seeds[:, 1] = torch.bincount(ids, weights=fx, minlength=n_ids) / area
-    seeds[:, 2] = (area / torch.pi).sqrt()
-    seeds[~has] = float("nan")
-    seeds[0] = float("nan")
-    return seeds.float()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = batch_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
@@ -57,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from segjointgene.dataset import ImagePatchDataset
     from segjointgene.labels import update_labels
     from segjointgene.model import UNet
+    from segjointgene.trainer import nucleus_seeds
 
     device, rec, sync = start("bench_train", args, argv)
     ds = ImagePatchDataset(args.data, "train")
@@ -104,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     logits = F.pad(forward(), (h,) * 4, mode="replicate")
     ctx_inst, ctx_core = F.pad(inst, (h,) * 4), F.pad(inst, (h,) * 4)
     origin = ds.origins[chosen].to(device) - h
-    seeds = nucleus_seeds(inst, ds.origins[chosen].to(device), lut.numel())
+    splits = {s: ImagePatchDataset(args.data, s) for s in ("train", "test") if ds.metadata["split"][s]}
+    seeds = nucleus_seeds(args.data, ds.metadata, splits, lut.numel()).to(device)  # as the trainer's
 
     def label_update():
         return update_labels(ctx_inst, ctx_core, logits, lut, config=cfg, seeds=seeds, origin=origin)

@@ -184,9 +184,6 @@ class AttributionConfig:
                                   "type is taken among them; 3-40x faster); all = every target type at every patch "
                                   "(the reference)",
                          flag="--CID_types", choices=("all", "local"))
-    cid_precision: str = opt("auto", "CID forward passes: auto = mixed precision on CUDA (bf16, else fp16), float32 on "
-                                     "CPU; fp32 = float32 everywhere", flag="--CID_precision",
-                             choices=("auto", "fp32"))
     cid_compile: bool = opt(False, "CID: run the network through torch.compile (falls back to eager when compiling "
                                    "fails)", flag="--CID_compile")
 
@@ -232,6 +229,10 @@ class TrainConfig:
     save_interval: int = opt(10, "save a checkpoint and label cache every N epochs (and at the end)")
     pixel_distance: int = opt(5, "ring width (pixels) of the cell-calling score")
     amp: bool = opt(True, "mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU")
+    density_on_device: bool = opt(False, "build each batch's density images on the training device from the "
+                                         "patches' spot lists (spots.npz) instead of reading the stored images: "
+                                         "less I/O and host memory, equal within float32 rounding",
+                                  flag="--density_on_device")
     cache_patches: str = opt("auto", "keep the patch images in memory: auto (when they fit in 1/4 of RAM), yes, no",
                              choices=("auto", "yes", "no"))
     ddp_timeout_min: float = opt(60.0, "torchrun runs: minutes a rank may wait for the others (e.g. while rank 0 writes "

@@ -36,7 +36,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,9 @@ from .attribution import select_targets, summarize
 from .checkpoint import file_sha256, list_epochs, load_checkpoint, save_checkpoint
 from .config import AttributionConfig, LabelUpdateConfig, RuntimeConfig, TrainConfig
 from .constants import CELLS_TABLE, SPOTS_TABLE, RunFiles
-from .dataset import ImagePatchDataset, LabelStore, load_label_cache, load_metadata, read_class_lut, save_label_cache
+from .dataset import (ImagePatchDataset, LabelStore, collate_spot_lists, load_label_cache, load_metadata, read_class_lut,
+                      save_label_cache)
+from .density import batch_images
 from .errors import ConfigError, DataError, InputNotFoundError, UserError
 from .io import load_npz, read_json, remove_stale_temps, save_npz, write_csv, write_json
 from .labels import IGNORE, training_targets, update_labels
@@ -64,7 +66,7 @@ from .stitch import stitch_patches
 log = logging.getLogger(__name__)
 
 
-__all__ = ["TrainResult", "propagate", "resolve_device", "run_training", "self_train", "train_one_epoch"]
+__all__ = ["TrainResult", "nucleus_seeds", "propagate", "resolve_device", "run_training", "self_train", "train_one_epoch"]
 
 
 # ------------------------------------------------------------------------------------------------ device, amp
@@ -222,23 +224,25 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
                     *, train_cfg: TrainConfig, step: bool, tally: _Tally, class_weights: torch.Tensor | None,
                     scaler: torch.amp.GradScaler | None, augment_generator: torch.Generator | None = None,
                     lut: torch.Tensor | None = None, density_floor: float = 0.0, after_batch=None,
+                    images_of: Callable[[dict[str, Any]], torch.Tensor],
                     progress=None) -> None:
     """One pass over the training patches: forward, loss on the current labels, optimizer step when ``step``.
 
     Background pixels near labelled cells are left out of the loss (``--ignore_margin``); with ``augment_generator``
     each training patch is flipped / rotated at random (labels alike).
 
-    ``after_batch(batch)`` is called after the step (the label propagation of that batch).
+    ``after_batch(batch)`` is called after the step (the label propagation of that batch). ``images_of(batch)``
+    gives the batch's density images on ``device`` (:func:`segjointgene.density.batch_images`).
     """
     model.train()
     for batch in loader:
-        images = batch["image"]
-        labels = training_targets(batch["label"], lut[batch["core"]], images.sum(1), margin=train_cfg.ignore_margin,
-                                  mode=train_cfg.train_targets, density_floor=density_floor)
+        images = images_of(batch)
+        labels = training_targets(batch["label"].to(device, non_blocking=True),
+                                  lut[batch["core"]].to(device, non_blocking=True), images.sum(1),
+                                  margin=train_cfg.ignore_margin, mode=train_cfg.train_targets,
+                                  density_floor=density_floor)
         if step and augment_generator is not None:
             images, labels = _augment(images, labels, augment_generator)
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
         with _autocast(device, train_cfg.amp), torch.set_grad_enabled(step):
             logits = model(images)
             loss = F.cross_entropy(logits.float(), labels, weight=class_weights, ignore_index=IGNORE)
@@ -266,15 +270,17 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
 def propagate(model: torch.nn.Module, batch: dict[str, Any], store: LabelStore, device: torch.device, *,
               label_cfg: LabelUpdateConfig, update: bool, attr: _Attr | None, label_generator: torch.Generator,
               amp: bool, tally: _Tally, seeds: torch.Tensor | None = None,
-              section: _SectionLabels | None = None) -> torch.Tensor | None:
+              section: _SectionLabels | None = None,
+              images_of: Callable[[dict[str, Any]], torch.Tensor]) -> torch.Tensor | None:
     """Predict a batch with the current weights (eval mode), attribute, update its labels in ``store``.
 
     The label rule runs on the batch's patches enlarged by a halo of the neighbouring patches' current labels
     (``section``), so cells grow across patch borders; only the patches themselves are written back.
 
     Returns the (B, P, P) new instance labels on ``device`` (also written to ``store``), None when not ``update``.
+    ``images_of`` as in :func:`train_one_epoch`.
     """
-    images = batch["image"].to(device, non_blocking=True)
+    images = images_of(batch)
     instance = batch["instance"].to(device, non_blocking=True)
     core = batch["core"].to(device, non_blocking=True)
     lut = store.class_lut.to(device)
@@ -296,7 +302,7 @@ def propagate(model: torch.nn.Module, batch: dict[str, Any], store: LabelStore, 
         t0 = time.perf_counter()
         # the window the label update reads lets CID leave out the patches (and types) nothing can use
         summary = summarize(model, images, lut[instance], targets=attr.classes, genes=attr.genes,
-                            config=attr.config, generator=attr.generator, context=lut[ctx_inst])
+                            config=attr.config, generator=attr.generator, context=lut[ctx_inst], mixed_precision=amp)
         _sync(device)
         tally.time("attr_seconds", time.perf_counter() - t0)
         tally.add("attr_steps", summary.n_steps.double().mean() * len(images))
@@ -330,7 +336,7 @@ def _spot_positions(data_dir: Path, meta: dict) -> tuple[np.ndarray, np.ndarray]
     return spots["x"] - x0, spots["y"] - y0
 
 
-def _nucleus_seeds(data_dir: Path, meta: dict, datasets: dict[str, ImagePatchDataset], n_ids: int) -> torch.Tensor:
+def nucleus_seeds(data_dir: Path, meta: dict, datasets: dict[str, ImagePatchDataset], n_ids: int) -> torch.Tensor:
     """(n_ids, 3) float32 nucleus (y, x, r) of every cell id: centroid in the padded patch frame, equivalent radius
     sqrt(area / pi) of its core pixels; NaN for ids without a nucleus."""
     cells = pd.read_csv(data_dir / CELLS_TABLE)
@@ -458,7 +464,8 @@ def _loader(ds: ImagePatchDataset, batch_size: int, *, shuffle: bool, generator:
     if sampler is not None:  # the sampler shards (and shuffles) by itself
         shuffle, generator = False, None
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
-                      num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin, drop_last=False)
+                      num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin, drop_last=False,
+                      collate_fn=collate_spot_lists if ds.spot_lists else None)
 
 
 def _cache_images(ds_sizes: int, setting: str) -> bool:
@@ -536,11 +543,17 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
     p = int(meta["patch_size"])
     n_patches = sum(len(meta["split"][s]) for s in ("train", "test"))
     # every rank of a node keeps its own copy: count them all against the memory
-    cache = _cache_images(n_patches * n_genes * p * p * 4 * ctx.local_world_size, train_cfg.cache_patches)
-    splits = {s: ImagePatchDataset(data_dir, s, metadata=meta, class_lut=lut, cache_images=cache)
+    spot_lists = train_cfg.density_on_device
+    cache = not spot_lists and _cache_images(n_patches * n_genes * p * p * 4 * ctx.local_world_size,
+                                             train_cfg.cache_patches)
+    splits = {s: ImagePatchDataset(data_dir, s, metadata=meta, class_lut=lut, cache_images=cache,
+                                   spot_lists=spot_lists)
               for s in ("train", "test") if meta["split"][s]}
     if "train" not in splits:
         raise DataError(f"{data_dir}: the train split is empty; preprocess with a smaller --test_fraction")
+    # a batch's images on the device: moved there, or built there from its spot lists
+    images_of = functools.partial(batch_images, n_genes=n_genes, patch_size=p, sigma=splits["train"].density_sigma,
+                                  halo=splits["train"].density_halo, device=device)
     stores = {s: ds.labels for s, ds in splits.items()}
 
     seed = runtime.random_seed
@@ -582,7 +595,7 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
                            num_workers=runtime.num_workers, pin=pin, sampler=samplers["test"])
                    if "test" in splits else None)
     spot_x, spot_y = _spot_positions(data_dir, meta)
-    seeds = _nucleus_seeds(data_dir, meta, splits, len(lut)).to(device)
+    seeds = nucleus_seeds(data_dir, meta, splits, len(lut)).to(device)
     section = _SectionLabels(splits)
     saved = list_epochs(run_dir)
     extra = {"attr_targets": {"genes": attr.genes.cpu(), "classes": attr.classes.cpu()} if attr else {}}
@@ -615,7 +628,7 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
                 part = batch if own == len(batch["index"]) else _first_samples(batch, own)
                 new = propagate(model, part, stores[split], device, label_cfg=label_cfg, update=update,
                                 attr=attr if attribute else None, label_generator=generators["labels"],
-                                amp=train_cfg.amp, tally=tally, seeds=seeds, section=section)
+                                amp=train_cfg.amp, tally=tally, seeds=seeds, section=section, images_of=images_of)
             if update:
                 _share_label_updates(stores[split], batch["index"][:own], new, p, ctx,
                                      capacity=train_cfg.net_batch_size)
@@ -628,7 +641,7 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
             train_one_epoch(net, train_loader, optimizer, device, train_cfg=train_cfg, step=epoch > 0, tally=tally,
                             class_weights=weights, scaler=scaler,
                             augment_generator=generators["augment"] if train_cfg.augment else None,
-                            lut=stores["train"].class_lut, density_floor=density_floor,
+                            lut=stores["train"].class_lut, density_floor=density_floor, images_of=images_of,
                             after_batch=(functools.partial(step, split="train", cursor=cursor)
                                          if last and (update or attribute) else None),
                             progress=bar)

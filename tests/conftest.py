@@ -12,6 +12,26 @@ import pytest
 REAL_RAW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ca1_3_1_left" / "CA1_raw" / "3_1_left"
 
 
+#: A short self-training with CID through the CLI whose labels really change (labels grow from epoch 1, CID from
+#: epoch 2); the kill and determinism tests add the dataset name, seed and epochs.
+SMALL_CID_TRAIN = ["--step_name=SegJointGene", "--quiet", "--device=cpu", "--num_threads=1", "--num_workers=0",
+                   "--net_width=4", "--net_batch_size=4", "--net_lr=0.01", "--passes_per_epoch=3", "--warmup_epochs=1",
+                   "--attr_method=CID", "--attr_epoch=2", "--attr_n_gene=4", "--attr_n_celltype=3", "--CID_n_steps=3",
+                   "--cache_patches=yes"]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests, restored afterwards: faster for small tensors on shared cores (OpenMP
+    threads spin while others wait), and bit-identical results need the same thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     """Tests must pass their own generators; this only makes accidental global draws repeatable."""

@@ -20,6 +20,9 @@ from segjointgene.model import UNet
 BUDGET = dict(n_steps=6, lr=0.1, lambda_=0.01, stop="steps", warm_start=True)
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -27,7 +30,6 @@ def gen(seed: int) -> torch.Generator:
 @pytest.fixture(scope="module")
 def case(sim128):
     """A small UNet trained a little on the simulated patches, the train batch, its class map, 3 targets."""
-    torch.set_num_threads(1)
     ds = ImagePatchDataset(sim128.data_dir, "train")
     x = torch.stack([ds.read_image(i) for i in range(len(ds))])
     labels = ds.labels.classes(ds.labels.instances).long()

@@ -16,13 +16,7 @@ from segjointgene.classify import (BoundedSpectralNorm, RandomFeatureGP, add_bou
 from segjointgene.config import ClassifyConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one thread is faster than two on shared cores (OpenMP threads spin while others wait)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sigma_max(w: torch.Tensor) -> float:

@@ -20,15 +20,11 @@ import numpy as np
 import pytest
 
 from segjointgene.cli import main
-from tests.conftest import make_sim
+from tests.conftest import SMALL_CID_TRAIN, make_sim
 
 MAIN = str(Path(__file__).resolve().parents[1] / "main.py")
 NAME = "crash"
-#: A short self-training with CID whose labels really change (labels grow from epoch 1, CID from epoch 2).
-TRAIN = ["--step_name=SegJointGene", f"--datasets_name={NAME}", "--quiet", "--device=cpu", "--num_threads=1",
-         "--num_workers=0", "--net_width=4", "--net_batch_size=4", "--net_lr=0.01", "--passes_per_epoch=3",
-         "--warmup_epochs=1", "--attr_method=CID", "--attr_epoch=2", "--attr_n_gene=4", "--attr_n_celltype=3",
-         "--CID_n_steps=3", "--cache_patches=yes", "--random_seed=11"]
+TRAIN = [*SMALL_CID_TRAIN, f"--datasets_name={NAME}", "--random_seed=11"]
 N_EPOCHS = 10
 #: Every other epoch is saved, so a resume usually re-runs an epoch whose log row was already written.
 SAVE_INTERVAL = 2

@@ -16,15 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import make_sim
+from tests.conftest import SMALL_CID_TRAIN, make_sim
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = str(ROOT / "main.py")
 NAME = "det"
-TRAIN = ["--step_name=SegJointGene", f"--datasets_name={NAME}", "--quiet", "--device=cpu", "--num_threads=1",
-         "--num_workers=0", "--net_width=4", "--net_batch_size=4", "--net_lr=0.01", "--passes_per_epoch=3",
-         "--warmup_epochs=1", "--attr_method=CID", "--attr_epoch=2", "--attr_n_gene=4", "--attr_n_celltype=3",
-         "--CID_n_steps=3", "--cache_patches=yes", "--save_interval=2"]
+TRAIN = [*SMALL_CID_TRAIN, f"--datasets_name={NAME}", "--save_interval=2"]
 TIMEOUT_S = 300
 #: Files of a run that legitimately differ between two identical runs: they record times (seconds per epoch in
 #: the log and its curves) or absolute paths (run.json). Everything else, checkpoints included, is byte-identical.

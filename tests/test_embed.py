@@ -23,13 +23,7 @@ from segjointgene.embed.export import EmbeddingFiles
 from tests.conftest import make_sim
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one thread is faster than two on shared cores (OpenMP threads spin while others wait)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------------------------------- NT-Xent

@@ -50,7 +50,6 @@ Implementation
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -139,7 +138,9 @@ class CID(Attribution):
     forward_func : nn.Module or callable, (N, G, H, W) -> (N, K, H, W) logits. An ``nn.Module`` is put in eval mode
         with frozen parameters for each call; its training flags and ``requires_grad`` flags are restored afterwards
         (also on errors), so BatchNorm statistics never change.
-    mixed_precision : run the forward passes under autocast on CUDA (bfloat16 when supported, else float16).
+    mixed_precision : run the forward passes under autocast on CUDA (bfloat16 when supported, else float16). Never
+        on the CPU: bfloat16 autocast there kept the rankings but moved the dominant type at ~45 % of the pixels of a
+        small trained UNet, too much for the label rule.
     check_every : check whether every row has stopped (one host synchronisation) every this many steps.
     fold_batchnorm : run the passes on a copy of the module whose Conv2d + BatchNorm2d pairs (consecutive members of
         an ``nn.Sequential``) are folded into single convolutions. In eval mode this is the same function (float32
@@ -266,11 +267,6 @@ class CID(Attribution):
         base_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
         return x, classes, gene_ids, budget, base_seed
 
-    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        # CUDA only: bfloat16 autocast on the CPU moved the dominant type at ~45% of the pixels of a small trained
-        # UNet (rankings kept), too much for the label rule
-        return mixed_precision(device, self.mixed_precision)
-
     def _forward(self, device: torch.device) -> ForwardFunc:
         """The forward function of this call (inside :func:`frozen_model`): compiled, BN-folded or as given."""
         module = self.module
@@ -323,7 +319,7 @@ class CID(Attribution):
                 yield result
 
     def _clean_logits(self, forward: ForwardFunc, x: Tensor) -> Tensor:
-        with torch.no_grad(), self._autocast(x.device):
+        with torch.no_grad(), mixed_precision(x.device, self.mixed_precision):
             out = forward(x)
         if not isinstance(out, Tensor) or out.ndim != 4 or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -345,7 +341,7 @@ class CID(Attribution):
         """
         gen = torch.Generator(device=x.device).manual_seed(seed)
         eps = torch.randn((x.shape[0], genes.numel(), *x.shape[2:]), generator=gen, device=x.device)
-        with torch.no_grad(), self._autocast(x.device):
+        with torch.no_grad(), mixed_precision(x.device, self.mixed_precision):
             out = forward(x.index_add(1, genes, math.exp(budget.init_log_sigma) * eps))  # (B, K, H, W)
         mse0 = (out[:, classes].float() - clean[:, classes].float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
         shift = 0.5 * torch.log(budget.lambda_ / (2 * mse0))
@@ -382,7 +378,7 @@ class CID(Attribution):
             with torch.enable_grad():
                 sigma = s_var.exp()
                 noisy = x_rep.index_add(1, genes, sigma * eps)  # noise on the target genes only
-                with self._autocast(dev):
+                with mixed_precision(dev, self.mixed_precision):
                     out = logit_map(noisy, row_class)  # (N, H, W) float32
                 mse = (out - y0).pow(2).mean(dim=(1, 2))  # (N,)
                 update = active

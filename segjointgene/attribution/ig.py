@@ -98,8 +98,11 @@ class IG(Attribution):
         with torch.inference_mode(False):  # ordinary tensors even under the caller's inference_mode()
             x, classes, gene_ids = self._prepare(inputs, target, genes, n_steps, chunk_size)
             acc = SummaryAccumulator(check_labels(labels, x), classes, gene_ids.numel())
+            b = x.shape[0]
             for positions, (a, _) in self._run(x, classes, gene_ids, n_steps, chunk_size, internal_batch_size, method):
-                acc.add(positions, a.abs(), torch.full(a.shape[:2], n_steps, dtype=torch.int64, device=x.device))
+                pos = torch.as_tensor(positions, device=x.device).repeat_interleave(b)  # rows in type-major order
+                sample = torch.arange(b, device=x.device).repeat(len(positions))
+                acc.add_rows(pos, sample, a.abs().flatten(0, 1), torch.full_like(pos, n_steps))
             return acc.result()
 
     # ------------------------------------------------------------------------------------------------ internals

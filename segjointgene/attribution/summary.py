@@ -157,23 +157,13 @@ class SummaryAccumulator:
         self.type_gene_sum.index_put_((position,), per_gene.double(), accumulate=True)
         self.n_steps[sample, position] = n_steps.to(torch.int64)
 
-    def add(self, positions: list[int], scores: Tensor, n_steps: Tensor) -> None:
-        """Reduce one chunk: ``scores`` (Tc, B, n_gene, H, W) float, ``n_steps`` (Tc, B) for target positions."""
-        pos = torch.as_tensor(positions, dtype=torch.int64, device=scores.device)
-        self.gene_sum[:, pos] = scores.sum(dim=2).transpose(0, 1).float()  # (B, Tc, H, W)
-        mask = self.labels.unsqueeze(0) == self.targets[pos].view(-1, 1, 1, 1)  # (Tc, B, H, W)
-        per_gene = torch.einsum("tbghw,tbhw->tg", scores.float(), mask.float())  # (Tc, n_gene)
-        self.type_gene_sum[pos] = per_gene.double()
-        self.type_pixels[pos] = mask.flatten(1).sum(dim=1).double()
-        self.n_steps[:, pos] = n_steps.transpose(0, 1).to(torch.int64)
-
     def result(self) -> AttributionSummary:
         return AttributionSummary(self.gene_sum, self.type_gene_sum, self.type_pixels, self.n_steps)
 
 
 def summarize(model: ForwardFunc, images: Tensor, labels: Tensor, targets: Tensor, genes: Tensor, *,
               config: AttributionConfig, generator: torch.Generator | None = None,
-              context: Tensor | None = None) -> AttributionSummary | None:
+              context: Tensor | None = None, mixed_precision: bool = True) -> AttributionSummary | None:
     """Attribute a batch with the method of ``config`` and reduce it on the device.
 
     Parameters
@@ -185,12 +175,13 @@ def summarize(model: ForwardFunc, images: Tensor, labels: Tensor, targets: Tenso
     targets : (T,) int64 tensor of cell-type ids (output channels), e.g. from :func:`select_targets`.
     genes : (n_gene,) int64 tensor of gene ids (input channels).
     config : AttributionConfig; ``method`` picks CID, IG or none, the ``cid_*`` / ``ig_*`` fields give the budget,
-        ``cid_skip`` / ``cid_types`` what CID may leave out, ``cid_precision`` / ``cid_compile`` how it runs.
+        ``cid_skip`` / ``cid_types`` what CID may leave out, ``cid_compile`` whether it compiles the network.
     generator : torch.Generator, required for CID (its noise), unused by IG.
     context : (B, H', W') int tensor, optional
         Class map of the window the label update reads around each patch (the patch enlarged by the label halo,
         with the neighbouring patches' current labels). With it CID leaves out the (sample, type) pairs nothing can
         use (:func:`needed_rows`, module docstring); without it every pair is computed.
+    mixed_precision : autocast the forward passes on CUDA (the trainer's ``--amp``); ignored on CPU.
 
     Returns
     -------
@@ -205,7 +196,7 @@ def summarize(model: ForwardFunc, images: Tensor, labels: Tensor, targets: Tenso
         if context is not None and (config.cid_skip or config.cid_types == "local"):
             rows = needed_rows(context.to(images.device), targets, skip=config.cid_skip,
                                local_types=config.cid_types == "local")
-        cid = CID(model, mixed_precision=config.cid_precision != "fp32", compile=config.cid_compile)
+        cid = CID(model, mixed_precision=mixed_precision, compile=config.cid_compile)
         return cid.summarize(images, labels, targets, genes=genes, n_steps=config.cid_n_steps, lr=config.cid_lr,
                              lambda_=config.cid_lambda, beta=config.cid_beta, stop=config.cid_stop,
                              init_log_sigma=config.cid_init_log_sigma, warm_start=config.cid_warm_start,
@@ -213,6 +204,6 @@ def summarize(model: ForwardFunc, images: Tensor, labels: Tensor, targets: Tenso
     if config.method == "IG":
         from .ig import IG
 
-        return IG(model).summarize(images, labels, targets, genes=genes, n_steps=config.ig_n_steps,
+        return IG(model, mixed_precision=mixed_precision).summarize(images, labels, targets, genes=genes, n_steps=config.ig_n_steps,
                                    chunk_size=config.cid_chunk_size)
     raise ValueError(f"config.method must be CID, IG or none, got {config.method!r}")
