@@ -45,8 +45,8 @@ def stitched_labels(data_dir: Path, meta: dict, grow: int) -> np.ndarray:
     from segjointgene.geometry import iter_patch_grid
     from segjointgene.io import load_npz
 
-    p = int(meta["patch_size"])
-    rows, cols = meta["grid"]
+    p = int(meta.patch_size)
+    rows, cols = meta.grid
     frame = np.zeros((rows * p, cols * p), np.int32)
     for split, name, r, c in iter_patch_grid(meta):
         frame[r * p:(r + 1) * p, c * p:(c + 1) * p] = load_npz(data_dir / split / name, ("instance",))["instance"]
@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     from segjointgene.attribution import CID, select_targets
     from segjointgene.attribution.summary import needed_rows
     from segjointgene.config import AttributionConfig, LabelUpdateConfig
-    from segjointgene.dataset import ImagePatchDataset, load_metadata, read_class_lut
+    from segjointgene.dataset import ImagePatchDataset, read_class_lut
+    from segjointgene.labels import reach
+    from segjointgene.metadata import load_metadata
     from segjointgene.io import load_npz
     from segjointgene.model import UNet
 
@@ -84,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = load_metadata(args.data)
     lut = read_class_lut(args.data)
     ds = ImagePatchDataset(args.data, "train", metadata=meta, class_lut=lut)
-    p, g, k = ds.patch_size, ds.n_genes, len(meta["celltypes"])
-    halo = label_cfg.expand_k * label_cfg.repeats
+    p, g, k = ds.patch_size, ds.n_genes, len(meta.celltypes)
+    halo = reach(label_cfg)
 
     frame = stitched_labels(args.data, meta, args.grow)
     classes_lut = torch.as_tensor(lut)
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # row counts: this batch and the whole section (every patch of both splits)
     all_origins = np.concatenate([ImagePatchDataset(args.data, s, metadata=meta, class_lut=lut).origins.numpy()
-                                  for s in ("train", "test") if meta["split"][s]])
+                                  for s in ("train", "test") if meta.split[s]])
     section = {"skip": 0, "local": 0}
     for i in range(0, len(all_origins), 64):
         ctx = classes_lut[torch.from_numpy(windows(frame, all_origins[i:i + 64], p, halo)).long()]

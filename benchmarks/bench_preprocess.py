@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 runs.append(out)
             meta = json.loads((args.work / "data" / name / "metadata.json").read_text())
-            mpx = meta["crop_shape"][0] * meta["crop_shape"][1] / 1e6
+            mpx = meta.crop_shape[0] * meta.crop_shape[1] / 1e6
             seconds = min(r["seconds"] for r in runs)
             tree = min(r["peak_tree_rss_mb"] for r in runs)
             single = min(r["peak_single_rss_mb"] for r in runs)
-            common = dict(section=name, workers=workers, megapixels=round(mpx, 3), patches=meta["n_patches"],
-                          spots=meta["n_spots"], genes=len(meta["genes"]))
+            common = dict(section=name, workers=workers, megapixels=round(mpx, 3), patches=meta.n_patches,
+                          spots=meta.extra["n_spots"], genes=len(meta.genes))
             rec.add(f"preprocess_{name}_w{workers}_seconds", seconds, "s", per_mpx=round(seconds / mpx, 3), **common)
             rec.add(f"preprocess_{name}_w{workers}_peak_rss", tree, "MiB", per_mpx=round(tree / mpx, 2),
                     peak_single_process_mib=round(single, 1), **common)

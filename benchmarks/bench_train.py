@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from segjointgene.config import LabelUpdateConfig
     from segjointgene.dataset import ImagePatchDataset
-    from segjointgene.labels import update_labels
+    from segjointgene.labels import reach, update_labels
     from segjointgene.model import UNet
     from segjointgene.trainer import nucleus_seeds
 
@@ -80,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     rec.add("eval_forward", t_fwd, "s", patches_per_s=round(b / t_fwd, 3))
 
     cfg = LabelUpdateConfig()
-    h = cfg.expand_k * cfg.repeats
+    h = reach(cfg)  # the label window the trainer gives the rule
     logits = F.pad(forward(), (h,) * 4, mode="replicate")
     ctx_inst, ctx_core = F.pad(inst, (h,) * 4), F.pad(inst, (h,) * 4)
     origin = ds.origins[chosen].to(device) - h
-    splits = {s: ImagePatchDataset(args.data, s) for s in ("train", "test") if ds.metadata["split"][s]}
+    splits = {s: ImagePatchDataset(args.data, s) for s in ("train", "test") if ds.metadata.split[s]}
     seeds = nucleus_seeds(args.data, ds.metadata, splits, lut.numel()).to(device)  # as the trainer's
 
     def label_update():

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .constants import RunFiles
 from .errors import DataError, InputNotFoundError
 from .io import atomic_path
+from .runfolder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,4 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
 
 def list_epochs(run_dir: str | os.PathLike) -> list[int]:
     """Epochs that have both a checkpoint and a label cache in ``run_dir``, sorted."""
-    run_dir = Path(run_dir)
-    pattern = re.compile(r"^net_(\d+)\.pt$")
-    epochs = []
-    for p in run_dir.glob("net_*.pt"):
-        m = pattern.match(p.name)
-        if m and (run_dir / RunFiles.LABEL_CACHE.format(epoch=int(m.group(1)))).is_file():
-            epochs.append(int(m.group(1)))
-    return sorted(epochs)
+    return RunFolder(Path(run_dir)).saved_epochs()

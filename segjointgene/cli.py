@@ -20,29 +20,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import (AttributionConfig, ClassifyConfig, EmbedConfig, EvaluateConfig, LabelUpdateConfig,
-                     PreprocessConfig, RuntimeConfig, SimulateConfig, TrainConfig)
+from . import interrupt
+from .config import Settings, StepOptions
 from .errors import ConfigError, UserError
+from .runfolder import Paths
 
 log = logging.getLogger("segjointgene")
 
-__all__ = ["STEPS", "Paths", "build_parser", "main"]
+__all__ = ["STEPS", "build_parser", "configs", "main", "paths_of"]
 
-_CONFIGS: tuple[tuple[str, type], ...] = (
-    ("runtime", RuntimeConfig),
-    ("simulate", SimulateConfig),
-    ("preprocess", PreprocessConfig),
-    ("train", TrainConfig),
-    ("label update", LabelUpdateConfig),
-    ("attribution (CID / IG)", AttributionConfig),
-    ("evaluate", EvaluateConfig),
-    ("embed", EmbedConfig),
-    ("classify", ClassifyConfig),
-)
+#: Help-group title of each config field of :class:`Settings`.
+_TITLES = {"runtime": "runtime", "simulate": "simulate", "preprocess": "preprocess", "train": "train",
+           "labels": "label update", "attribution": "attribution (CID / IG)", "evaluate": "evaluate",
+           "embed": "embed", "classify": "classify"}
 
 #: OS errors a user fixes (permissions, read-only or full disk, a path component that is a file)
 _USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
@@ -71,78 +64,70 @@ def _add_bool(group, flag: str, default: bool, help: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- steps
-@dataclass(frozen=True)
-class Paths:
-    """Folders of a run, resolved from the path arguments (all under ``--work_dir``)."""
-
-    work_dir: Path
-    datasets_name: str
-    raw_dir: Path
-    data_dir: Path
-    run_dir: Path
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Paths:
-        name = args.datasets_name or ("demo" if args.step_name == "demo" else "CA1")
-        for flag, value in (("--datasets_name", name), ("--net_sub_suffix", args.net_sub_suffix)):
-            if not _NAME.match(value) or ".." in value:
-                raise ConfigError(f"{flag}={value!r} must be a plain folder name (letters, digits, '_', '-', '.'); "
-                                  "it may not contain '/', '..' or be an absolute path")
-        sub = Path(args.CA1_sub_path)
-        if sub.is_absolute() or ".." in sub.parts or not args.CA1_sub_path:
-            raise ConfigError(f"--CA1_sub_path={args.CA1_sub_path!r} must be a relative folder inside "
-                              "data/<datasets_name>_raw/; use --raw_dir for a folder elsewhere")
-        work = Path(args.work_dir)
-        raw = Path(args.raw_dir) if args.raw_dir else work / "data" / f"{name}_raw" / sub
-        return cls(work_dir=work, datasets_name=name, raw_dir=raw, data_dir=work / "data" / name,
-                   run_dir=work / "checkpoints" / name / args.net_sub_suffix)
+def paths_of(args: argparse.Namespace) -> Paths:
+    """The folders of a command, from its path flags (validated: plain names, no escape from --work_dir)."""
+    name = args.datasets_name or ("demo" if args.step_name == "demo" else "CA1")
+    for flag, value in (("--datasets_name", name), ("--net_sub_suffix", args.net_sub_suffix)):
+        if not _NAME.match(value) or ".." in value:
+            raise ConfigError(f"{flag}={value!r} must be a plain folder name (letters, digits, '_', '-', '.'); "
+                              "it may not contain '/', '..' or be an absolute path")
+    sub = Path(args.CA1_sub_path)
+    if sub.is_absolute() or ".." in sub.parts or not args.CA1_sub_path:
+        raise ConfigError(f"--CA1_sub_path={args.CA1_sub_path!r} must be a relative folder inside "
+                          "data/<datasets_name>_raw/; use --raw_dir for a folder elsewhere")
+    work = Path(args.work_dir)
+    raw = Path(args.raw_dir) if args.raw_dir else work / "data" / f"{name}_raw" / sub
+    return Paths(work_dir=work, datasets_name=name, raw_dir=raw, data_dir=work / "data" / name,
+                 run_dir=work / "checkpoints" / name / args.net_sub_suffix)
 
 
-def configs(args: argparse.Namespace) -> dict[type, Any]:
-    """Every config dataclass built from the parsed arguments (validated on construction)."""
-    out = {}
-    for _, cls in _CONFIGS:
-        values = {f.name: getattr(args, _dest(f)) for f in dataclasses.fields(cls)}
-        out[cls] = cls(**values)
-    return out
+def configs(args: argparse.Namespace) -> Settings:
+    """Every setting of the command, built from the parsed arguments (each config validated on construction)."""
+    values = {}
+    for name, cls in Settings.CONFIGS:
+        values[name] = cls(**{f.name: getattr(args, _dest(f)) for f in dataclasses.fields(cls)})
+    step = StepOptions(if_load_ckpt=args.if_load_ckpt, ckpt_load_epoch=args.ckpt_load_epoch, quiet=args.quiet,
+                       raw_dir=args.raw_dir)
+    return Settings(**values, step=step)
 
 
 def _dest(f: dataclasses.Field) -> str:
     return (f.metadata.get("flag") or f"--{f.name}").lstrip("-")
 
 
-def step_simulate(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
-    from .simulate import simulate_section, write_simulated, truth_dir_of
+def step_simulate(settings: Settings, paths: Paths) -> int:
+    from .simulate import simulate_section, truth_dir_of, write_simulated
 
     raw = paths.raw_dir
     existing = [p for p in (raw, truth_dir_of(raw)) if p.exists() and any(p.iterdir())]
-    if existing and not cfg[RuntimeConfig].overwrite:
+    if existing and not settings.runtime.overwrite:
         raise UserError(f"{existing[0]} already holds files; pass --overwrite to replace the simulated section")
-    sim = simulate_section(cfg[SimulateConfig], rng=cfg[RuntimeConfig].random_seed)
+    sim = simulate_section(settings.simulate, rng=settings.runtime.random_seed)
     truth = write_simulated(sim, raw)
     print(f"simulated section: {len(sim.cells)} cells, {len(sim.spots)} spots "
           f"({int((sim.spots['cell'] == 0).sum())} noise) -> {raw}\nground truth -> {truth}")
     return 0
 
 
-def step_preprocess(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
+def step_preprocess(settings: Settings, paths: Paths) -> int:
     from .io import read_section
     from .preprocess import preprocess_section
 
     start = time.perf_counter()
     section = read_section(paths.raw_dir)
-    meta = preprocess_section(section, paths.data_dir, cfg[PreprocessConfig], num_workers=cfg[RuntimeConfig].num_workers,
-                              overwrite=cfg[RuntimeConfig].overwrite, progress=not args.quiet,
+    runtime = settings.runtime
+    meta = preprocess_section(section, paths.data_dir, settings.preprocess, num_workers=runtime.num_workers,
+                              overwrite=runtime.overwrite, progress=not settings.step.quiet,
                               extra_metadata={"datasets_name": paths.datasets_name, "raw_dir": str(paths.raw_dir.resolve())})
-    print(f"preprocessed {paths.raw_dir} -> {paths.data_dir}: {meta['n_patches']} patches "
-          f"({len(meta['split']['train'])} train, {len(meta['split']['test'])} test; "
-          f"{meta['n_patches_skipped_empty']} empty skipped), {len(meta['genes'])} genes, "
-          f"{len(meta['celltypes']) - 1} cell types, nuclei from {meta['nucleus_source']}, "
-          f"{meta['n_spots_outside']} spots outside the image dropped; {time.perf_counter() - start:.1f} s")
+    print(f"preprocessed {paths.raw_dir} -> {paths.data_dir}: {meta.n_patches} patches "
+          f"({len(meta.split['train'])} train, {len(meta.split['test'])} test; "
+          f"{meta.extra['n_patches_skipped_empty']} empty skipped), {meta.n_genes} genes, "
+          f"{meta.n_classes - 1} cell types, nuclei from {meta.nucleus_source}, "
+          f"{meta.n_spots_outside} spots outside the image dropped; {time.perf_counter() - start:.1f} s")
     return 0
 
 
-def step_train(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
+def step_train(settings: Settings, paths: Paths) -> int:
     import torch
 
     from .trainer import run_training
@@ -150,20 +135,20 @@ def step_train(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> 
     # Every draw of the run comes from generators the trainer seeds; the global generator (random per process in
     # recent torch) is seeded too, once, so that its state saved in the checkpoints - and anything a dependency
     # draws from it - is the same in every run with this --random_seed.
-    torch.manual_seed(cfg[RuntimeConfig].random_seed)
-    return run_training(args, cfg, paths)
+    torch.manual_seed(settings.runtime.random_seed)
+    return run_training(settings, paths)
 
 
-def step_export(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
+def step_export(settings: Settings, paths: Paths) -> int:
     from .export import run_export
 
-    return run_export(args, cfg, paths)
+    return run_export(paths, epoch=settings.step.ckpt_load_epoch)
 
 
-def step_evaluate(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
+def step_evaluate(settings: Settings, paths: Paths) -> int:
     from .evaluation import run_evaluate
 
-    return run_evaluate(args, cfg, paths)
+    return run_evaluate(settings, paths)
 
 
 #: The demo: a small simulated section and a short self-training with CID, minutes on a laptop CPU.
@@ -176,43 +161,42 @@ DEMO_SETTINGS: dict[str, Any] = {
 }
 
 
-def step_demo(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
-    """simulate -> preprocess -> SegJointGene (CID) -> export -> evaluate on a small simulated section."""
+def demo_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """The demo's arguments: :data:`DEMO_SETTINGS` wherever the command line did not set the flag."""
     explicit = getattr(args, "explicit", set())
     demo = argparse.Namespace(**vars(args))
     for dest, value in DEMO_SETTINGS.items():
         if dest not in explicit:
             setattr(demo, dest, value)
-    cfg = configs(demo)
-    previous = [p for p in (paths.raw_dir, paths.data_dir, paths.run_dir) if p.exists() and any(p.iterdir())]
-    if previous and not cfg[RuntimeConfig].overwrite:
-        raise UserError(f"a previous demo is in {previous[0]}; pass --overwrite to run it again (or --work_dir DIR)")
-    if cfg[RuntimeConfig].num_threads:
-        import torch
+    return demo
 
-        torch.set_num_threads(cfg[RuntimeConfig].num_threads)
+
+def step_demo(settings: Settings, paths: Paths) -> int:
+    """simulate -> preprocess -> SegJointGene (CID) -> export -> evaluate on a small simulated section (the
+    settings come with :data:`DEMO_SETTINGS` applied, see :func:`demo_arguments`)."""
+    previous = [p for p in (paths.raw_dir, paths.data_dir, paths.run_dir) if p.exists() and any(p.iterdir())]
+    if previous and not settings.runtime.overwrite:
+        raise UserError(f"a previous demo is in {previous[0]}; pass --overwrite to run it again (or --work_dir DIR)")
     start = time.perf_counter()
-    settings = ", ".join(f"--{k}={getattr(demo, k)}" for k in DEMO_SETTINGS)
-    print(f"demo: {settings}\n")
     for step in (step_simulate, step_preprocess, step_train, step_evaluate):
-        code = step(demo, cfg, paths)
+        code = step(settings, paths)
         if code:
             return code
         print()
-    print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min; results in {paths.run_dir / 'results'}")
+    print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min; results in {paths.run.results}")
     return 0
 
 
-def step_embed(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
+def step_embed(settings: Settings, paths: Paths) -> int:
     from .embed.run import run_embed
 
-    return run_embed(args, cfg, paths)
+    return run_embed(settings, paths)
 
 
-def step_classify(args: argparse.Namespace, cfg: dict[type, Any], paths: Paths) -> int:
+def step_classify(settings: Settings, paths: Paths) -> int:
     from .classify.run import run_classify
 
-    return run_classify(args, cfg, paths)
+    return run_classify(settings, paths)
 
 
 #: step name -> (handler, one-line description); ``preprocess`` is an alias of ``preprocess_CA1``.
@@ -241,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python main.py --datasets_name=CA1 --step_name=SegJointGene --attr_method=CID "
                "--net_sub_suffix=SegJointGene_CID")
     g = parser.add_argument_group("step and paths")
-    g.add_argument("--step_name", required=False, default="demo", choices=sorted(STEPS), metavar="STEP",
-                   help=f"what to run, one of: {', '.join(STEPS)} (default demo)")
+    g.add_argument("--step_name", required=True, choices=sorted(STEPS), metavar="STEP",
+                   help=f"what to run, one of: {', '.join(STEPS)}")
     g.add_argument("--datasets_name", default=None, help="dataset name: patches in data/<name>/, runs in "
                                                           "checkpoints/<name>/ (default CA1; demo for --step_name=demo)")
     g.add_argument("--CA1_sub_path", default="3_1_left", help="raw section folder data/<datasets_name>_raw/<CA1_sub_path>/")
@@ -256,11 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bool(g, "--debug", False, "show tracebacks and debug logs")
     _add_bool(g, "--quiet", False, "no progress bars")
 
-    for title, cls in _CONFIGS:
+    for name, cls in Settings.CONFIGS:
         fields = dataclasses.fields(cls)
-        if not fields:
-            continue
-        group = parser.add_argument_group(title)
+        group = parser.add_argument_group(_TITLES[name])
         for f in fields:
             flag = f.metadata.get("flag") or f"--{f.name}"
             ftype = str(f.type)
@@ -321,65 +303,73 @@ def _one_line(err: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-class _Terminated(BaseException):
-    """SIGTERM (``kill``, a scheduler's pre-emption) as an exception: files being written are then discarded cleanly.
-
-    A ``BaseException``, so that no ``except Exception`` on the way swallows it.
-    """
-
-
 @contextlib.contextmanager
 def _sigterm_as_exception():
-    """Turn SIGTERM into :class:`_Terminated` in this process while a step runs (main thread only)."""
+    """Turn SIGTERM into :class:`~segjointgene.interrupt.Terminated` in this process while a step runs (main thread
+    only; see :mod:`segjointgene.interrupt`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    main_pid = os.getpid()
-
-    def terminate(signum, frame):
-        if os.getpid() != main_pid:  # a forked worker (process pool, DataLoader) ends as it would without us
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise _Terminated(signum)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
+    interrupt.set_main_process()
+    previous = signal.signal(signal.SIGTERM, interrupt.handle)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
+#: What ``python main.py`` without arguments prints after the usage line.
+NO_ARGUMENTS = """
+segjointgene: joint cell segmentation and spatial gene prioritization. Choose a step with --step_name, e.g.
+
+  python main.py --step_name=demo          # the whole chain on a simulated section, a few minutes on a CPU
+  python main.py --datasets_name=CA1 --step_name=preprocess_CA1 --raw_dir /path/to/section
+  python main.py --datasets_name=CA1 --step_name=SegJointGene
+
+python main.py --help lists every step and option."""
+
+
+def _run_step(args: argparse.Namespace) -> int:
+    """Build the settings and folders of the command and run its step."""
+    if args.step_name == "demo":
+        args = demo_arguments(args)
+        print(f"demo: {', '.join(f'--{k}={getattr(args, k)}' for k in DEMO_SETTINGS)}\n")
+    settings = configs(args)
+    paths = paths_of(args)
+    if settings.runtime.num_threads:
+        import torch
+
+        torch.set_num_threads(settings.runtime.num_threads)
+    with _sigterm_as_exception():
+        return STEPS[args.step_name][0](settings, paths)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one step; returns the exit status (0 ok, 1 internal error, 2 usage or data error, 130 interrupted by
-    Ctrl-C, 143 terminated by SIGTERM)."""
+    Ctrl-C, 143 terminated by SIGTERM). Without any argument it prints the usage and the demo command (status 2)."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        print(parser.format_usage() + NO_ARGUMENTS, file=sys.stderr)
+        return 2
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse: --help (0) or a usage error (2), already printed
         return int(stop.code or 0)
-    args.explicit = _explicit_dests(parser, sys.argv[1:] if argv is None else argv)
+    args.explicit = _explicit_dests(parser, argv)
     _configure_logging(args.debug)
-    handler = STEPS[args.step_name][0]
     try:
-        cfg = configs(args)
-        paths = Paths.from_args(args)
-        if cfg[RuntimeConfig].num_threads:
-            import torch
-
-            torch.set_num_threads(cfg[RuntimeConfig].num_threads)
-        with _sigterm_as_exception():
-            return handler(args, cfg, paths)
+        return _run_step(args)
     except UserError as err:
         if args.debug:
             raise
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the error: rank 0 says it
             print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, _Terminated) as stop:
+    except (KeyboardInterrupt, interrupt.Terminated) as stop:
         # every file is written under a temporary name and renamed when complete: the one being written is discarded,
         # everything saved before is intact
-        how, status = ("terminated (SIGTERM)", 143) if isinstance(stop, _Terminated) else ("interrupted", 130)
+        how, status = ("terminated (SIGTERM)", 143) if isinstance(stop, interrupt.Terminated) else ("interrupted", 130)
         print(f"{how}: files saved so far are complete; resume training with --if_load_ckpt=True, re-run any other "
               "step (preprocessing keeps its finished patches)", file=sys.stderr)
         return status

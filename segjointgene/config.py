@@ -21,7 +21,9 @@ __all__ = [
     "LabelUpdateConfig",
     "PreprocessConfig",
     "RuntimeConfig",
+    "Settings",
     "SimulateConfig",
+    "StepOptions",
     "TrainConfig",
     "opt",
 ]
@@ -406,6 +408,37 @@ class ClassifyConfig:
         _check(0.0 < self.val_fraction < 1.0, c, "val_fraction", self.val_fraction, "must be in (0, 1)")
         _check(0.0 < self.ood_quantile < 1.0, c, "ood_quantile", self.ood_quantile, "must be in (0, 1)")
         _check_choices(self)
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """Flags of one command that are not settings of a library step (the CLI fills them; tests may too)."""
+
+    if_load_ckpt: bool = False  # resume training
+    ckpt_load_epoch: int | None = None  # the epoch to resume from / export (None: the latest saved)
+    quiet: bool = False  # no progress bars
+    raw_dir: str | None = None  # the raw folder given with --raw_dir
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of one command: one config per concern plus the command's own flags."""
+
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    labels: LabelUpdateConfig = field(default_factory=LabelUpdateConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    step: StepOptions = field(default_factory=StepOptions)
+
+    #: config field -> its class, in the order of the help groups.
+    CONFIGS = (("runtime", RuntimeConfig), ("simulate", SimulateConfig), ("preprocess", PreprocessConfig),
+               ("train", TrainConfig), ("labels", LabelUpdateConfig), ("attribution", AttributionConfig),
+               ("evaluate", EvaluateConfig), ("embed", EmbedConfig), ("classify", ClassifyConfig))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -26,24 +26,13 @@ from torch.utils.data import Dataset
 from .constants import BACKGROUND, CELLS_TABLE, METADATA_FILE, SPOTS_TABLE, PatchKeys
 from .errors import DataError, InputNotFoundError
 from .geometry import parse_patch_name
-from .io import load_npz, npz_headers, read_json, save_npz
-from .preprocess import DENSITY_TRUNCATE, density_halo
+from .io import load_npz, npz_headers, save_npz
+from .metadata import DatasetMetadata, load_metadata
+from .preprocess import DENSITY_TRUNCATE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImagePatchDataset", "LabelStore", "collate_spot_lists", "load_label_cache", "read_class_lut", "load_metadata",
-           "save_label_cache"]
-
-
-def load_metadata(data_dir: str | os.PathLike) -> dict:
-    """Read ``metadata.json`` of a preprocessed dataset; refuse an unfinished one."""
-    path = Path(data_dir) / METADATA_FILE
-    if not path.is_file():
-        raise InputNotFoundError(f"{path} not found: preprocess the section first (--step_name=preprocess_CA1)")
-    meta = read_json(path)
-    if not meta.get("complete"):
-        raise DataError(f"{path}: preprocessing did not finish; run --step_name=preprocess_CA1 again (it resumes)")
-    return meta
+__all__ = ["ImagePatchDataset", "LabelStore", "collate_spot_lists", "load_label_cache", "read_class_lut", "save_label_cache"]
 
 
 def read_class_lut(data_dir: str | os.PathLike) -> np.ndarray:
@@ -153,15 +142,15 @@ class ImagePatchDataset(Dataset):
     ``index`` int.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, split: str, *, metadata: dict | None = None,
+    def __init__(self, data_dir: str | os.PathLike, split: str, *, metadata: DatasetMetadata | None = None,
                  class_lut: np.ndarray | None = None, cache_images: bool = False, spot_lists: bool = False):
         self.data_dir = Path(data_dir)
         self.split = split
         self.metadata = metadata if metadata is not None else load_metadata(data_dir)
-        self.names = list(self.metadata["split"][split])
+        self.names = list(self.metadata.split[split])
         self.paths = [self.data_dir / split / n for n in self.names]
-        self.n_genes = len(self.metadata["genes"])
-        self.patch_size = int(self.metadata["patch_size"])
+        self.n_genes = self.metadata.n_genes
+        self.patch_size = self.metadata.patch_size
         lut = read_class_lut(data_dir) if class_lut is None else class_lut
         core = torch.zeros((len(self.paths), self.patch_size, self.patch_size), dtype=torch.int32)
         for i, path in enumerate(self.paths):
@@ -180,8 +169,8 @@ class ImagePatchDataset(Dataset):
             self._cache = torch.zeros((len(self.paths), self.n_genes, self.patch_size, self.patch_size)).share_memory_()
             self._cached = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
         self.spot_lists = bool(spot_lists)
-        self.density_sigma = float(self.metadata.get("density_sigma", 0.0))
-        self.density_halo = int(self.metadata.get("density_halo", density_halo(self.density_sigma)))
+        self.density_sigma = self.metadata.density_sigma
+        self.density_halo = self.metadata.density_halo
         self._spot_offsets: torch.Tensor | None = None
         self._spot_rows: torch.Tensor | None = None
         if self.spot_lists:
@@ -243,12 +232,12 @@ class ImagePatchDataset(Dataset):
         if not path.is_file():
             raise InputNotFoundError(f"{path} not found: spot lists need the spots table that preprocessing writes; "
                                      "preprocess the section again")
-        truncate = float(meta.get("density_truncate", DENSITY_TRUNCATE))
+        truncate = meta.density_truncate
         if truncate != DENSITY_TRUNCATE:
             raise DataError(f"{self.data_dir / METADATA_FILE}: densities were truncated at {truncate} sigma, this "
                             f"version builds them at {DENSITY_TRUNCATE}; preprocess the section again")
         spots = load_npz(path, ("gene", "x", "y"))
-        y0, x0 = (int(v) for v in meta["crop_offset"])
+        y0, x0 = meta.crop_offset
         p, h = self.patch_size, self.density_halo
         rows = np.floor(spots["y"]).astype(np.int64) - y0  # padded patch frame, as preprocessing computes it
         cols = np.floor(spots["x"]).astype(np.int64) - x0

@@ -47,11 +47,12 @@ import pandas as pd
 
 from . import baselines as B
 from . import metrics as M
-from .config import EvaluateConfig, TrainConfig
-from .constants import (BACKGROUND, CELLS_TABLE, METADATA_FILE, SPOTS_TABLE, TRUTH_SUFFIX, RawFiles, ResultFiles, RunFiles,
-                        TruthFiles)
+from .config import EvaluateConfig, Settings
+from .constants import BACKGROUND, CELLS_TABLE, METADATA_FILE, SPOTS_TABLE, TRUTH_SUFFIX, RawFiles, TruthFiles
 from .errors import ColumnError, DataError, InputNotFoundError
-from .io import load_npz, read_json, write_csv
+from .io import load_npz, write_csv
+from .metadata import DatasetMetadata, load_metadata, read_metadata
+from .runfolder import Paths, ResultFiles, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -396,13 +397,13 @@ def _markers_reference(truth_dir: Path) -> pd.DataFrame | None:
 
 
 # ------------------------------------------------------------------------------------------------ the CLI step
-def _raw_dirs(args: Any, paths: Any, metadata: dict) -> list[Path]:
+def _raw_dirs(raw_dir: str | None, paths: Paths, metadata: DatasetMetadata) -> list[Path]:
     """Candidate raw folders, most specific first: --raw_dir, the one preprocessing recorded, the default path."""
     out = []
-    if getattr(args, "raw_dir", None):
-        out.append(Path(args.raw_dir))
-    if metadata.get("raw_dir"):
-        out.append(Path(metadata["raw_dir"]))
+    if raw_dir:
+        out.append(Path(raw_dir))
+    if metadata.raw_dir:
+        out.append(Path(metadata.raw_dir))
     out.append(Path(paths.raw_dir))
     return out
 
@@ -421,9 +422,9 @@ def _truth_dir(cfg: EvaluateConfig, raw_dirs: list[Path]) -> Path | None:
     return None
 
 
-def _pciseq_assignment(raw_dirs: list[Path], metadata: dict, rows_in_file: np.ndarray) -> np.ndarray | None:
+def _pciseq_assignment(raw_dirs: list[Path], metadata: DatasetMetadata, rows_in_file: np.ndarray) -> np.ndarray | None:
     """pciSeq's spot -> cell assignment from the raw spots file's ``pciseq_cell`` column, when there is one."""
-    name = metadata.get("fingerprint", {}).get("sources", {}).get("spots", {}).get("file")
+    name = metadata.source_file("spots")
     for raw in raw_dirs:
         # the file preprocessing read (by name); only without that record, the one spots file of the folder
         hits = [raw / name] if name else sorted(raw.glob(RawFiles.SPOTS))
@@ -457,10 +458,6 @@ def _celltypes_lut(results: Path, celltypes: list[str]) -> np.ndarray | None:
     return None if np.array_equal(lut, np.arange(lut.size)) else lut
 
 
-#: Gene ranking scored against a simulated section's marker genes.
-RANKING_EVALUATION = "gene_ranking_evaluation.csv"
-
-
 def _score_ranking(results: Path, truth_dir: Path | None) -> pd.DataFrame | None:
     """Score the gene rankings (attribution, and differential expression) against the truth folder's
     ``markers.csv`` when both exist; write the table (one row per ranking and cell type)."""
@@ -476,55 +473,49 @@ def _score_ranking(results: Path, truth_dir: Path | None) -> pd.DataFrame | None
     if not tables:
         return None
     table = pd.concat(tables)
-    write_csv(results / RANKING_EVALUATION, table, index=True)
+    write_csv(results / ResultFiles.RANKING_EVALUATION, table, index=True)
     return table
 
 
-def run_evaluate(args: Any, cfg: dict[type, Any], paths: Any) -> int:
-    """``--step_name=evaluate``: score the run in ``<run_dir>/results/`` and every baseline; write
-    ``results/evaluation.csv`` and print a markdown table (metrics as rows, methods as columns)."""
-    start = time.perf_counter()
-    ecfg: EvaluateConfig = cfg[EvaluateConfig]
-    train = cfg.get(TrainConfig)
-    pixel_distance = train.pixel_distance if train is not None else TrainConfig().pixel_distance
-    radii = ecfg.radii()
-    data_dir, run_dir = Path(paths.data_dir), Path(paths.run_dir)
-    results = run_dir / RunFiles.RESULTS
+@dataclass(frozen=True)
+class _Section:
+    """What the evaluate step reads of a dataset: metadata, spots, nucleus types, truth and reference."""
 
-    meta_path = data_dir / METADATA_FILE
-    if not meta_path.is_file():
-        raise InputNotFoundError(f"{meta_path} not found; run --step_name=preprocess_CA1 for --datasets_name="
-                                 f"{paths.datasets_name} first")
-    metadata = read_json(meta_path)
-    shape = tuple(int(v) for v in metadata["raw_shape"])
-    celltypes = list(metadata["celltypes"])
-    genes = list(metadata["genes"])
-    n_classes = len(celltypes)
+    meta: DatasetMetadata
+    spots: Spots
+    rows_in_file: np.ndarray
+    cell_ids: np.ndarray
+    class_ids: np.ndarray
+    raw_dirs: list[Path]
+    truth_dir: Path | None
+    truth: Truth | None
+    pairs: list[tuple[str, str]] | None
+    reference_name: str
 
-    fix = (f"run --step_name=SegJointGene (it writes {RunFiles.RESULTS}/ at the end of training) or "
-           f"--step_name=export for a saved epoch, with --datasets_name={paths.datasets_name} "
-           f"--net_sub_suffix={run_dir.name}")
-    for name in (ResultFiles.INSTANCE_MASK, ResultFiles.CELLTYPE_MASK, ResultFiles.INITIAL_MASK):
-        if not (results / name).is_file():
-            raise InputNotFoundError(f"{results / name} not found; {fix}")
 
+def _dataset_metadata(paths: Paths) -> DatasetMetadata:
+    if read_metadata(paths.data_dir) is None:
+        raise InputNotFoundError(f"{Path(paths.data_dir) / METADATA_FILE} not found; run --step_name=preprocess_CA1 "
+                                 f"for --datasets_name={paths.datasets_name} first")
+    return load_metadata(paths.data_dir)
+
+
+def _read_evaluation_inputs(settings: Settings, paths: Paths, meta: DatasetMetadata) -> _Section:
+    ecfg, data_dir = settings.evaluate, Path(paths.data_dir)
     table = load_npz(data_dir / SPOTS_TABLE, ("gene", "x", "y", "row_in_file"))
     spots = Spots(x=table["x"].astype(np.float64), y=table["y"].astype(np.float64), gene=table["gene"].astype(np.int32),
-                  genes=tuple(genes))
+                  genes=meta.genes)
     rows_in_file = table["row_in_file"].astype(np.int64)
     cells = _read_csv(data_dir / CELLS_TABLE, ("cell", "celltype_id"), "the dataset's cell table")
-    cell_ids, class_ids = cells["cell"].to_numpy(np.int64), cells["celltype_id"].to_numpy(np.int32)
-
-    raw_dirs = _raw_dirs(args, paths, metadata)
+    raw_dirs = _raw_dirs(settings.step.raw_dir, paths, meta)
     truth_dir = _truth_dir(ecfg, raw_dirs)
     truth = None
     if truth_dir is not None:
-        truth = load_truth(truth_dir, shape=shape, celltypes=celltypes, rows_in_file=rows_in_file, genes=genes,
-                           spot_gene=spots.gene)
+        truth = load_truth(truth_dir, shape=meta.raw_shape, celltypes=list(meta.celltypes), rows_in_file=rows_in_file,
+                           genes=list(meta.genes), spot_gene=spots.gene)
         log.info("ground truth: %s", truth_dir)
     else:
         log.info("no ground-truth folder: metrics without truth only")
-
     reference, reference_name = None, ""
     if ecfg.reference_csv:
         reference, reference_name = load_reference(ecfg.reference_csv), ecfg.reference_csv
@@ -533,59 +524,80 @@ def run_evaluate(args: Any, cfg: dict[type, Any], paths: Any) -> int:
         reference_name = str(truth_dir / TruthFiles.MARKERS) if reference is not None else ""
     pairs = M.exclusive_gene_pairs(reference, fraction=ecfg.mecr_fraction) if reference is not None else None
     if pairs is not None:
-        in_panel = sum(a in set(genes) and b in set(genes) for a, b in pairs)
+        in_panel = sum(a in set(meta.genes) and b in set(meta.genes) for a, b in pairs)
         log.info("MECR: %d mutually exclusive gene pairs from %s (%d with both genes in the panel)", len(pairs),
                  reference_name, in_panel)
+    return _Section(meta=meta, spots=spots, rows_in_file=rows_in_file, cell_ids=cells["cell"].to_numpy(np.int64),
+                    class_ids=cells["celltype_id"].to_numpy(np.int32), raw_dirs=raw_dirs, truth_dir=truth_dir,
+                    truth=truth, pairs=pairs, reference_name=reference_name)
 
+
+def _run_masks(results: Path, sec: _Section, fix: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The run's instance mask and (with a truth) its cell-type mask in the dataset's class ids."""
+    meta = sec.meta
+    instance = _read_mask(results / ResultFiles.INSTANCE_MASK, meta.raw_shape, fix)
+    if sec.truth is None:
+        return instance, None
+    celltype = _read_mask(results / ResultFiles.CELLTYPE_MASK, meta.raw_shape, fix)
+    lut = _celltypes_lut(results, list(meta.celltypes))
+    top = int(celltype.max(initial=0))
+    if top >= (meta.n_classes if lut is None else lut.size):
+        raise DataError(f"{results / ResultFiles.CELLTYPE_MASK} holds class id {top}, beyond the "
+                        f"{'ids of ' + ResultFiles.CELLTYPES if lut is not None else 'dataset classes'}; {fix}")
+    return instance, (lut[celltype] if lut is not None else celltype)
+
+
+def _score_all(results: Path, sec: _Section, ecfg: EvaluateConfig, pixel_distance: int, fix: str) -> pd.DataFrame:
+    """One row per method: the run, the baselines of its nuclei, pciSeq when the raw spots carry its assignment."""
     rows: dict[str, dict[str, float]] = {}
 
     def score(name: str, instance: np.ndarray, celltype: np.ndarray | None) -> None:
         t0 = time.perf_counter()
-        rows[name] = score_segmentation(instance, celltype, spots, truth=truth, pairs=pairs, n_classes=n_classes,
-                                        pixel_distance=pixel_distance)
+        rows[name] = score_segmentation(instance, celltype, sec.spots, truth=sec.truth, pairs=sec.pairs,
+                                        n_classes=sec.meta.n_classes, pixel_distance=pixel_distance)
         log.info("scored %s in %.1f s", name, time.perf_counter() - t0)
 
-    instance = _read_mask(results / ResultFiles.INSTANCE_MASK, shape, fix)
-    celltype = None
-    if truth is not None:
-        celltype = _read_mask(results / ResultFiles.CELLTYPE_MASK, shape, fix)
-        lut = _celltypes_lut(results, celltypes)
-        top = int(celltype.max(initial=0))
-        if top >= (n_classes if lut is None else lut.size):
-            raise DataError(f"{results / ResultFiles.CELLTYPE_MASK} holds class id {top}, beyond the "
-                            f"{'ids of ' + ResultFiles.CELLTYPES if lut is not None else 'dataset classes'}; {fix}")
-        if lut is not None:
-            celltype = lut[celltype]
-    score(OURS, instance, celltype)
-    del instance, celltype
-
-    nuclei = _read_mask(results / ResultFiles.INITIAL_MASK, shape, fix)
-    for name, mask in B.baseline_segmentations(nuclei, spots.x, spots.y, sigma=float(metadata.get("density_sigma", 5.0)),
-                                               radii=radii, density_fraction=ecfg.density_fraction):
-        types = B.celltype_mask(mask, cell_ids, class_ids) if truth is not None else None
-        score(name, mask, types)
-    del nuclei
-
-    pciseq = _pciseq_assignment(raw_dirs, metadata, rows_in_file)
+    score(OURS, *_run_masks(results, sec, fix))
+    nuclei = _read_mask(results / ResultFiles.INITIAL_MASK, sec.meta.raw_shape, fix)
+    for name, mask in B.baseline_segmentations(nuclei, sec.spots.x, sec.spots.y, sigma=sec.meta.density_sigma,
+                                               radii=ecfg.radii(), density_fraction=ecfg.density_fraction):
+        score(name, mask, B.celltype_mask(mask, sec.cell_ids, sec.class_ids) if sec.truth is not None else None)
+    pciseq = _pciseq_assignment(sec.raw_dirs, sec.meta, sec.rows_in_file)
     if pciseq is not None:
-        rows[PCISEQ] = score_assignment(pciseq, spots, truth=truth, pairs=pairs)
+        rows[PCISEQ] = score_assignment(pciseq, sec.spots, truth=sec.truth, pairs=sec.pairs)
+    return _table(rows, sec.truth is not None, sec.pairs is not None)
 
-    out = _table(rows, truth is not None, pairs is not None)
+
+def run_evaluate(settings: Settings, paths: Paths) -> int:
+    """``--step_name=evaluate``: score the run in ``<run_dir>/results/`` and every baseline; write
+    ``results/evaluation.csv`` and print a markdown table (metrics as rows, methods as columns)."""
+    start = time.perf_counter()
+    ecfg, pixel_distance, results = settings.evaluate, settings.train.pixel_distance, paths.run.results
+    fix = (f"run --step_name=SegJointGene (it writes {RunFolder.RESULTS}/ at the end of training) or "
+           f"--step_name=export for a saved epoch, with --datasets_name={paths.datasets_name} "
+           f"--net_sub_suffix={paths.run.path.name}")
+    meta = _dataset_metadata(paths)
+    for name in (ResultFiles.INSTANCE_MASK, ResultFiles.CELLTYPE_MASK, ResultFiles.INITIAL_MASK):
+        if not (results / name).is_file():
+            raise InputNotFoundError(f"{results / name} not found; {fix}")
+    sec = _read_evaluation_inputs(settings, paths, meta)
+    out = _score_all(results, sec, ecfg, pixel_distance, fix)
     results.mkdir(parents=True, exist_ok=True)
     write_csv(results / ResultFiles.EVALUATION, out, index=True)
-    notes = [f"truth: {truth_dir}" if truth_dir else "truth: none (metrics without ground truth only)",
+    notes = [f"truth: {sec.truth_dir}" if sec.truth_dir else "truth: none (metrics without ground truth only)",
              f"cell_calling ring: {pixel_distance} px"]
-    if pairs is not None:
-        notes.append(f"MECR: {len(pairs)} exclusive gene pairs from {reference_name} (fraction {ecfg.mecr_fraction})")
-    if pciseq is not None:
+    if sec.pairs is not None:
+        notes.append(f"MECR: {len(sec.pairs)} exclusive gene pairs from {sec.reference_name} "
+                     f"(fraction {ecfg.mecr_fraction})")
+    if PCISEQ in out.index:
         notes.append("pciseq: a spot assignment without masks (spots_in_cells = fraction of spots assigned)")
     print(markdown_table(out))
-    ranking = _score_ranking(results, truth_dir)
+    ranking = _score_ranking(results, sec.truth_dir)
     if ranking is not None:
         scores = ranking.groupby(level="ranking")[["precision_at_m", "chance"]].mean()
         notes.append("gene rankings vs the simulated markers, precision of the top-m genes: " + ", ".join(
             f"{src} {row.precision_at_m:.2f}" for src, row in scores.iterrows())
-            + f" (chance {scores['chance'].iloc[0]:.2f}) -> {results / RANKING_EVALUATION}")
+            + f" (chance {scores['chance'].iloc[0]:.2f}) -> {results / ResultFiles.RANKING_EVALUATION}")
     print("\n".join(notes))
     print(f"evaluation of {len(out)} methods in {time.perf_counter() - start:.1f} s -> {results / ResultFiles.EVALUATION}")
     return 0

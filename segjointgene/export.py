@@ -11,11 +11,10 @@ pandas, one patch at a time, so a 5471 x 7602 section exports with two section-s
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,18 +22,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .constants import CELLS_TABLE, METADATA_FILE, SPOTS_TABLE, SPLITS, PatchKeys, ResultFiles, RunFiles
+from .constants import CELLS_TABLE, METADATA_FILE, SPOTS_TABLE, SPLITS, PatchKeys
 from .errors import DataError, InputNotFoundError
 from .io import atomic_path, load_npz, npz_headers, read_json, remove_stale_temps, write_csv, write_tif
+from .metadata import DatasetMetadata, load_metadata, read_metadata
 from .metrics import expression_ranking
 from .plots import (densest_window, display_factor, downsample_labels, downsample_mean, plot_gene_ranking_heatmap,
                     plot_initial_vs_final, plot_section_overview, plot_training_curves, plot_zoom, spot_density)
+from .runfolder import FigureFiles, Paths, ResultFiles, RunFolder
 from .stitch import (assign_spots, cell_table, celltype_table, class_map, stitch_label_cache, stitch_patch_channel)
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ATTRIBUTION_FILE",
     "GeneRanking",
     "available_epochs",
     "export_results",
@@ -44,23 +44,11 @@ __all__ = [
     "write_gene_ranking",
 ]
 
-#: Per-(cell type, gene) attribution sums a run saves beside its label caches (keys: see :func:`_read_attribution`).
-ATTRIBUTION_FILE = "attribution_{epoch}.npz"
 _ATTR_KEYS = ("type_gene_sum", "type_pixels", "targets", "genes", "method")
-_CACHE_RE = re.compile(r"^labels_cache_(\d+)\.npz$")
-_ATTR_RE = re.compile(r"^attribution_(\d+)\.npz$")
 #: Edge of the zoomed window of the figures (pixels).
 ZOOM_PX = 300
 #: Longer side of the whole-section overview (pixels).
 OVERVIEW_PX = 1200
-
-FIGURES = {
-    "overview": "section_overview.png",
-    "zoom": "section_zoom.png",
-    "initial_vs_final": "initial_vs_final.png",
-    "training": "training_curves.png",
-    "ranking": "gene_ranking_heatmap.png",
-}
 
 
 # ------------------------------------------------------------------------------------------------ gene ranking
@@ -82,16 +70,16 @@ class GeneRanking:
 
 
 def gene_ranking_tables(type_gene_sum: np.ndarray, type_pixels: np.ndarray, targets: np.ndarray, genes: np.ndarray,
-                        metadata: dict[str, Any]) -> GeneRanking:
+                        gene_names: Sequence[str], celltype_names: Sequence[str]) -> GeneRanking:
     """Mean score matrix and per-type ranks from attribution sums.
 
     Parameters
     ----------
     type_gene_sum : (T, n) float array, attribution summed over the pixels attributed to each target type.
     type_pixels : (T,) float array, number of pixels summed per type.
-    targets : (T,) int array, class ids of the target cell types (index into ``metadata['celltypes']``).
-    genes : (n,) int array, gene channel ids (index into ``metadata['genes']``).
-    metadata : the dataset's ``metadata.json``.
+    targets : (T,) int array, class ids of the target cell types (index into ``celltype_names``).
+    genes : (n,) int array, gene channel ids (index into ``gene_names``).
+    gene_names, celltype_names : the dataset's genes (channel order) and classes (id order, 0 = background).
 
     Returns
     -------
@@ -99,9 +87,8 @@ def gene_ranking_tables(type_gene_sum: np.ndarray, type_pixels: np.ndarray, targ
 
     Examples
     --------
-    >>> meta = {"genes": ["A", "B", "C"], "celltypes": ["background", "T1", "T2"]}
     >>> r = gene_ranking_tables(np.array([[2.0, 4.0], [6.0, 3.0]]), np.array([2.0, 3.0]), np.array([2, 1]),
-    ...                         np.array([0, 2]), meta)
+    ...                         np.array([0, 2]), ["A", "B", "C"], ["background", "T1", "T2"])
     >>> r.scores
                 A    C
     celltype          
@@ -114,7 +101,7 @@ def gene_ranking_tables(type_gene_sum: np.ndarray, type_pixels: np.ndarray, targ
     pix = np.asarray(type_pixels, np.float64).ravel()
     tgt = np.asarray(targets).astype(np.int64).ravel()
     gen = np.asarray(genes).astype(np.int64).ravel()
-    n_types, n_genes = len(metadata["celltypes"]), len(metadata["genes"])
+    n_types, n_genes = len(celltype_names), len(gene_names)
     if tgs.ndim != 2 or tgs.shape != (tgt.size, gen.size) or pix.size != tgt.size:
         raise DataError(f"attribution sums have shape {tgs.shape}, type_pixels {pix.shape}, targets {tgt.shape}, "
                         f"genes {gen.shape}; expected (T, n), (T,), (T,), (n,)")
@@ -126,8 +113,8 @@ def gene_ranking_tables(type_gene_sum: np.ndarray, type_pixels: np.ndarray, targ
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(pix[:, None] > 0, tgs / np.where(pix > 0, pix, 1.0)[:, None], np.nan)
     mean = mean[row_order][:, col_order]
-    type_names = [metadata["celltypes"][t] for t in tgt[row_order]]
-    gene_names = [metadata["genes"][g] for g in gen[col_order]]
+    type_names = [celltype_names[t] for t in tgt[row_order]]
+    gene_names = [gene_names[g] for g in gen[col_order]]
     scores = pd.DataFrame(mean, index=pd.Index(type_names, name="celltype"), columns=gene_names)
 
     parts = []
@@ -145,7 +132,7 @@ def gene_ranking_tables(type_gene_sum: np.ndarray, type_pixels: np.ndarray, targ
 
 
 def write_gene_ranking(results_dir: str | os.PathLike, type_gene_sum: np.ndarray, type_pixels: np.ndarray,
-                       targets: np.ndarray, genes: np.ndarray, metadata: dict[str, Any], method: str, *,
+                       targets: np.ndarray, genes: np.ndarray, metadata: DatasetMetadata, method: str, *,
                        figure: bool = True, title: str = "") -> GeneRanking:
     """Write ``gene_celltype_scores.csv``, ``gene_ranking.csv`` and the heat map under ``results_dir``.
 
@@ -163,12 +150,12 @@ def write_gene_ranking(results_dir: str | os.PathLike, type_gene_sum: np.ndarray
     """
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    tables = gene_ranking_tables(type_gene_sum, type_pixels, targets, genes, metadata)
+    tables = gene_ranking_tables(type_gene_sum, type_pixels, targets, genes, metadata.genes, metadata.celltypes)
     write_csv(results_dir / ResultFiles.GENE_SCORES, tables.scores, index=True)
     write_csv(results_dir / ResultFiles.GENE_RANKING, tables.ranking)
     if figure:
         if tables.scores.notna().any(axis=None):
-            plot_gene_ranking_heatmap(results_dir / ResultFiles.FIGURES / FIGURES["ranking"], tables.scores,
+            plot_gene_ranking_heatmap(results_dir / ResultFiles.FIGURES / FigureFiles.RANKING, tables.scores,
                                       method=method, title=title)
         else:
             log.warning("gene ranking: no cell type has attributed pixels; heat map not drawn")
@@ -181,15 +168,9 @@ def _read_attribution(path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ run folder
-def _epochs(run_dir: Path, pattern: re.Pattern) -> list[int]:
-    if not run_dir.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in run_dir.iterdir() if (m := pattern.match(p.name)))
-
-
 def available_epochs(run_dir: str | os.PathLike) -> list[int]:
     """Epochs with a label cache (``labels_cache_<epoch>.npz``) in a run folder, ascending."""
-    return _epochs(Path(run_dir), _CACHE_RE)
+    return RunFolder(Path(run_dir)).label_cache_epochs()
 
 
 def resolve_epoch(run_dir: str | os.PathLike, epoch: int | None = None) -> int:
@@ -215,25 +196,22 @@ def resolve_epoch(run_dir: str | os.PathLike, epoch: int | None = None) -> int:
     return epoch
 
 
-def _data_dir(run_dir: Path, override: str | os.PathLike | None) -> tuple[Path, dict[str, Any]]:
-    info_path = run_dir / RunFiles.RUN_INFO
-    info = read_json(info_path) if info_path.is_file() else {}
+def _data_dir(run: RunFolder, override: str | os.PathLike | None) -> tuple[Path, dict[str, Any]]:
+    info = read_json(run.run_info) if run.run_info.is_file() else {}
     if override is not None:
         return Path(override), info
     if "data_dir" not in info:
-        raise InputNotFoundError(f"{info_path} is missing or names no data_dir; pass the dataset folder explicitly")
+        raise InputNotFoundError(f"{run.run_info} is missing or names no data_dir; pass the dataset folder explicitly")
     return Path(info["data_dir"]), info
 
 
-def _load_dataset(data_dir: Path) -> tuple[dict[str, Any], np.ndarray]:
+def _load_dataset(data_dir: Path) -> tuple[DatasetMetadata, np.ndarray]:
     """metadata.json and the cell id -> cell-type id lookup of a preprocessed dataset (no torch needed)."""
-    meta_path = data_dir / METADATA_FILE
-    if not meta_path.is_file():
-        raise InputNotFoundError(f"{meta_path} not found: the run's dataset is missing; preprocess the section again "
-                                 "(--step_name=preprocess_CA1) under the same --work_dir and --datasets_name")
-    meta = read_json(meta_path)
-    if not meta.get("complete"):
-        raise DataError(f"{meta_path}: preprocessing did not finish; run --step_name=preprocess_CA1 again (it resumes)")
+    if read_metadata(data_dir) is None:
+        raise InputNotFoundError(f"{data_dir / METADATA_FILE} not found: the run's dataset is missing; preprocess the "
+                                 "section again (--step_name=preprocess_CA1) under the same --work_dir and "
+                                 "--datasets_name")
+    meta = load_metadata(data_dir)
     cells_path = data_dir / CELLS_TABLE
     if not cells_path.is_file():
         raise InputNotFoundError(f"{cells_path} not found: preprocess the section again")
@@ -249,10 +227,10 @@ def _cache_names(path: Path) -> dict[str, list[str]]:
     return {k.removesuffix(".names"): [str(n) for n in v] for k, v in load_npz(path, keys).items()}
 
 
-def _attribution_path(run_dir: Path, epoch: int) -> Path | None:
+def _attribution_path(run: RunFolder, epoch: int) -> Path | None:
     """The attribution file of ``epoch``, else the latest one saved before it."""
-    epochs = [e for e in _epochs(run_dir, _ATTR_RE) if e <= epoch]
-    return run_dir / ATTRIBUTION_FILE.format(epoch=epochs[-1]) if epochs else None
+    epochs = [e for e in run.attribution_epochs() if e <= epoch]
+    return run.attribution(epochs[-1]) if epochs else None
 
 
 def _areas(mask: np.ndarray) -> np.ndarray:
@@ -319,6 +297,30 @@ def _write_anndata(path: Path, cells: pd.DataFrame, spot_cell: np.ndarray, spot_
 
 
 # ------------------------------------------------------------------------------------------------ export
+@dataclass
+class _Export:
+    """What the parts of one export share: the run, its dataset and the spots."""
+
+    run: RunFolder
+    epoch: int
+    data_dir: Path
+    meta: DatasetMetadata
+    lut: np.ndarray  # cell id -> class id
+    title: str
+    sx: np.ndarray  # (n,) float64 spot positions, raw frame
+    sy: np.ndarray
+    spot_gene: np.ndarray  # (n,) int64
+    views: _Views
+
+    @property
+    def out(self) -> Path:
+        return self.run.results
+
+    @property
+    def mask_dtype(self) -> type:
+        return np.uint8 if self.meta.n_classes <= 256 else np.uint16
+
+
 def export_results(run_dir: str | os.PathLike, *, epoch: int | None = None, figures: bool = True,
                    data_dir: str | os.PathLike | None = None) -> Path:
     """Write the results of one saved epoch of a run (SPEC §5) under ``<run_dir>/results/``.
@@ -348,149 +350,165 @@ def export_results(run_dir: str | os.PathLike, *, epoch: int | None = None, figu
     initial nucleus labels; this is logged.
     """
     start = time.perf_counter()
-    run_dir = Path(run_dir)
-    epoch = resolve_epoch(run_dir, epoch)
-    cache_path = run_dir / RunFiles.LABEL_CACHE.format(epoch=epoch)
-    data_dir, info = _data_dir(run_dir, data_dir)
-    meta, lut = _load_dataset(data_dir)
-    out = run_dir / RunFiles.RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    for folder in (out, out / ResultFiles.FIGURES):  # leftovers of a killed export (hidden, never read)
-        remove_stale_temps(folder)
-    genes, celltypes = list(meta["genes"]), list(meta["celltypes"])
-    raw_shape = tuple(int(v) for v in meta["raw_shape"])
-    title = f"{info.get('datasets_name', meta.get('datasets_name', data_dir.name))}/{run_dir.name}, epoch {epoch}"
-    mask_dtype = np.uint8 if len(celltypes) <= 256 else np.uint16
+    run = RunFolder(Path(run_dir))
+    ex = _open_export(run, resolve_epoch(run.path, epoch), data_dir)
+    spot_cell, cells = _export_final_labels(ex, figures)
+    _export_initial_labels(ex, figures)
+    _export_gene_ranking(ex, figures)
+    if figures:
+        _export_figures(ex, cells, spot_cell)
+    log.info("exported epoch %d of %s to %s in %.1f s", ex.epoch, run.path, ex.out, time.perf_counter() - start)
+    return ex.out
 
+
+def _open_export(run: RunFolder, epoch: int, data_dir: str | os.PathLike | None) -> _Export:
+    data_dir, info = _data_dir(run, data_dir)
+    meta, lut = _load_dataset(data_dir)
+    run.results.mkdir(parents=True, exist_ok=True)
+    for folder in (run.results, run.figures):  # leftovers of a killed export (hidden, never read)
+        remove_stale_temps(folder)
+    title = f"{info.get('datasets_name', meta.datasets_name or data_dir.name)}/{run.path.name}, epoch {epoch}"
     spots = load_npz(data_dir / SPOTS_TABLE, ("gene", "x", "y"))
     sx, sy = spots["x"].astype(np.float64), spots["y"].astype(np.float64)
-    spot_gene = spots["gene"].astype(np.int64)
-    views = _Views(factor=display_factor(raw_shape, OVERVIEW_PX), window=densest_window(sx, sy, raw_shape, ZOOM_PX))
+    views = _Views(factor=display_factor(meta.raw_shape, OVERVIEW_PX),
+                   window=densest_window(sx, sy, meta.raw_shape, ZOOM_PX))
+    return _Export(run=run, epoch=epoch, data_dir=data_dir, meta=meta, lut=lut, title=title, sx=sx, sy=sy,
+                   spot_gene=spots["gene"].astype(np.int64), views=views)
 
-    # 1. final labels: cache patches, and the nuclei for patches the cache lacks
-    listed = {n for s in SPLITS for n in meta["split"][s]}
+
+def _final_instance(ex: _Export) -> np.ndarray:
+    """The whole-section instance map of the label cache; patches the cache lacks keep their nuclei."""
+    cache_path = ex.run.label_cache(ex.epoch)
+    listed = {n for s in SPLITS for n in ex.meta.split[s]}
     cached = {n for names in _cache_names(cache_path).values() for n in names}
     stray = cached - listed
     if stray:
-        raise DataError(f"{cache_path}: {len(stray)} patch(es) not in {data_dir / METADATA_FILE} "
+        raise DataError(f"{cache_path}: {len(stray)} patch(es) not in {ex.data_dir / METADATA_FILE} "
                         f"(e.g. {sorted(stray)[0]}); the cache belongs to another preprocessing of the section")
-    instance = stitch_label_cache(cache_path, meta, "instances", dtype=np.uint32)
+    instance = stitch_label_cache(cache_path, ex.meta, "instances", dtype=np.uint32)
     missing = listed - cached
     if missing:
         log.warning("%s lacks %d of %d patches (a split was not saved): they keep their initial nucleus labels",
                     cache_path.name, len(missing), len(listed))
-        stitch_patch_channel(data_dir, meta, PatchKeys.INSTANCE, names=missing, out=instance)
-    types = class_map(instance, lut, mask_dtype)
+        stitch_patch_channel(ex.data_dir, ex.meta, PatchKeys.INSTANCE, names=missing, out=instance)
+    return instance
+
+
+def _export_final_labels(ex: _Export, figures: bool) -> tuple[np.ndarray, pd.DataFrame]:
+    """Masks, the spot and cell tables and the AnnData of the final labels; returns (spot -> cell, cell table)."""
+    meta, out = ex.meta, ex.out
+    instance = _final_instance(ex)
+    types = class_map(instance, ex.lut, ex.mask_dtype)
     write_tif(out / ResultFiles.INSTANCE_MASK, instance)
     write_tif(out / ResultFiles.CELLTYPE_MASK, types)
-    write_csv(out / ResultFiles.CELLTYPES, celltype_table(celltypes))
-
-    assigned = assign_spots(instance, sx, sy)
+    write_csv(out / ResultFiles.CELLTYPES, celltype_table(list(meta.celltypes)))
+    assigned = assign_spots(instance, ex.sx, ex.sy)
     spot_cell = assigned.values
-    cells = cell_table(instance, lut, celltypes, spot_cell)
+    cells = cell_table(instance, ex.lut, list(meta.celltypes), spot_cell)
     if figures:
-        views.final_small = downsample_labels(instance, views.factor)
-        views.final_crop = views.crop(instance)
-        views.final_types_crop = views.crop(types)
+        ex.views.final_small = downsample_labels(instance, ex.views.factor)
+        ex.views.final_crop = ex.views.crop(instance)
+        ex.views.final_types_crop = ex.views.crop(types)
     del instance, types
 
     n_out = int((~assigned.inside).sum())
     if n_out:
         log.warning("%d spot(s) lie outside the %d x %d mask frame: kept in %s with cell 0 and inside=false",
-                    n_out, *raw_shape, ResultFiles.SPOTS)
-    if meta.get("n_spots_outside"):
+                    n_out, *meta.raw_shape, ResultFiles.SPOTS)
+    if meta.n_spots_outside:
         log.info("%d spot(s) of the raw spot file lay outside the image and were dropped at preprocessing",
-                 meta["n_spots_outside"])
-    names = np.asarray(celltypes, dtype=object)
+                 meta.n_spots_outside)
+    genes, names = list(meta.genes), np.asarray(meta.celltypes, dtype=object)
     write_csv(out / ResultFiles.SPOTS, pd.DataFrame({
-        "gene": np.asarray(genes, dtype=object)[spot_gene], "spotX": sx, "spotY": sy, "cell": spot_cell,
-        "celltype": names[lut[spot_cell]], "inside": assigned.inside}))
+        "gene": np.asarray(genes, dtype=object)[ex.spot_gene], "spotX": ex.sx, "spotY": ex.sy, "cell": spot_cell,
+        "celltype": names[ex.lut[spot_cell]], "inside": assigned.inside}))
     write_csv(out / ResultFiles.CELLS, cells)
     write_csv(out / ResultFiles.GENE_RANKING_DE,
-              expression_ranking(spot_cell, spot_gene, cells.set_index("cell")["celltype"], genes))
-    _write_anndata(out / ResultFiles.ANNDATA, cells, spot_cell, spot_gene, genes,
-                   {"epoch": int(epoch), "datasets_name": str(meta.get("datasets_name", "")), "run": run_dir.name})
+              expression_ranking(spot_cell, ex.spot_gene, cells.set_index("cell")["celltype"], genes))
+    _write_anndata(out / ResultFiles.ANNDATA, cells, spot_cell, ex.spot_gene, genes,
+                   {"epoch": int(ex.epoch), "datasets_name": meta.datasets_name, "run": ex.run.path.name})
+    return spot_cell, cells
 
-    # 2. initial nuclei (the fixed core of the run)
-    initial = stitch_patch_channel(data_dir, meta, PatchKeys.INSTANCE, dtype=np.uint32)
-    write_tif(out / ResultFiles.INITIAL_MASK, initial)
+
+def _export_initial_labels(ex: _Export, figures: bool) -> None:
+    """The nuclei (the fixed core of the run) as a mask, and their views for the figures."""
+    initial = stitch_patch_channel(ex.data_dir, ex.meta, PatchKeys.INSTANCE, dtype=np.uint32)
+    write_tif(ex.out / ResultFiles.INITIAL_MASK, initial)
     if figures:
+        views = ex.views
         views.initial_crop = views.crop(initial)
-        views.initial_types_crop = lut[views.initial_crop]
+        views.initial_types_crop = ex.lut[views.initial_crop]
         views.initial_areas = _areas(initial)
-        if not meta.get("has_dapi"):
+        if not ex.meta.has_dapi:
             views.background_small = downsample_mean(initial > 0, views.factor)
             views.background_crop = (views.initial_crop > 0).astype(np.float32)
-    del initial
 
-    # 3. gene ranking
-    attr_path = _attribution_path(run_dir, epoch)
+
+def _export_gene_ranking(ex: _Export, figures: bool) -> None:
+    """The attribution ranking of this epoch (or the latest before it); stale ranking files are removed."""
+    attr_path = _attribution_path(ex.run, ex.epoch)
     if attr_path is not None:
         attr = _read_attribution(attr_path)
         log.info("gene ranking from %s (%s)", attr_path.name, attr["method"])
-        write_gene_ranking(out, attr["type_gene_sum"], attr["type_pixels"], attr["targets"], attr["genes"], meta,
-                           attr["method"], figure=figures, title=title)
-    else:
-        log.info("no attribution ran up to epoch %d (no attribution_<epoch>.npz): no gene ranking", epoch)
-        for stale in (ResultFiles.GENE_RANKING, ResultFiles.GENE_SCORES, f"{ResultFiles.FIGURES}/{FIGURES['ranking']}"):
-            if (out / stale).is_file():
-                log.info("removing %s of a later epoch", stale)
-                (out / stale).unlink()
-
-    # 4. figures
-    if figures:
-        if meta.get("has_dapi"):
-            dapi = stitch_patch_channel(data_dir, meta, PatchKeys.DAPI, dtype=np.float32)
-            views.background_small = downsample_mean(dapi, views.factor)
-            views.background_crop = views.crop(dapi)
-            del dapi
-        _draw_figures(out / ResultFiles.FIGURES, views, run_dir, meta, cells, sx, sy, spot_cell, title)
-    log.info("exported epoch %d of %s to %s in %.1f s", epoch, run_dir, out, time.perf_counter() - start)
-    return out
+        write_gene_ranking(ex.out, attr["type_gene_sum"], attr["type_pixels"], attr["targets"], attr["genes"],
+                           ex.meta, attr["method"], figure=figures, title=ex.title)
+        return
+    log.info("no attribution ran up to epoch %d (no attribution_<epoch>.npz): no gene ranking", ex.epoch)
+    for stale in (ex.out / ResultFiles.GENE_RANKING, ex.out / ResultFiles.GENE_SCORES,
+                  ex.run.figure(FigureFiles.RANKING)):
+        if stale.is_file():
+            log.info("removing %s of a later epoch", stale.relative_to(ex.out).as_posix())
+            stale.unlink()
 
 
-def _draw_figures(fig_dir: Path, views: _Views, run_dir: Path, meta: dict[str, Any], cells: pd.DataFrame,
-                  sx: np.ndarray, sy: np.ndarray, spot_cell: np.ndarray, title: str) -> None:
-    raw_shape = tuple(int(v) for v in meta["raw_shape"])
-    bg_name = "DAPI" if meta.get("has_dapi") else "nucleus mask"
-    density = spot_density(sx, sy, raw_shape, views.factor)
-    plot_section_overview(fig_dir / FIGURES["overview"], views.final_small, views.background_small, density,
+def _export_figures(ex: _Export, cells: pd.DataFrame, spot_cell: np.ndarray) -> None:
+    if ex.meta.has_dapi:
+        dapi = stitch_patch_channel(ex.data_dir, ex.meta, PatchKeys.DAPI, dtype=np.float32)
+        ex.views.background_small = downsample_mean(dapi, ex.views.factor)
+        ex.views.background_crop = ex.views.crop(dapi)
+        del dapi
+    _draw_figures(ex, cells, spot_cell)
+
+
+def _draw_figures(ex: _Export, cells: pd.DataFrame, spot_cell: np.ndarray) -> None:
+    views, meta, sx, sy, fig = ex.views, ex.meta, ex.sx, ex.sy, ex.run.figure
+    bg_name = "DAPI" if meta.has_dapi else "nucleus mask"
+    dim = 1.0 if meta.has_dapi else 0.5
+    density = spot_density(sx, sy, meta.raw_shape, views.factor)
+    plot_section_overview(fig(FigureFiles.OVERVIEW), views.final_small, views.background_small, density,
                           factor=views.factor, background_name=bg_name, n_cells=len(cells), window=views.window,
-                          dim=1.0 if meta.get("has_dapi") else 0.5, title=title)
+                          dim=dim, title=ex.title)
     y0, x0, h, w = views.window
     in_win = (sx >= x0) & (sx < x0 + w) & (sy >= y0) & (sy < y0 + h)
-    plot_zoom(fig_dir / FIGURES["zoom"], views.final_crop, views.initial_crop, views.background_crop,
+    plot_zoom(fig(FigureFiles.ZOOM), views.final_crop, views.initial_crop, views.background_crop,
               views.final_types_crop, np.stack([sx[in_win], sy[in_win]], axis=1), spot_cell[in_win] > 0,
-              origin=(y0, x0), celltypes=meta["celltypes"], background_name=bg_name,
-              dim=1.0 if meta.get("has_dapi") else 0.5, title=title)
-    plot_initial_vs_final(fig_dir / FIGURES["initial_vs_final"], views.initial_crop, views.final_crop,
+              origin=(y0, x0), celltypes=list(meta.celltypes), background_name=bg_name, dim=dim, title=ex.title)
+    plot_initial_vs_final(fig(FigureFiles.INITIAL_VS_FINAL), views.initial_crop, views.final_crop,
                           views.initial_types_crop, views.final_types_crop, views.initial_areas,
-                          cells["area_px"].to_numpy(), origin=(y0, x0), title=title)
-    log_path = run_dir / RunFiles.TRAIN_LOG
-    if log_path.is_file():
-        table = pd.read_csv(log_path)
+                          cells["area_px"].to_numpy(), origin=(y0, x0), title=ex.title)
+    if ex.run.train_log.is_file():
+        table = pd.read_csv(ex.run.train_log)
         if len(table):
-            plot_training_curves(fig_dir / FIGURES["training"], table, title=title)
+            plot_training_curves(fig(FigureFiles.TRAINING), table, title=ex.title)
     else:
-        log.info("no %s in %s: no training curves", RunFiles.TRAIN_LOG, run_dir)
+        log.info("no %s in %s: no training curves", RunFolder.TRAIN_LOG, ex.run.path)
 
 
-def run_export(args: argparse.Namespace, cfg: dict[type, Any], paths: Any) -> int:
-    """``--step_name=export``: write the results of ``--ckpt_load_epoch`` (default: the latest saved epoch).
+def run_export(paths: Paths, *, epoch: int | None = None) -> int:
+    """``--step_name=export``: write the results of ``--ckpt_load_epoch`` (``epoch``; default the latest saved).
 
-    ``paths`` has ``run_dir`` and ``data_dir`` (``cli.Paths``). The dataset folder recorded in the run's
-    ``run.json`` is used when it exists; otherwise ``data/<datasets_name>`` under ``--work_dir``.
+    The dataset folder recorded in the run's ``run.json`` is used when it exists; otherwise ``data/<datasets_name>``
+    under ``--work_dir``.
     """
-    run_dir = Path(paths.run_dir)
-    epoch = resolve_epoch(run_dir, getattr(args, "ckpt_load_epoch", None))
-    info_path = run_dir / RunFiles.RUN_INFO
-    recorded = read_json(info_path).get("data_dir") if info_path.is_file() else None
+    run = paths.run
+    epoch = resolve_epoch(run.path, epoch)
+    recorded = read_json(run.run_info).get("data_dir") if run.run_info.is_file() else None
     data_dir = None if recorded and Path(recorded, METADATA_FILE).is_file() else Path(paths.data_dir)
     if data_dir is not None and recorded:
         log.info("the dataset recorded in run.json (%s) is gone; using %s", recorded, data_dir)
     start = time.perf_counter()
-    out = export_results(run_dir, epoch=epoch, figures=True, data_dir=data_dir)
+    out = export_results(run.path, epoch=epoch, figures=True, data_dir=data_dir)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.name.startswith("."))
-    print(f"exported epoch {epoch} of {run_dir} in {time.perf_counter() - start:.1f} s -> {out}\n  "
+    print(f"exported epoch {epoch} of {run.path} in {time.perf_counter() - start:.1f} s -> {out}\n  "
           + "\n  ".join(files))
     return 0

@@ -6,13 +6,16 @@ patch ``p_<row>_<col>.npz`` covers padded-frame rows ``row*P:(row+1)*P`` and col
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .constants import SPLITS
 from .errors import DataError
+
+if TYPE_CHECKING:  # the same layer: for annotations only
+    from .metadata import DatasetMetadata
 
 __all__ = ["FrameGeometry", "iter_patch_grid", "parse_patch_name"]
 
@@ -30,10 +33,10 @@ def parse_patch_name(name: str) -> tuple[int, int]:
     return int(parts[1]), int(parts[2])
 
 
-def iter_patch_grid(metadata: Mapping[str, Any]) -> Iterator[tuple[str, str, int, int]]:
+def iter_patch_grid(metadata: DatasetMetadata) -> Iterator[tuple[str, str, int, int]]:
     """(split, name, row, col) of every patch listed in the metadata's split."""
     for split in SPLITS:
-        for name in metadata["split"][split]:
+        for name in metadata.split[split]:
             yield (split, name, *parse_patch_name(name))
 
 
@@ -63,15 +66,15 @@ class FrameGeometry:
         return r * self.patch_size, c * self.patch_size
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any]) -> FrameGeometry:
+    def from_metadata(cls, metadata: DatasetMetadata) -> FrameGeometry:
         """The geometry recorded in ``metadata.json``, validated once."""
         try:
-            raw = tuple(int(v) for v in metadata["raw_shape"])
-            y0, x0 = (int(v) for v in metadata["crop_offset"])
-            h, w = (int(v) for v in metadata["crop_shape"])
-            p = int(metadata["patch_size"])
-            grid = tuple(int(v) for v in metadata["grid"])
-        except (KeyError, TypeError, ValueError) as err:
+            raw = metadata.raw_shape
+            y0, x0 = metadata.crop_offset
+            h, w = metadata.crop_shape
+            p = metadata.patch_size
+            grid = metadata.grid
+        except (TypeError, ValueError) as err:
             raise DataError(f"metadata.json lacks a valid frame geometry ({type(err).__name__}: {err}); "
                             "re-run preprocessing") from None
         geo = cls(raw_shape=raw, y0=y0, x0=x0, height=h, width=w, patch_size=p) if len(raw) == 2 else None

@@ -335,9 +335,33 @@ def read_section(raw_dir: str | os.PathLike) -> Section:
     if not raw_dir.is_dir():
         raise InputNotFoundError(f"raw section folder {raw_dir} does not exist; pass --raw_dir DIR or put the section "
                                  "under data/<datasets_name>_raw/<CA1_sub_path>/")
-    cells_path = _find_one(raw_dir, RawFiles.CELLS, "cells")
-    spots_path = _find_one(raw_dir, RawFiles.SPOTS, "spots")
-    types_path = _find_one(raw_dir, RawFiles.CELLTYPES, "cell-type")
+    files = _section_files(raw_dir)
+    cells = _read_cells(files["cells"])
+    cells["celltype"] = _read_celltypes(files["celltypes"], cells["cell"].to_numpy(), files["cells"])
+    cells = cells.sort_values("cell", kind="stable").reset_index(drop=True)
+    dapi = _read_image(files["dapi"], "DAPI image") if "dapi" in files else None
+    nuclei = _read_image(files["nuclei"], "nucleus label image") if "nuclei" in files else None
+    if dapi is not None and nuclei is not None:
+        if tuple(dapi.shape) != tuple(nuclei.shape):
+            raise DataError(f"{files['dapi'].name} has shape {tuple(dapi.shape)} but {files['nuclei'].name} has "
+                            f"{tuple(nuclei.shape)}; the DAPI and the nucleus label image must share one pixel frame")
+        log.info("both a DAPI image and a nucleus label image: nuclei come from %s; DAPI is kept as an input channel",
+                 files["nuclei"].name)
+    shape = tuple(int(v) for v in (nuclei if nuclei is not None else dapi).shape)
+    frame_name = files.get("nuclei", files.get("dapi")).name
+    _check_cells_in_frame(cells, shape, frame_name, files["cells"])
+    if nuclei is not None:
+        _check_label_ids(nuclei, cells, files["nuclei"], files["cells"])
+    spots, rows, n_out = _read_spots(files["spots"], shape, frame_name)
+    return Section(spots=spots, cells=cells, shape=shape, dapi=dapi, nuclei=nuclei,
+                   files={role: str(path) for role, path in files.items()}, spot_rows_in_file=rows,
+                   n_spots_outside=n_out)
+
+
+def _section_files(raw_dir: Path) -> dict[str, Path]:
+    """The files of a raw folder by role: cells, spots, celltypes, and dapi and/or nuclei (at least one)."""
+    files = {"cells": _find_one(raw_dir, RawFiles.CELLS, "cells"), "spots": _find_one(raw_dir, RawFiles.SPOTS, "spots"),
+             "celltypes": _find_one(raw_dir, RawFiles.CELLTYPES, "cell-type")}
     label_path = _find_one(raw_dir, RawFiles.LABEL_IMAGE_NPZ, "nucleus label image", required=False)
     tiffs = sorted(p for s in RawFiles.TIFF_SUFFIXES for p in raw_dir.glob(f"*{s}") if not p.name.startswith("."))
     label_tiffs = [p for p in tiffs if RawFiles.LABEL_TIFF_TOKEN in p.name.lower()]
@@ -348,12 +372,18 @@ def read_section(raw_dir: str | os.PathLike) -> Section:
         raise DataError(f"{raw_dir}: several nucleus label images ({', '.join(p.name for p in [label_path, *label_tiffs] if p)}); keep one")
     if len(dapi_tiffs) > 1:
         raise DataError(f"{raw_dir}: several DAPI TIFFs ({', '.join(p.name for p in dapi_tiffs)}); keep one")
-    dapi_path = dapi_tiffs[0] if dapi_tiffs else None
-    if dapi_path is None and label_path is None:
+    if not dapi_tiffs and label_path is None:
         raise InputNotFoundError(f"{raw_dir}: neither a DAPI TIFF nor a nucleus label image (*.coo.npz or *label*.tif); "
                                  "add one so that nuclei can be found")
+    if dapi_tiffs:
+        files["dapi"] = dapi_tiffs[0]
+    if label_path is not None:
+        files["nuclei"] = label_path
+    return files
 
-    # cells
+
+def _read_cells(cells_path: Path) -> pd.DataFrame:
+    """``cell, x, y`` of the cells table, ids unique positive integers."""
     cells = _read_table(cells_path, (RawFiles.CELL_ID, RawFiles.CELL_X, RawFiles.CELL_Y), "cells")
     if cells.empty:
         raise DataError(f"{cells_path}: the cells table has no rows; it needs one row per nucleus")
@@ -362,9 +392,11 @@ def read_section(raw_dir: str | os.PathLike) -> Section:
     dup = pd.Series(ids)[pd.Series(ids).duplicated()]
     if len(dup):
         raise DataError(f"{cells_path}: duplicate cell id(s) {', '.join(map(str, dup.unique()[:5]))}; each nucleus needs a unique id")
-    cells = pd.DataFrame({"cell": ids, "x": cells[RawFiles.CELL_X].to_numpy(), "y": cells[RawFiles.CELL_Y].to_numpy()})
+    return pd.DataFrame({"cell": ids, "x": cells[RawFiles.CELL_X].to_numpy(), "y": cells[RawFiles.CELL_Y].to_numpy()})
 
-    # cell types
+
+def _read_celltypes(types_path: Path, ids: np.ndarray, cells_path: Path) -> list[str]:
+    """The type name of every cell id (in the order of ``ids``): one per cell, none for unknown cells."""
     types = _read_table(types_path, (RawFiles.CELL_ID, RawFiles.CELLTYPE), "cell-type")
     types = _numeric(types, (RawFiles.CELL_ID,), types_path)
     type_ids = _cell_ids(types[RawFiles.CELL_ID], types_path)
@@ -385,35 +417,30 @@ def read_section(raw_dir: str | os.PathLike) -> Section:
         raise DataError(f"{types_path}: {len(untyped)} cell(s) of {cells_path.name} have no type "
                         f"(e.g. {', '.join(map(str, untyped[:5]))}); add a row for each (a placeholder type such as "
                         "'Unknown' is fine)")
-    cells["celltype"] = [type_of[c] for c in ids.tolist()]
-    cells = cells.sort_values("cell", kind="stable").reset_index(drop=True)
+    return [type_of[c] for c in ids.tolist()]
 
-    # images
-    dapi = _read_image(dapi_path, "DAPI image") if dapi_path else None
-    nuclei = _read_image(label_path, "nucleus label image") if label_path else None
-    if dapi is not None and nuclei is not None and tuple(dapi.shape) != tuple(nuclei.shape):
-        raise DataError(f"{dapi_path.name} has shape {tuple(dapi.shape)} but {label_path.name} has {tuple(nuclei.shape)}; "
-                        "the DAPI and the nucleus label image must share one pixel frame")
-    if dapi is not None and nuclei is not None:
-        log.info("both a DAPI image and a nucleus label image: nuclei come from %s; DAPI is kept as an input channel",
-                 label_path.name)
-    shape = tuple(int(v) for v in (nuclei if nuclei is not None else dapi).shape)
-    frame_name = (label_path or dapi_path).name
+
+def _check_cells_in_frame(cells: pd.DataFrame, shape: tuple[int, ...], frame_name: str, cells_path: Path) -> None:
     outside = (cells["x"] < 0) | (cells["y"] < 0) | (cells["x"] >= shape[1]) | (cells["y"] >= shape[0])
     if outside.any():
         row = cells[outside].iloc[0]
         raise DataError(f"{cells_path}: {int(outside.sum())} cell centroid(s) lie outside {frame_name} "
                         f"(shape {shape[0]} x {shape[1]}; e.g. cell {int(row.cell)} at x={row.x}, y={row.y}); "
                         "the image and the tables must share one pixel frame")
-    if nuclei is not None:
-        present = np.unique(nuclei.data if scipy.sparse.issparse(nuclei) else nuclei)
-        present = present[present != BACKGROUND]
-        stray = np.setdiff1d(present, cells["cell"].to_numpy())
-        if stray.size:
-            raise DataError(f"{label_path}: {stray.size} label id(s) have no row in {cells_path.name} "
-                            f"(e.g. {', '.join(map(str, stray[:5]))}); label ids must equal the 'cell' ids")
 
-    # spots
+
+def _check_label_ids(nuclei: np.ndarray | scipy.sparse.csr_matrix, cells: pd.DataFrame, label_path: Path,
+                     cells_path: Path) -> None:
+    present = np.unique(nuclei.data if scipy.sparse.issparse(nuclei) else nuclei)
+    present = present[present != BACKGROUND]
+    stray = np.setdiff1d(present, cells["cell"].to_numpy())
+    if stray.size:
+        raise DataError(f"{label_path}: {stray.size} label id(s) have no row in {cells_path.name} "
+                        f"(e.g. {', '.join(map(str, stray[:5]))}); label ids must equal the 'cell' ids")
+
+
+def _read_spots(spots_path: Path, shape: tuple[int, ...], frame_name: str) -> tuple[pd.DataFrame, np.ndarray, int]:
+    """``gene, x, y`` of the spots inside the frame, their rows in the file, and the number dropped outside it."""
     spots = _read_table(spots_path, (RawFiles.GENE, RawFiles.SPOT_X, RawFiles.SPOT_Y), "spots")
     if spots.empty:
         raise DataError(f"{spots_path}: the spot table has no rows; a section needs decoded spots")
@@ -433,15 +460,7 @@ def read_section(raw_dir: str | os.PathLike) -> Section:
     if n_out:
         log.warning("%s: dropped %d spot(s) outside the %d x %d frame", spots_path.name, n_out, *shape)
     rows = np.flatnonzero(inside)
-    spots = pd.DataFrame({"gene": genes.astype(str).to_numpy()[rows], "x": x[rows], "y": y[rows]})
-
-    files = {"cells": str(cells_path), "spots": str(spots_path), "celltypes": str(types_path)}
-    if dapi_path:
-        files["dapi"] = str(dapi_path)
-    if label_path:
-        files["nuclei"] = str(label_path)
-    return Section(spots=spots, cells=cells, shape=shape, dapi=dapi, nuclei=nuclei, files=files,
-                   spot_rows_in_file=rows, n_spots_outside=n_out)
+    return pd.DataFrame({"gene": genes.astype(str).to_numpy()[rows], "x": x[rows], "y": y[rows]}), rows, n_out
 
 
 def write_raw_section(raw_dir: str | os.PathLike, *, spots: pd.DataFrame, cells: pd.DataFrame,

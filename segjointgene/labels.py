@@ -29,7 +29,7 @@ from .constants import BACKGROUND
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IGNORE", "LabelUpdateResult", "STAT_KEYS", "training_targets", "update_labels"]
+__all__ = ["IGNORE", "LabelUpdateResult", "STAT_KEYS", "reach", "training_targets", "update_labels"]
 
 #: Target value of pixels left out of the training loss.
 IGNORE = -1
@@ -67,6 +67,19 @@ class LabelUpdateResult:
 
     instance: torch.Tensor
     stats: dict[str, torch.Tensor]
+
+
+def reach(config: LabelUpdateConfig) -> int:
+    """How far (pixels) one :func:`update_labels` call can move a label: the halo of neighbouring labels it must see.
+
+    V1 grows by at most ``expand_k`` per application; V2's alternating dilations reach ``expand_k`` and its gap fill
+    as far again, so twice that. Times ``repeats`` applications per call.
+
+    >>> reach(LabelUpdateConfig(expand_k=3)), reach(LabelUpdateConfig(expand_k=3, rule="v2", repeats=2))
+    (3, 12)
+    """
+    per_application = config.expand_k if config.rule == "v1" else 2 * config.expand_k
+    return per_application * config.repeats
 
 
 def update_labels(

@@ -40,6 +40,7 @@ from .constants import (BACKGROUND, BACKGROUND_NAME, CELLS_TABLE, METADATA_FILE,
 from .errors import DataError
 from .geometry import FrameGeometry
 from .io import Section, load_npz, read_json, remove_stale_temps, save_npz, write_csv, write_json
+from .metadata import DatasetMetadata
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +356,7 @@ def _prepare_output(out_dir: Path, fingerprint: dict, overwrite: bool) -> dict |
 
 def preprocess_section(section: Section, out_dir: str | os.PathLike, config: PreprocessConfig = PreprocessConfig(), *,
                        num_workers: int = 0, overwrite: bool = False, progress: bool = True,
-                       extra_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+                       extra_metadata: dict[str, Any] | None = None) -> DatasetMetadata:
     """Cut a validated section into patch files under ``out_dir/{train,test}/`` and write ``metadata.json``.
 
     Parameters
@@ -370,29 +371,44 @@ def preprocess_section(section: Section, out_dir: str | os.PathLike, config: Pre
 
     Returns
     -------
-    The metadata dict (also written to ``out_dir/metadata.json``).
+    The metadata (also written to ``out_dir/metadata.json``).
     """
     from tqdm.auto import tqdm
 
-    from . import __version__
-
     out_dir = Path(out_dir)
-    genes = section.genes
-    celltypes = [BACKGROUND_NAME, *section.celltypes]
     source = {role: {"file": Path(path).name, "sha256": _sha256(path)} for role, path in section.files.items()}
     fingerprint = {"config": asdict(config), "sources": source, "format": METADATA_FORMAT}
     previous = _prepare_output(out_dir, fingerprint, overwrite)
-
     if section.nuclei is not None:
         nuclei, nucleus_source = section.nuclei, "label_image"
     else:
         log.info("no nucleus label image: seeded watershed of the DAPI image")
         nuclei, nucleus_source = seeded_watershed(section.dapi, section.cells), "dapi_watershed"
+    job = _make_job(section, nuclei, config)
+    cells_rc = _patches_to_write(job, config)
+    names = [PATCH_NAME.format(row=r, col=c) for r, c in cells_rc]
+    if not names:
+        raise DataError(f"{section.files.get('spots')}: no patch holds a spot or a nucleus; nothing to preprocess")
+    split = previous["split"] if previous else {**_split(names, config.test_fraction, config.split_seed),
+                                                 "seed": config.split_seed, "test_fraction": config.test_fraction}
+    metadata = _metadata(section, job, config, fingerprint, split, nucleus_source, len(names), extra_metadata)
+    _write_dataset_tables(out_dir, section, job, metadata)
+    split_of = {n: s for s in SPLITS for n in split[s]}
+    paths = [(r, c, out_dir / split_of[name] / name) for (r, c), name in zip(cells_rc, names)]
+    tasks, hist = _pending_patches(paths, len(section.genes), job.geometry.patch_size)
+    hist += _run_tasks(job, tasks, num_workers, progress, tqdm)
+    metadata["nuclear_density_median"] = _hist_median(hist)
+    metadata["complete"] = True
+    write_json(out_dir / METADATA_FILE, metadata)
+    return DatasetMetadata.from_dict(metadata, source=str(out_dir / METADATA_FILE))
+
+
+def _make_job(section: Section, nuclei: np.ndarray | scipy.sparse.csr_matrix, config: PreprocessConfig) -> _Job:
+    """The patch frame and the spots sorted by the patch that holds them (what every worker needs)."""
     geo = frame_geometry(section, nuclei, config.patch_size)
     n_rows, n_cols = geo.grid
-
-    gene_index = {g: i for i, g in enumerate(genes)}
-    type_index = {t: i for i, t in enumerate(celltypes)}
+    gene_index = {g: i for i, g in enumerate(section.genes)}
+    type_index = {t: i for i, t in enumerate([BACKGROUND_NAME, *section.celltypes])}
     cell_ids = section.cells["cell"].to_numpy()
     class_lut = np.zeros(int(cell_ids.max()) + 1, np.int32)
     class_lut[cell_ids] = [type_index[t] for t in section.cells["celltype"]]
@@ -402,52 +418,65 @@ def preprocess_section(section: Section, out_dir: str | os.PathLike, config: Pre
     bucket = (spot_row // geo.patch_size) * n_cols + spot_col // geo.patch_size
     order = np.argsort(bucket, kind="stable")
     start = np.searchsorted(bucket[order], np.arange(n_rows * n_cols + 1))
-    halo = density_halo(config.density_sigma)
-    job = _Job(geometry=geo, spot_row=spot_row, spot_col=spot_col, spot_gene=spot_gene, bucket_start=start,
-               spot_order=order, nuclei=nuclei, dapi=section.dapi, class_lut=class_lut, n_genes=len(genes),
-               sigma=config.density_sigma, halo=halo)
+    return _Job(geometry=geo, spot_row=spot_row, spot_col=spot_col, spot_gene=spot_gene, bucket_start=start,
+                spot_order=order, nuclei=nuclei, dapi=section.dapi, class_lut=class_lut, n_genes=len(section.genes),
+                sigma=config.density_sigma, halo=density_halo(config.density_sigma))
 
+
+def _patches_to_write(job: _Job, config: PreprocessConfig) -> list[tuple[int, int]]:
+    """(row, col) of every patch with data (every patch with ``keep_empty``), in row-major order."""
+    n_rows, n_cols = job.geometry.grid
     occupied = _occupied(job) if not config.keep_empty else np.ones((n_rows, n_cols), bool)
-    cells_rc = [(r, c) for r in range(n_rows) for c in range(n_cols) if occupied[r, c]]
-    names = [PATCH_NAME.format(row=r, col=c) for r, c in cells_rc]
-    if not names:
-        raise DataError(f"{section.files.get('spots')}: no patch holds a spot or a nucleus; nothing to preprocess")
-    split = previous["split"] if previous else {**_split(names, config.test_fraction, config.split_seed),
-                                                 "seed": config.split_seed, "test_fraction": config.test_fraction}
-    split_of = {n: s for s in SPLITS for n in split[s]}
+    return [(r, c) for r in range(n_rows) for c in range(n_cols) if occupied[r, c]]
 
-    metadata = {
+
+def _metadata(section: Section, job: _Job, config: PreprocessConfig, fingerprint: dict, split: dict,
+              nucleus_source: str, n_patches: int, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The content of ``metadata.json`` (``complete: false`` until every patch is written)."""
+    from . import __version__
+
+    geo = job.geometry
+    n_rows, n_cols = geo.grid
+    return {
         "format_version": METADATA_FORMAT, "package_version": __version__, "complete": False,
-        **(extra_metadata or {}), "fingerprint": fingerprint,
-        "genes": genes, "celltypes": celltypes,
+        **(extra or {}), "fingerprint": fingerprint,
+        "genes": section.genes, "celltypes": [BACKGROUND_NAME, *section.celltypes],
         "raw_shape": list(geo.raw_shape), "crop_offset": [geo.y0, geo.x0], "crop_shape": [geo.height, geo.width],
         "padded_shape": list(geo.padded), "patch_size": geo.patch_size, "grid": [n_rows, n_cols],
-        "density_sigma": config.density_sigma, "density_halo": halo, "density_truncate": DENSITY_TRUNCATE,
+        "density_sigma": config.density_sigma, "density_halo": job.halo, "density_truncate": DENSITY_TRUNCATE,
         "has_dapi": section.dapi is not None, "nucleus_source": nucleus_source,
-        "n_cells": int(cell_ids.size), "n_spots": int(len(section.spots)), "n_spots_outside": section.n_spots_outside,
-        "n_patches": len(names), "n_patches_skipped_empty": n_rows * n_cols - len(names), "split": split,
+        "n_cells": int(len(section.cells)), "n_spots": int(len(section.spots)),
+        "n_spots_outside": section.n_spots_outside, "n_patches": n_patches,
+        "n_patches_skipped_empty": n_rows * n_cols - n_patches, "split": split,
     }
+
+
+def _write_dataset_tables(out_dir: Path, section: Section, job: _Job, metadata: dict[str, Any]) -> None:
+    """The folders, ``metadata.json`` (unfinished), ``cells.csv`` and ``spots.npz``; stale temporaries removed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for s in SPLITS:
         (out_dir / s).mkdir(exist_ok=True)
     for folder in (out_dir, *(out_dir / s for s in SPLITS)):  # leftovers of a killed run (hidden, never read)
         remove_stale_temps(folder)
     write_json(out_dir / METADATA_FILE, metadata)
+    cell_ids = section.cells["cell"].to_numpy()
     write_csv(out_dir / CELLS_TABLE, pd.DataFrame({
-        "cell": cell_ids, "celltype_id": class_lut[cell_ids], "celltype": section.cells["celltype"],
+        "cell": cell_ids, "celltype_id": job.class_lut[cell_ids], "celltype": section.cells["celltype"],
         "x": section.cells["x"], "y": section.cells["y"]}))
-    save_npz(out_dir / SPOTS_TABLE, {"gene": spot_gene.astype(np.int32), "x": section.spots["x"].to_numpy(),
+    save_npz(out_dir / SPOTS_TABLE, {"gene": job.spot_gene.astype(np.int32), "x": section.spots["x"].to_numpy(),
                                      "y": section.spots["y"].to_numpy(),
                                      "row_in_file": np.asarray(section.spot_rows_in_file, np.int64)})
 
-    tasks = []
-    n_kept = 0
+
+def _pending_patches(paths: list[tuple[int, int, Path]], n_genes: int,
+                     patch_size: int) -> tuple[list[tuple[int, int, str]], np.ndarray]:
+    """The patches still to write, and the nuclear-density histogram of the ones already complete (resume)."""
+    tasks, n_kept = [], 0
     hist = np.zeros(len(_DENSITY_BINS) - 1, np.int64)
-    for (r, c), name in zip(cells_rc, names):
-        path = out_dir / split_of[name] / name
+    for r, c, path in paths:
         if path.is_file():
             try:
-                hist += _nuclear_density_hist(verify_patch(path, len(genes), geo.patch_size))
+                hist += _nuclear_density_hist(verify_patch(path, n_genes, patch_size))
                 n_kept += 1
                 continue
             except DataError as err:
@@ -455,12 +484,7 @@ def preprocess_section(section: Section, out_dir: str | os.PathLike, config: Pre
         tasks.append((r, c, str(path)))
     if n_kept:
         log.info("resume: %d patch file(s) already complete, %d to write", n_kept, len(tasks))
-    hist += _run_tasks(job, tasks, num_workers, progress, tqdm)
-
-    metadata["nuclear_density_median"] = _hist_median(hist)
-    metadata["complete"] = True
-    write_json(out_dir / METADATA_FILE, metadata)
-    return metadata
+    return tasks, hist
 
 
 def _run_tasks(job: _Job, tasks: list[tuple[int, int, str]], num_workers: int, progress: bool, tqdm) -> np.ndarray:
@@ -477,18 +501,35 @@ def _run_tasks(job: _Job, tasks: list[tuple[int, int, str]], num_workers: int, p
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         # a ProcessPoolExecutor, not a multiprocessing.Pool: when a worker dies (out of memory, killed) the Pool
         # waits forever for its lost tasks, the executor raises BrokenProcessPool
-        with ProcessPoolExecutor(num_workers, mp_context=mp.get_context(method), initializer=_init_pool_worker,
-                                 initargs=(job,)) as pool:
-            try:
-                for part in pool.map(_write_patch, tasks, chunksize=max(1, len(tasks) // (8 * num_workers))):
-                    hist += part
-                    bar.update()
-            except BrokenProcessPool:
-                raise RuntimeError("a preprocessing worker process died (out of memory or killed?); run the same "
-                                   "command again: the patches already written are kept") from None
+        pool = ProcessPoolExecutor(num_workers, mp_context=mp.get_context(method), initializer=_init_pool_worker,
+                                   initargs=(job,))
+        try:
+            for part in pool.map(_write_patch, tasks, chunksize=max(1, len(tasks) // (8 * num_workers))):
+                hist += part
+                bar.update()
+        except BrokenProcessPool:
+            _stop_pool(pool)
+            raise RuntimeError("a preprocessing worker process died (out of memory or killed?); run the same "
+                               "command again: the patches already written are kept") from None
+        except BaseException:  # an error, Ctrl-C or SIGTERM in this process: stop the workers now, not at the end
+            _stop_pool(pool)
+            raise
+        pool.shutdown(wait=True)
         return hist
     finally:
         bar.close()
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued patches and end the workers at once. Killing is safe: a patch is written under a temporary
+    name and renamed when complete, and the next run removes the temporary files."""
+    processes = list(getattr(pool, "_processes", {}).values())  # the executor has no public handle on its workers
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.kill()
+    for proc in processes:
+        proc.join(timeout=5)
 
 
 def patch_paths(data_dir: str | os.PathLike, split: str) -> list[Path]:

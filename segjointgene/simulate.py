@@ -235,12 +235,24 @@ def simulate_section(config: SimulateConfig = SimulateConfig(), rng: np.random.G
     relabel[present] = np.arange(1, present.size + 1, dtype=np.uint32)
     instance, nuclei = relabel[instance], relabel[nuclei]
     cell_type = types[present - 1]
-    n_cells = present.size
 
     genes, probs, is_marker = _expression(c.n_genes, c.n_celltypes, c.markers_per_type, rng)
     type_names = [f"Type{t + 1}" for t in range(c.n_celltypes)]
+    spots = _draw_spots(instance, cell_type, probs, genes, type_names, c, rng)
+    cells = _cell_table(instance, nuclei, cell_type, type_names, c.size_px)
+    markers = pd.DataFrame([
+        {"celltype": type_names[t], "gene": genes[g], "rate": float(probs[t, g]), "is_marker": bool(is_marker[t, g])}
+        for t in range(c.n_celltypes) for g in range(c.n_genes)
+    ])
+    return SimulatedSection(spots=spots, cells=cells, instance=instance, nuclei=nuclei,
+                            dapi=_render_dapi(nuclei, rng), markers=markers)
 
-    # spots inside cells: Poisson counts per cell, uniform positions over the cell's pixels
+
+def _draw_spots(instance: np.ndarray, cell_type: np.ndarray, probs: np.ndarray, genes: list[str],
+                type_names: list[str], c: SimulateConfig, rng: np.random.Generator) -> pd.DataFrame:
+    """Poisson counts per cell at uniform positions over its pixels, genes from its type's profile; plus uniform
+    background noise (a ``noise_fraction`` of all spots, uniform genes); rows shuffled."""
+    n_cells = cell_type.size
     flat = instance.ravel()
     order = np.argsort(flat, kind="stable")
     bounds = np.searchsorted(flat[order], np.arange(n_cells + 2))
@@ -257,7 +269,6 @@ def simulate_section(config: SimulateConfig = SimulateConfig(), rng: np.random.G
         gene_idx[sel] = np.minimum(np.searchsorted(cum[t], u[sel]), c.n_genes - 1)
     ys, xs = np.divmod(pix, c.size_px)
 
-    # background noise: uniform positions, uniform genes
     n_noise = int(round(owner.size * c.noise_fraction / (1.0 - c.noise_fraction)))
     noise_pix = rng.integers(0, c.size_px * c.size_px, n_noise)
     ny, nx = np.divmod(noise_pix, c.size_px)
@@ -267,36 +278,36 @@ def simulate_section(config: SimulateConfig = SimulateConfig(), rng: np.random.G
     all_cell = np.concatenate([owner, np.zeros(n_noise, np.int64)])
     perm = rng.permutation(all_cell.size)  # interleave: file order says nothing about the truth
     type_of_cell = np.array([""] + [type_names[t] for t in cell_type], dtype=object)
-    spots = pd.DataFrame({
+    return pd.DataFrame({
         "gene": np.asarray(genes, dtype=object)[all_gene[perm]],
         "x": np.round(all_x[perm], 3), "y": np.round(all_y[perm], 3),
         "cell": all_cell[perm], "celltype": type_of_cell[all_cell[perm]],
     })
 
-    # cell table: nucleus centroid (guaranteed inside its nucleus), whole-cell centroid, area
+
+def _cell_table(instance: np.ndarray, nuclei: np.ndarray, cell_type: np.ndarray, type_names: list[str],
+                size: int) -> pd.DataFrame:
+    """Nucleus centroid (guaranteed inside its nucleus), whole-cell centroid and areas of every cell."""
+    n_cells = cell_type.size
     idx = np.arange(1, n_cells + 1)
+    area = np.bincount(instance.ravel(), minlength=n_cells + 1)[1:n_cells + 1]
     nuc_area = ndimage.sum_labels(np.ones_like(nuclei), nuclei, idx)
-    ny_c = np.asarray(ndimage.mean(np.arange(c.size_px)[:, None] * np.ones((1, c.size_px)), nuclei, idx))
-    nx_c = np.asarray(ndimage.mean(np.ones((c.size_px, 1)) * np.arange(c.size_px)[None, :], nuclei, idx))
+    rows = np.arange(size)[:, None] * np.ones((1, size))
+    cols = np.ones((size, 1)) * np.arange(size)[None, :]
+    ny_c = np.asarray(ndimage.mean(rows, nuclei, idx))
+    nx_c = np.asarray(ndimage.mean(cols, nuclei, idx))
     inside = nuclei[ny_c.astype(int), nx_c.astype(int)] == idx
     for i in np.flatnonzero(~inside):  # non-convex nucleus: use its pixel closest to the centroid
         py, px = np.nonzero(nuclei == i + 1)
         j = np.argmin((py - ny_c[i]) ** 2 + (px - nx_c[i]) ** 2)
         ny_c[i], nx_c[i] = py[j], px[j]
-    cy = ndimage.mean(np.arange(c.size_px)[:, None] * np.ones((1, c.size_px)), instance, idx)
-    cx = ndimage.mean(np.ones((c.size_px, 1)) * np.arange(c.size_px)[None, :], instance, idx)
-    cells = pd.DataFrame({
+    cy, cx = ndimage.mean(rows, instance, idx), ndimage.mean(cols, instance, idx)
+    return pd.DataFrame({
         "cell": idx, "x": np.round(nx_c + 0.5, 3), "y": np.round(ny_c + 0.5, 3),
         "celltype": [type_names[t] for t in cell_type], "area_px": area,
         "nucleus_area_px": nuc_area.astype(np.int64), "cell_x": np.round(np.asarray(cx) + 0.5, 3),
         "cell_y": np.round(np.asarray(cy) + 0.5, 3),
     })
-    markers = pd.DataFrame([
-        {"celltype": type_names[t], "gene": genes[g], "rate": float(probs[t, g]), "is_marker": bool(is_marker[t, g])}
-        for t in range(c.n_celltypes) for g in range(c.n_genes)
-    ])
-    return SimulatedSection(spots=spots, cells=cells, instance=instance, nuclei=nuclei,
-                            dapi=_render_dapi(nuclei, rng), markers=markers)
 
 
 def truth_dir_of(raw_dir: str | os.PathLike) -> Path:

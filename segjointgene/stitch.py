@@ -26,7 +26,7 @@ import os
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,7 @@ from .constants import BACKGROUND, BACKGROUND_NAME, SPLITS
 from .errors import DataError
 from .geometry import FrameGeometry, iter_patch_grid, parse_patch_name
 from .io import load_npz
+from .metadata import DatasetMetadata
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ _ROW_CHUNK = 512
 
 
 # ------------------------------------------------------------------------------------------------ geometry
-def raw_window(metadata: Mapping[str, Any], row: int, col: int) -> tuple[slice, slice, slice, slice]:
+def raw_window(metadata: DatasetMetadata, row: int, col: int) -> tuple[slice, slice, slice, slice]:
     """Where patch (row, col) lands in the raw frame (see :meth:`FrameGeometry.raw_window`)."""
     return FrameGeometry.from_metadata(metadata).raw_window(row, col)
 
@@ -86,7 +87,7 @@ def _new_raw(f: FrameGeometry, dtype: np.dtype | type, out: np.ndarray | None) -
 
 
 # ------------------------------------------------------------------------------------------------ stitching
-def patch_from_raw(image: np.ndarray, metadata: Mapping[str, Any], name: str) -> np.ndarray:
+def patch_from_raw(image: np.ndarray, metadata: DatasetMetadata, name: str) -> np.ndarray:
     """Cut the (P, P) window of patch ``name`` out of a raw-frame image (the inverse of stitching).
 
     Parameters
@@ -101,7 +102,8 @@ def patch_from_raw(image: np.ndarray, metadata: Mapping[str, Any], name: str) ->
 
     Examples
     --------
-    >>> meta = {"raw_shape": [6, 6], "crop_offset": [1, 1], "crop_shape": [3, 4], "patch_size": 2, "grid": [2, 2]}
+    >>> meta = DatasetMetadata.from_dict({"raw_shape": [6, 6], "crop_offset": [1, 1], "crop_shape": [3, 4],
+    ...                                   "patch_size": 2, "grid": [2, 2]}, geometry_only=True)
     >>> patch_from_raw(np.arange(36).reshape(6, 6), meta, "p_1_1.npz")
     array([[21, 22],
            [ 0,  0]])
@@ -116,7 +118,7 @@ def patch_from_raw(image: np.ndarray, metadata: Mapping[str, Any], name: str) ->
     return out
 
 
-def stitch_patches(patches: Mapping[str, np.ndarray], metadata: Mapping[str, Any], *,
+def stitch_patches(patches: Mapping[str, np.ndarray], metadata: DatasetMetadata, *,
                    dtype: np.dtype | type | None = None) -> np.ndarray:
     """Paste per-patch maps into the padded patch frame.
 
@@ -136,7 +138,8 @@ def stitch_patches(patches: Mapping[str, np.ndarray], metadata: Mapping[str, Any
 
     Examples
     --------
-    >>> meta = {"raw_shape": [6, 6], "crop_offset": [1, 1], "crop_shape": [3, 4], "patch_size": 2, "grid": [2, 2]}
+    >>> meta = DatasetMetadata.from_dict({"raw_shape": [6, 6], "crop_offset": [1, 1], "crop_shape": [3, 4],
+    ...                                   "patch_size": 2, "grid": [2, 2]}, geometry_only=True)
     >>> stitch_patches({"p_0_1.npz": np.full((2, 2), 7)}, meta)
     array([[0, 0, 7, 7],
            [0, 0, 7, 7],
@@ -154,7 +157,7 @@ def stitch_patches(patches: Mapping[str, np.ndarray], metadata: Mapping[str, Any
     return out
 
 
-def to_raw_frame(padded: np.ndarray, metadata: Mapping[str, Any]) -> np.ndarray:
+def to_raw_frame(padded: np.ndarray, metadata: DatasetMetadata) -> np.ndarray:
     """Map a padded patch-frame array back to the raw frame: undo the padding and the crop.
 
     Parameters
@@ -169,7 +172,8 @@ def to_raw_frame(padded: np.ndarray, metadata: Mapping[str, Any]) -> np.ndarray:
 
     Examples
     --------
-    >>> meta = {"raw_shape": [6, 6], "crop_offset": [1, 1], "crop_shape": [3, 4], "patch_size": 2, "grid": [2, 2]}
+    >>> meta = DatasetMetadata.from_dict({"raw_shape": [6, 6], "crop_offset": [1, 1], "crop_shape": [3, 4],
+    ...                                   "patch_size": 2, "grid": [2, 2]}, geometry_only=True)
     >>> to_raw_frame(np.arange(1, 17).reshape(4, 4), meta)[:5]
     array([[ 0,  0,  0,  0,  0,  0],
            [ 0,  1,  2,  3,  4,  0],
@@ -234,7 +238,7 @@ def _cache_splits(cache: Mapping[str, Mapping[str, np.ndarray]] | str | os.PathL
 
 
 def stitch_label_cache(cache: Mapping[str, Mapping[str, np.ndarray]] | str | os.PathLike,
-                       metadata: Mapping[str, Any], key: str = "instances", *, dtype: np.dtype | type | None = None,
+                       metadata: DatasetMetadata, key: str = "instances", *, dtype: np.dtype | type | None = None,
                        out: np.ndarray | None = None) -> np.ndarray:
     """Stitch the labels of a label cache (every split in it) into the raw frame.
 
@@ -277,7 +281,7 @@ def stitch_label_cache(cache: Mapping[str, Mapping[str, np.ndarray]] | str | os.
     return out
 
 
-def stitch_patch_channel(data_dir: str | os.PathLike, metadata: Mapping[str, Any], key: str, *,
+def stitch_patch_channel(data_dir: str | os.PathLike, metadata: DatasetMetadata, key: str, *,
                          names: Iterable[str] | None = None, dtype: np.dtype | type | None = None,
                          out: np.ndarray | None = None) -> np.ndarray:
     """Stitch one (P, P) channel of the patch files (e.g. ``instance``, the nuclei, or ``dapi``) into the raw frame.

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from segjointgene.cli import build_parser, configs, main
-from segjointgene.config import AttributionConfig, LabelUpdateConfig, PreprocessConfig, RuntimeConfig
+from segjointgene.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,10 +43,11 @@ def test_documented_flags_parse_with_real_types():
                                       "--prediction_threshold=0.7", "--patch_size=256", "--if_load_ckpt=True",
                                       "--ckpt_load_epoch=30", "--CID_chunk_size=4"])
     cfg = configs(args)
-    assert cfg[AttributionConfig].cid_beta == 1.5 and isinstance(cfg[AttributionConfig].cid_beta, float)
-    assert cfg[AttributionConfig].cid_chunk_size == 4
-    assert cfg[LabelUpdateConfig].expand_k == 4 and cfg[LabelUpdateConfig].prediction_threshold == 0.7
-    assert cfg[PreprocessConfig].patch_size == 256
+    assert cfg.attribution.cid_beta == 1.5 and isinstance(cfg.attribution.cid_beta, float)
+    assert cfg.attribution.cid_chunk_size == 4
+    assert cfg.labels.expand_k == 4 and cfg.labels.prediction_threshold == 0.7
+    assert cfg.preprocess.patch_size == 256
+    assert cfg.step.if_load_ckpt is True and cfg.step.ckpt_load_epoch == 30
     assert args.if_load_ckpt is True and args.ckpt_load_epoch == 30
 
 
@@ -55,7 +56,7 @@ def test_documented_flags_parse_with_real_types():
     (["--if_load_ckpt", "no"], False), (["--if_load_ckpt=1"], True),
 ])
 def test_boolean_flags_accept_bare_and_explicit_values(argv, expect):
-    assert build_parser().parse_args(argv).if_load_ckpt is expect
+    assert build_parser().parse_args(["--step_name=SegJointGene", *argv]).if_load_ckpt is expect
 
 
 def test_bad_boolean_value_is_a_usage_error(capsys):
@@ -77,11 +78,8 @@ def test_invalid_values_are_one_line_errors(tmp_path, capsys, argv, needle):
 
 
 def test_config_defaults_come_from_the_dataclasses():
-    args = build_parser().parse_args([])
-    cfg = configs(args)
-    assert cfg[RuntimeConfig] == RuntimeConfig()
-    assert cfg[AttributionConfig] == AttributionConfig()
-    assert cfg[LabelUpdateConfig] == LabelUpdateConfig()
+    args = build_parser().parse_args(["--step_name=SegJointGene"])
+    assert configs(args) == Settings()
 
 
 def test_simulate_and_preprocess_steps(tmp_path, capsys):
@@ -122,3 +120,9 @@ def test_demo_runs_end_to_end_and_refuses_to_overwrite(tmp_path, capsys):
     assert (results / "gene_ranking.csv").is_file() and any(results.glob("*.tif"))
     assert main(args) == 2  # a second run needs --overwrite
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_no_argument_prints_the_usage_and_the_demo_command(capsys):
+    assert main([]) == 2  # nothing is computed
+    err = capsys.readouterr().err
+    assert err.startswith("usage: main.py") and "python main.py --step_name=demo" in err

@@ -197,6 +197,34 @@ def test_sigterm_stops_training_cleanly(section):
     assert saved and load_checkpoint(run / f"net_{saved[-1]}.pt")["epoch"] == saved[-1]
 
 
+@pytest.mark.parametrize("delay_s", [0.05, 0.4])
+def test_sigterm_to_the_process_group_with_loader_workers(section, delay_s):
+    """What SLURM and most schedulers do: SIGTERM to the whole process group while DataLoader workers run. Every
+    time: exit 143 with the one-line message, no traceback, nothing half-written; the run then resumes."""
+    from segjointgene.checkpoint import list_epochs
+
+    work = section.work_dir
+    suffix = f"pgterm{int(delay_s * 100)}"
+    run = work / "checkpoints" / NAME / suffix
+    args = _train_args(work, suffix, "--save_interval=1")
+    proc = _popen(*args, "--num_workers=2")  # its own session: the process group of the run and its workers
+    _wait_for(lambda: list(run.glob("net_*.pt")), proc, "the first checkpoint")
+    time.sleep(delay_s)
+    assert proc.poll() is None, "the run ended before the signal; make it longer"
+    os.killpg(proc.pid, signal.SIGTERM)
+    status, _, err = _finish(proc)
+    assert status == 143, err[-3000:]
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("terminated (SIGTERM)") and "--if_load_ckpt=True" in lines[-1], err[-3000:]
+    assert "Traceback" not in err and "internal error" not in err, err[-3000:]
+    assert not [p.name for p in run.rglob(".tmp-*")]
+    assert list_epochs(run)
+    resumed = _popen(*args, "--num_workers=2", "--if_load_ckpt=True")
+    status, _, err = _finish(resumed)
+    assert status == 0, err[-3000:]
+    assert list_epochs(run)[-1] == N_EPOCHS
+
+
 def test_resume_removes_the_killed_runs_temporary_files(section):
     import torch
 
@@ -229,12 +257,12 @@ def _preprocess_args(work: Path, raw: Path, *extra: str) -> list[str]:
 def test_kill_preprocessing_and_rerun_gives_identical_files(big_raw, tmp_path):
     import psutil
 
-    from segjointgene.dataset import load_metadata
+    from segjointgene.metadata import load_metadata
 
     reference = tmp_path / "reference"
     assert main(_preprocess_args(reference, big_raw, "--num_workers=0")) == 0
     ref = reference / "data" / NAME
-    n_total = load_metadata(ref)["n_patches"]
+    n_total = load_metadata(ref).n_patches
 
     work = tmp_path / "killed"
     data = work / "data" / NAME
@@ -262,10 +290,27 @@ def test_kill_preprocessing_and_rerun_gives_identical_files(big_raw, tmp_path):
     assert stale.relative_to(data).as_posix() not in _visible(data)
 
     assert main(_preprocess_args(work, big_raw, "--num_workers=1")) == 0  # the re-run resumes
-    assert load_metadata(data)["complete"] is True
+    assert load_metadata(data).complete is True
     assert not stale.exists()  # the killed run's temporary files are removed
     files = sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file())
     assert sorted(p.relative_to(data) for p in data.rglob("*") if p.is_file()) == files  # no stray file, hidden or not
     for rel in files:  # patches, tables and metadata.json are byte-identical to an uninterrupted run
         assert (data / rel).read_bytes() == (ref / rel).read_bytes(), rel
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished patches were verified and kept
+
+
+def test_sigterm_to_the_process_group_while_preprocessing(big_raw, tmp_path):
+    """A scheduler's SIGTERM to the process group of a preprocessing run with pool workers: exit 143 with the
+    one-line message, no traceback, and the re-run finishes the dataset."""
+    from segjointgene.metadata import load_metadata
+
+    work = tmp_path / "term"
+    data = work / "data" / NAME
+    proc = _popen(*_preprocess_args(work, big_raw, "--num_workers=2"))
+    _wait_for(lambda: len(list(data.glob("*/p_*.npz"))) >= 40, proc, "40 patch files")
+    os.killpg(proc.pid, signal.SIGTERM)
+    status, _, err = _finish(proc)
+    assert status == 143, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM)") and "Traceback" not in err, err[-3000:]
+    assert main(_preprocess_args(work, big_raw, "--num_workers=2")) == 0
+    assert load_metadata(data).complete is True

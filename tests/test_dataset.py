@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from segjointgene.constants import PatchKeys
-from segjointgene.dataset import ImagePatchDataset, LabelStore, load_label_cache, load_metadata, save_label_cache
+from segjointgene.dataset import ImagePatchDataset, LabelStore, load_label_cache, save_label_cache
+from segjointgene.metadata import load_metadata
 from segjointgene.errors import DataError, InputNotFoundError
 from segjointgene.io import load_npz, save_npz
 
@@ -17,7 +18,7 @@ def test_items_hold_current_and_fixed_labels(sim128):
     ds = ImagePatchDataset(sim128.data_dir, "train")
     item = ds[0]
     meta = load_metadata(sim128.data_dir)
-    p, g = meta["patch_size"], len(meta["genes"])
+    p, g = meta.patch_size, len(meta.genes)
     assert item["image"].shape == (g, p, p) and item["image"].dtype == torch.float32
     assert item["instance"].shape == (p, p) and item["instance"].dtype == torch.int64
     torch.testing.assert_close(item["instance"], item["core"])  # labels start as the nuclei
@@ -68,7 +69,7 @@ def test_label_store_rejects_mismatched_shapes():
 
 def _first_patch(data_dir):
     meta = load_metadata(data_dir)
-    return data_dir / "train" / meta["split"]["train"][0]
+    return data_dir / "train" / meta.split["train"][0]
 
 
 @pytest.mark.parametrize("damage, match", [

@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader
 
 from segjointgene.config import PreprocessConfig
 from segjointgene.constants import PatchKeys
-from segjointgene.dataset import ImagePatchDataset, collate_spot_lists, load_metadata
+from segjointgene.dataset import ImagePatchDataset, collate_spot_lists
+from segjointgene.metadata import load_metadata
 from segjointgene.density import batch_density, batch_images, gaussian_kernel1d
 from segjointgene.errors import InputNotFoundError
 from segjointgene.io import load_npz, read_section
@@ -131,6 +132,6 @@ def test_spot_list_mode_needs_the_spots_table(sim128_copy):
 def test_a_section_s_spot_lists_are_small(sim128):
     meta = load_metadata(sim128.data_dir)
     ds = ImagePatchDataset(sim128.data_dir, "train", spot_lists=True)
-    image_bytes = len(ds) * len(meta["genes"]) * ds.patch_size ** 2 * 4
+    image_bytes = len(ds) * len(meta.genes) * ds.patch_size ** 2 * 4
     spot_bytes = ds._spot_rows.numel() * ds._spot_rows.element_size() + ds._spot_offsets.numel() * 8
     assert spot_bytes * 20 < image_bytes

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from segjointgene import evaluation as E
-from segjointgene.config import EvaluateConfig, TrainConfig
-from segjointgene.constants import ResultFiles, RunFiles, TruthFiles
+from segjointgene.config import EvaluateConfig, Settings
+from segjointgene.constants import TruthFiles
+from segjointgene.metadata import load_metadata
+from segjointgene.runfolder import Paths, ResultFiles, RunFolder
 from segjointgene.errors import ColumnError, DataError, InputNotFoundError
 from segjointgene.io import read_section, write_csv, write_tif
 from segjointgene.preprocess import seeded_watershed
@@ -27,37 +27,35 @@ def _truth_masks(sim) -> tuple[np.ndarray, np.ndarray]:
     import tifffile
 
     inst = tifffile.imread(sim.truth_dir / TruthFiles.INSTANCE_MASK)
-    meta = json.loads((sim.data_dir / "metadata.json").read_text())
+    meta = load_metadata(sim.data_dir)
     cells = pd.read_csv(sim.truth_dir / TruthFiles.CELLS)
     lut = np.zeros(int(inst.max()) + 1, np.int32)
-    lut[cells["cell"].to_numpy()] = [meta["celltypes"].index(t) for t in cells["celltype"]]
+    lut[cells["cell"].to_numpy()] = [meta.celltypes.index(t) for t in cells["celltype"]]
     return inst, lut[inst]
 
 
 def _write_run(sim, instance, celltype, run="run") -> Path:
     """Results of a run as the export step writes them (SPEC §5), here by hand."""
-    results = sim.work_dir / "checkpoints" / sim.name / run / RunFiles.RESULTS
+    results = sim.work_dir / "checkpoints" / sim.name / run / RunFolder.RESULTS
     results.mkdir(parents=True, exist_ok=True)
     section = read_section(sim.raw_dir)
     write_tif(results / ResultFiles.INSTANCE_MASK, instance.astype(np.uint32))
     write_tif(results / ResultFiles.CELLTYPE_MASK, celltype.astype(np.uint16))
     write_tif(results / ResultFiles.INITIAL_MASK, seeded_watershed(section.dapi, section.cells).astype(np.uint32))
-    meta = json.loads((sim.data_dir / "metadata.json").read_text())
-    write_csv(results / ResultFiles.CELLTYPES, pd.DataFrame({"id": range(len(meta["celltypes"])),
-                                                             "name": meta["celltypes"]}))
+    meta = load_metadata(sim.data_dir)
+    write_csv(results / ResultFiles.CELLTYPES, pd.DataFrame({"id": range(len(meta.celltypes)),
+                                                             "name": list(meta.celltypes)}))
     return results
 
 
 def _paths(sim, run="run", raw_dir=None):
-    return SimpleNamespace(work_dir=sim.work_dir, datasets_name=sim.name, raw_dir=raw_dir or sim.raw_dir,
-                           data_dir=sim.data_dir, run_dir=sim.work_dir / "checkpoints" / sim.name / run)
+    return Paths(work_dir=sim.work_dir, datasets_name=sim.name, raw_dir=raw_dir or sim.raw_dir,
+                 data_dir=sim.data_dir, run_dir=sim.work_dir / "checkpoints" / sim.name / run)
 
 
 def _run(sim, capsys=None, run="run", **evaluate) -> pd.DataFrame:
-    args = SimpleNamespace(raw_dir=None)
-    cfg = {EvaluateConfig: EvaluateConfig(**evaluate), TrainConfig: TrainConfig()}
-    assert E.run_evaluate(args, cfg, _paths(sim, run)) == 0
-    return pd.read_csv(_paths(sim, run).run_dir / RunFiles.RESULTS / ResultFiles.EVALUATION, index_col="method")
+    assert E.run_evaluate(Settings(evaluate=EvaluateConfig(**evaluate)), _paths(sim, run)) == 0
+    return pd.read_csv(_paths(sim, run).run_dir / RunFolder.RESULTS / ResultFiles.EVALUATION, index_col="method")
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +108,7 @@ def test_missing_results_name_the_file_and_the_step(sim_perfect, capsys):
     from segjointgene.cli import main
 
     with pytest.raises(InputNotFoundError, match="instance_mask.tif not found.*--step_name=SegJointGene.*export"):
-        E.run_evaluate(SimpleNamespace(raw_dir=None), {EvaluateConfig: EvaluateConfig(), TrainConfig: TrainConfig()},
-                       _paths(sim_perfect, run="never_trained"))
+        E.run_evaluate(Settings(), _paths(sim_perfect, run="never_trained"))
     code = main(["--step_name=evaluate", "--work_dir", str(sim_perfect.work_dir), "--datasets_name", sim_perfect.name,
                  "--net_sub_suffix", "never_trained"])
     assert code == 2 and "instance_mask.tif not found" in capsys.readouterr().err
@@ -253,18 +250,18 @@ def test_evaluate_on_the_real_ca1_section_is_fast(real_raw, tmp_path, capsys):
                                   "x": s.spots["x"].to_numpy(), "y": s.spots["y"].to_numpy(),
                                   "row_in_file": np.asarray(s.spot_rows_in_file, np.int64)})
     run_dir = tmp_path / "checkpoints" / "CA1" / "standin"
-    results = run_dir / RunFiles.RESULTS
+    results = run_dir / RunFolder.RESULTS
     results.mkdir(parents=True)
     ours = expand_nuclei(nuclei, 8)
     write_tif(results / ResultFiles.INSTANCE_MASK, ours)
     write_tif(results / ResultFiles.CELLTYPE_MASK, celltype_mask(ours, s.cells["cell"].to_numpy(), class_ids))
     write_tif(results / ResultFiles.INITIAL_MASK, nuclei)
     del s, nuclei, ours
-    paths = SimpleNamespace(work_dir=tmp_path, datasets_name="CA1", raw_dir=real_raw, data_dir=data, run_dir=run_dir)
+    paths = Paths(work_dir=tmp_path, datasets_name="CA1", raw_dir=real_raw, data_dir=data, run_dir=run_dir)
     reference = real_raw.parents[1] / "pciseq_inputs" / "test_scRNAseq.csv"
     start = time.perf_counter()
-    cfg = {EvaluateConfig: EvaluateConfig(reference_csv=str(reference)), TrainConfig: TrainConfig()}
-    assert E.run_evaluate(SimpleNamespace(raw_dir=None), cfg, paths) == 0
+    cfg = Settings(evaluate=EvaluateConfig(reference_csv=str(reference)))
+    assert E.run_evaluate(cfg, paths) == 0
     seconds = time.perf_counter() - start
     table = pd.read_csv(results / ResultFiles.EVALUATION, index_col="method")
     assert list(table.index) == ["ours", *BASELINES, "pciseq"]

@@ -14,11 +14,12 @@ from skimage.segmentation import expand_labels
 
 from segjointgene.cli import main
 from segjointgene.config import PreprocessConfig, SimulateConfig
-from segjointgene.constants import ResultFiles
+from segjointgene.runfolder import FigureFiles, ResultFiles
 from segjointgene.errors import InputNotFoundError
-from segjointgene.export import (FIGURES, available_epochs, export_results, gene_ranking_tables, resolve_epoch,
+from segjointgene.export import (available_epochs, export_results, gene_ranking_tables, resolve_epoch,
                                  write_gene_ranking)
-from segjointgene.io import load_npz, read_json, read_section, save_npz, write_csv, write_json, write_raw_section
+from segjointgene.metadata import DatasetMetadata, load_metadata
+from segjointgene.io import load_npz, read_section, save_npz, write_csv, write_json, write_raw_section
 from segjointgene.geometry import parse_patch_name
 from segjointgene.preprocess import preprocess_section
 from segjointgene.simulate import simulate_section
@@ -44,14 +45,14 @@ def make_run(work: Path, name: str, data: Path, *, grow: int = 3, epoch: int = 5
     torch = pytest.importorskip("torch")
     from segjointgene.dataset import LabelStore, save_label_cache
 
-    meta = read_json(data / "metadata.json")
+    meta = load_metadata(data)
     run = work / "checkpoints" / name / "run"
     run.mkdir(parents=True, exist_ok=True)
     grown = expand_labels(stitch_patch_channel(data, meta, "instance", dtype=np.int64), grow).astype(np.uint32)
     lut = _lut(data)
     stores = {}
     for split in splits:
-        names = meta["split"][split]
+        names = meta.split[split]
         inst = np.stack([patch_from_raw(grown, meta, n) for n in names]).astype(np.int32)
         stores[split] = LabelStore(names, torch.from_numpy(inst), lut)
     save_label_cache(run / f"labels_cache_{epoch}.npz", stores)
@@ -64,7 +65,7 @@ def make_run(work: Path, name: str, data: Path, *, grow: int = 3, epoch: int = 5
             "cell_calling": np.linspace(1, 2, epoch + 1), "cid_seconds": np.r_[np.zeros(2), np.ones(epoch - 1)],
             "epoch_seconds": np.full(epoch + 1, 1.5), "some_new_metric": np.nan}))
     if attribution:
-        n_t, n_g = len(meta["celltypes"]) - 1, len(meta["genes"])
+        n_t, n_g = len(meta.celltypes) - 1, len(meta.genes)
         rng = np.random.default_rng(0)
         save_npz(run / f"attribution_{epoch}.npz", {
             "type_gene_sum": rng.random((n_t, n_g)) * 10, "type_pixels": np.arange(1.0, n_t + 1),
@@ -80,7 +81,7 @@ def exported(tmp_path_factory):
     sim = make_sim(work, size=128, patch_size=64)
     run, grown = make_run(work, sim.name, sim.data_dir)
     out = export_results(run)
-    return {"sim": sim, "run": run, "grown": grown, "out": out, "meta": read_json(sim.data_dir / "metadata.json")}
+    return {"sim": sim, "run": run, "grown": grown, "out": out, "meta": load_metadata(sim.data_dir)}
 
 
 def test_every_contract_file_with_shapes_and_dtypes(exported):
@@ -88,7 +89,7 @@ def test_every_contract_file_with_shapes_and_dtypes(exported):
     assert out == exported["run"] / "results"
     for name in CONTRACT:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    raw_shape = tuple(meta["raw_shape"])
+    raw_shape = tuple(meta.raw_shape)
     inst = tifffile.imread(out / ResultFiles.INSTANCE_MASK)
     types = tifffile.imread(out / ResultFiles.CELLTYPE_MASK)
     initial = tifffile.imread(out / ResultFiles.INITIAL_MASK)
@@ -100,18 +101,19 @@ def test_every_contract_file_with_shapes_and_dtypes(exported):
     assert (initial > 0).sum() > 0 and ((initial > 0) <= (inst > 0)).all()  # cells contain their nuclei
     assert initial.shape == truth_nuclei.shape
     celltypes = pd.read_csv(out / ResultFiles.CELLTYPES)
-    assert celltypes.to_dict("list") == {"id": list(range(len(meta["celltypes"]))), "name": meta["celltypes"]}
+    assert celltypes.to_dict("list") == {"id": list(range(len(meta.celltypes))), "name": list(meta.celltypes)}
 
 
 def test_figures_are_nonempty_pngs(exported):
     fig_dir = exported["out"] / ResultFiles.FIGURES
-    for name in FIGURES.values():
+    for name in (FigureFiles.OVERVIEW, FigureFiles.ZOOM, FigureFiles.INITIAL_VS_FINAL, FigureFiles.TRAINING,
+                 FigureFiles.RANKING):
         path = fig_dir / name
         assert path.is_file(), name
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000, name
     import matplotlib.image
 
-    img = matplotlib.image.imread(fig_dir / FIGURES["overview"])
+    img = matplotlib.image.imread(fig_dir / FigureFiles.OVERVIEW)
     assert img.ndim == 3 and img.std() > 0.05  # not a blank canvas
 
 
@@ -124,12 +126,12 @@ def test_spots_every_input_spot_in_order_with_its_cell(exported):
     np.testing.assert_allclose(spots["spotX"], source["x"])
     np.testing.assert_allclose(spots["spotY"], source["y"])
     meta = exported["meta"]
-    assert (spots["gene"].to_numpy() == np.asarray(meta["genes"])[source["gene"]]).all()
+    assert (spots["gene"].to_numpy() == np.asarray(meta.genes)[source["gene"]]).all()
     inst = tifffile.imread(out / ResultFiles.INSTANCE_MASK)
     at_pixel = inst[np.floor(spots["spotY"]).astype(int), np.floor(spots["spotX"]).astype(int)]
     np.testing.assert_array_equal(spots["cell"], at_pixel)
     lut = _lut(data)
-    names = np.asarray(meta["celltypes"], object)
+    names = np.asarray(meta.celltypes, object)
     assert (spots["celltype"].to_numpy() == names[lut[spots["cell"]]]).all()
     assert spots["inside"].all() and (spots["cell"] == 0).any() and (spots["cell"] > 0).any()
 
@@ -158,11 +160,11 @@ def test_anndata_counts_and_spatial(exported):
     adata = anndata.read_h5ad(out / ResultFiles.ANNDATA)
     cells = pd.read_csv(out / ResultFiles.CELLS)
     spots = pd.read_csv(out / ResultFiles.SPOTS)
-    assert adata.shape == (len(cells), len(meta["genes"]))
-    assert list(adata.var_names) == meta["genes"]
+    assert adata.shape == (len(cells), len(meta.genes))
+    assert tuple(adata.var_names) == meta.genes
     assert list(adata.obs_names) == [str(c) for c in cells["cell"]]
     table = (spots[spots["cell"] > 0].groupby(["cell", "gene"]).size().unstack(fill_value=0)
-             .reindex(index=cells["cell"], columns=meta["genes"], fill_value=0))
+             .reindex(index=cells["cell"], columns=meta.genes, fill_value=0))
     np.testing.assert_array_equal(np.asarray(adata.X.todense()), table.to_numpy())
     np.testing.assert_array_equal(np.asarray(adata.X.sum(axis=1)).ravel(), cells["n_spots"])
     np.testing.assert_allclose(adata.obsm["spatial"], cells[["x", "y"]].to_numpy())
@@ -175,18 +177,20 @@ def test_gene_ranking_files_match_the_attribution(exported):
     out, meta, run = exported["out"], exported["meta"], exported["run"]
     attr = load_npz(run / "attribution_5.npz")
     scores = pd.read_csv(out / ResultFiles.GENE_SCORES, index_col=0)
-    assert list(scores.index) == meta["celltypes"][1:] and list(scores.columns) == meta["genes"]
+    assert tuple(scores.index) == meta.celltypes[1:] and tuple(scores.columns) == meta.genes
     np.testing.assert_allclose(scores.to_numpy(), attr["type_gene_sum"] / attr["type_pixels"][:, None])
     ranking = pd.read_csv(out / ResultFiles.GENE_RANKING)
     assert list(ranking.columns) == ["celltype", "gene", "score", "rank"]
     for t, group in ranking.groupby("celltype"):
-        assert list(group["rank"]) == list(range(1, len(meta["genes"]) + 1))
+        assert list(group["rank"]) == list(range(1, len(meta.genes) + 1))
         assert group["score"].is_monotonic_decreasing
         assert group.iloc[0]["gene"] == scores.loc[t].idxmax()
 
 
 def test_gene_ranking_by_hand(tmp_path):
-    meta = {"genes": ["a", "b", "c", "d"], "celltypes": ["background", "T1", "T2", "T3"]}
+    meta = DatasetMetadata.from_dict({"genes": ["a", "b", "c", "d"], "celltypes": ["background", "T1", "T2", "T3"],
+                                      "raw_shape": [4, 4], "crop_offset": [0, 0], "crop_shape": [4, 4],
+                                      "patch_size": 4, "grid": [1, 1], "split": {}})
     # targets in the trainer's order (by pixel count), genes a subset of the channels, T1 without pixels
     tgs = np.array([[4.0, 2.0, 6.0],  # T3: means 2, 1, 3 over genes (d, a, c)
                     [5.0, 5.0, 5.0],  # T2: means 1, 1, 1 (ties: channel order a, c, d)
@@ -205,15 +209,15 @@ def test_gene_ranking_by_hand(tmp_path):
         "score": [1.0, 1.0, 1.0, 3.0, 2.0, 1.0],
         "rank": [1, 2, 3, 1, 2, 3]}
     pd.testing.assert_frame_equal(tables.ranking, ranking)
-    assert (tmp_path / ResultFiles.FIGURES / FIGURES["ranking"]).read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / ResultFiles.FIGURES / FigureFiles.RANKING).read_bytes()[:8] == PNG_MAGIC
 
 
 def test_gene_ranking_rejects_mismatched_shapes():
-    meta = {"genes": ["a"], "celltypes": ["background", "T1"]}
+    names = (["a"], ["background", "T1"])
     with pytest.raises(ValueError, match="shape"):
-        gene_ranking_tables(np.ones((2, 1)), np.ones(1), np.array([1]), np.array([0]), meta)
+        gene_ranking_tables(np.ones((2, 1)), np.ones(1), np.array([1]), np.array([0]), *names)
     with pytest.raises(ValueError, match="range"):
-        gene_ranking_tables(np.ones((1, 1)), np.ones(1), np.array([2]), np.array([0]), meta)
+        gene_ranking_tables(np.ones((1, 1)), np.ones(1), np.array([2]), np.array([0]), *names)
 
 
 # ------------------------------------------------------------------------------------------------ raw frame
@@ -233,7 +237,7 @@ def _offset_section(root: Path, *, dapi: bool):
     section = read_section(raw)
     data = root / "data" / "off"
     meta = preprocess_section(section, data, PreprocessConfig(patch_size=32), progress=False)
-    assert min(meta["crop_offset"]) > 0 and meta["padded_shape"][0] > meta["crop_shape"][0]
+    assert min(meta.crop_offset) > 0 and meta.padded_shape[0] > meta.crop_shape[0]
     return data, nuclei, section
 
 
@@ -255,12 +259,12 @@ def test_exported_masks_are_in_the_raw_frame(tmp_path, dapi):
 
 def test_missing_split_keeps_initial_labels_and_outside_spots_are_reported(tmp_path, caplog):
     sim = make_sim(tmp_path, size=96, patch_size=32)
-    meta = read_json(sim.data_dir / "metadata.json")
+    meta = load_metadata(sim.data_dir)
     run, grown = make_run(tmp_path, sim.name, sim.data_dir, splits=("train",), attribution=False, train_log=False)
     # a spot outside the frame, and a stale ranking of another epoch that must not survive
     spots = load_npz(sim.data_dir / "spots.npz")
     spots = {k: np.append(v, v[:1]) for k, v in spots.items()}
-    spots["x"][-1] = meta["raw_shape"][1] + 3.5
+    spots["x"][-1] = meta.raw_shape[1] + 3.5
     save_npz(sim.data_dir / "spots.npz", spots)
     (run / "results").mkdir()
     (run / "results" / ResultFiles.GENE_RANKING).write_text("stale\n")
@@ -272,7 +276,7 @@ def test_missing_split_keeps_initial_labels_and_outside_spots_are_reported(tmp_p
     inst = tifffile.imread(out / ResultFiles.INSTANCE_MASK)
     nuclei = stitch_patch_channel(sim.data_dir, meta, "instance", dtype=np.uint32)
     test_area = np.zeros(inst.shape, bool)  # raw pixels covered by the test patches
-    for name in meta["split"]["test"]:
+    for name in meta.split["test"]:
         ys, xs, _, _ = raw_window(meta, *parse_patch_name(name))
         test_area[ys, xs] = True
     np.testing.assert_array_equal(inst[test_area], nuclei[test_area])

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from segjointgene.config import PreprocessConfig
 from segjointgene.constants import PatchKeys
-from segjointgene.dataset import load_metadata
+from segjointgene.metadata import load_metadata
 from segjointgene.errors import DataError
 from segjointgene.io import load_npz, read_section, write_raw_section
 from segjointgene.geometry import parse_patch_name
@@ -21,11 +21,11 @@ from segjointgene.preprocess import DENSITY_TRUNCATE, gene_density, preprocess_s
 def _stitch(data_dir, key, meta=None):
     """Test-local stitcher (independent of segjointgene.stitch): padded frame of one patch key."""
     meta = meta or load_metadata(data_dir)
-    p = meta["patch_size"]
-    first = load_npz(next((data_dir / s / n) for s in ("train", "test") for n in meta["split"][s]), (key,))[key]
-    out = np.zeros(first.shape[:-2] + tuple(meta["padded_shape"]), first.dtype)
+    p = meta.patch_size
+    first = load_npz(next((data_dir / s / n) for s in ("train", "test") for n in meta.split[s]), (key,))[key]
+    out = np.zeros(first.shape[:-2] + tuple(meta.padded_shape), first.dtype)
     for split in ("train", "test"):
-        for name in meta["split"][split]:
+        for name in meta.split[split]:
             r, c = parse_patch_name(name)
             out[..., r * p:(r + 1) * p, c * p:(c + 1) * p] = load_npz(data_dir / split / name, (key,))[key]
     return out
@@ -68,17 +68,17 @@ def test_halo_spot_near_border_is_split_between_neighbours(tmp_path):
     data = tmp_path / "data"
     meta = preprocess_section(read_section(raw), data, PreprocessConfig(patch_size=32, density_sigma=3.0, test_fraction=0.0),
                               progress=False)
-    assert meta["genes"] == ["g0", "g1"]  # channel order = sorted gene names
+    assert meta.genes == ("g0", "g1")  # channel order = sorted gene names
     image = _stitch(data, PatchKeys.IMAGE)
-    y0, x0 = meta["crop_offset"]
+    y0, x0 = meta.crop_offset
     # the stitched density equals the density of the whole section (continuous across patch borders)
     hist = np.zeros((2,) + image.shape[1:], np.float32)
     for g, x, y in zip(spots.gene, spots.x, spots.y):
-        hist[meta["genes"].index(g), int(np.floor(y)) - y0, int(np.floor(x)) - x0] += 1
+        hist[meta.genes.index(g), int(np.floor(y)) - y0, int(np.floor(x)) - x0] += 1
     whole = ndimage.gaussian_filter(hist, (0, 3.0, 3.0), mode="constant", truncate=DENSITY_TRUNCATE)
     np.testing.assert_allclose(image, whole, atol=1e-6)
     # the border spot's mass is shared by the two patches of its row and sums to ~1
-    p = meta["patch_size"]
+    p = meta.patch_size
     row = int(np.floor(16.5)) - y0
     r = row // p
     left = image[1, r * p:(r + 1) * p, 0:p].sum()
@@ -94,12 +94,12 @@ def test_nucleus_paths_give_cell_ids_types_and_background(tmp_path, source):
                                        dapi=True if source == "dapi" else None)
     data = tmp_path / "data"
     meta = preprocess_section(read_section(raw), data, PreprocessConfig(patch_size=16, test_fraction=0.25), progress=False)
-    assert meta["nucleus_source"] == ("label_image" if source == "label_image" else "dapi_watershed")
-    assert meta["celltypes"] == ["background", "A", "B"]
+    assert meta.nucleus_source == ("label_image" if source == "label_image" else "dapi_watershed")
+    assert meta.celltypes == ("background", "A", "B")
     inst = _stitch(data, PatchKeys.INSTANCE)
     label = _stitch(data, PatchKeys.LABEL)
-    y0, x0 = meta["crop_offset"]
-    h, w = meta["crop_shape"]
+    y0, x0 = meta.crop_offset
+    h, w = meta.crop_shape
     expect = nuclei[y0:y0 + h, x0:x0 + w]
     got = inst[:h, :w]
     assert set(np.unique(got)) == {0, 3, 7, 11}
@@ -129,14 +129,14 @@ def test_preprocess_of_simulated_section_round_trips_nuclei(sim128):
     from segjointgene.io import read_section as rs
 
     inst = _stitch(sim128.data_dir, PatchKeys.INSTANCE, meta)
-    y0, x0 = meta["crop_offset"]
-    h, w = meta["crop_shape"]
-    raw = np.zeros(meta["raw_shape"], inst.dtype)
+    y0, x0 = meta.crop_offset
+    h, w = meta.crop_shape
+    raw = np.zeros(meta.raw_shape, inst.dtype)
     raw[y0:y0 + h, x0:x0 + w] = inst[:h, :w]
     ws = seeded_watershed(rs(sim128.raw_dir).dapi, rs(sim128.raw_dir).cells)
     np.testing.assert_array_equal(raw, ws)
-    assert len(meta["split"]["train"]) + len(meta["split"]["test"]) == meta["n_patches"]
-    assert set(meta["split"]["train"]).isdisjoint(meta["split"]["test"])
+    assert len(meta.split["train"]) + len(meta.split["test"]) == meta.n_patches
+    assert set(meta.split["train"]).isdisjoint(meta.split["test"])
 
 
 def test_rerun_resumes_and_repairs(sim128_copy):
@@ -144,7 +144,7 @@ def test_rerun_resumes_and_repairs(sim128_copy):
     section = read_section(sim128_copy.raw_dir)
     cfg = PreprocessConfig(patch_size=64)
     meta = load_metadata(data)
-    files = sorted((data / s / n) for s in ("train", "test") for n in meta["split"][s])
+    files = sorted((data / s / n) for s in ("train", "test") for n in meta.split[s])
     before = {f: f.read_bytes() for f in files}
     mtimes = {f: f.stat().st_mtime_ns for f in files}
     files[0].unlink()
@@ -157,7 +157,7 @@ def test_rerun_resumes_and_repairs(sim128_copy):
     with pytest.raises(DataError, match="--overwrite"):
         preprocess_section(section, data, PreprocessConfig(patch_size=32), progress=False)
     preprocess_section(section, data, PreprocessConfig(patch_size=32), overwrite=True, progress=False)
-    assert load_metadata(data)["patch_size"] == 32
+    assert load_metadata(data).patch_size == 32
 
 
 def test_parallel_workers_give_identical_files(sim128, tmp_path):
@@ -165,7 +165,7 @@ def test_parallel_workers_give_identical_files(sim128, tmp_path):
     preprocess_section(section, tmp_path / "w2", PreprocessConfig(patch_size=64), num_workers=2, progress=False)
     meta = load_metadata(sim128.data_dir)
     for split in ("train", "test"):
-        for name in meta["split"][split]:
+        for name in meta.split[split]:
             assert (tmp_path / "w2" / split / name).read_bytes() == (sim128.data_dir / split / name).read_bytes()
 
 
@@ -182,12 +182,12 @@ def real_dataset(real_raw, tmp_path_factory):
 def test_real_section_preprocesses(real_dataset):
     data, meta = real_dataset
     tmp_path = data.parent
-    assert len(meta["genes"]) == 92
-    assert meta["has_dapi"] is False and meta["nucleus_source"] == "label_image"
-    assert meta["n_spots_outside"] == 0  # the raw folder's spots file already excludes the 6 spots at x = -1
+    assert len(meta.genes) == 92
+    assert meta.has_dapi is False and meta.nucleus_source == "label_image"
+    assert meta.n_spots_outside == 0  # the raw folder's spots file already excludes the 6 spots at x = -1
     ids = set()
     for split in ("train", "test"):
-        for name in meta["split"][split][::7]:
+        for name in meta.split[split][::7]:
             ids |= set(np.unique(load_npz(tmp_path / "CA1" / split / name, (PatchKeys.INSTANCE,))[PatchKeys.INSTANCE]).tolist())
     ids.discard(0)
     assert ids and ids <= set(range(1, 3482))
@@ -205,7 +205,7 @@ def test_real_section_trains_one_epoch_on_a_few_patches(real_dataset, tmp_path):
 
     data, meta = real_dataset
     small = tmp_path / "data" / "CA1"
-    keep = {"train": meta["split"]["train"][:6], "test": meta["split"]["test"][:2]}
+    keep = {"train": meta.split["train"][:6], "test": meta.split["test"][:2]}
     for split, names in keep.items():
         (small / split).mkdir(parents=True)
         for name in names:
@@ -213,7 +213,7 @@ def test_real_section_trains_one_epoch_on_a_few_patches(real_dataset, tmp_path):
     for name in os.listdir(data):
         if (data / name).is_file() and name != "metadata.json":
             shutil.copy(data / name, small / name)
-    (small / "metadata.json").write_text(json.dumps({**meta, "split": keep, "n_patches": 8}))
+    (small / "metadata.json").write_text(json.dumps({**meta.to_dict(), "split": keep, "n_patches": 8}))
     args = ["--step_name=SegJointGene", f"--work_dir={tmp_path}", "--datasets_name=CA1", "--attr_method=CID",
             "--net_sub_suffix=SegJointGene_CID", "--net_width=4", "--net_epoch=1", "--warmup_epochs=0",
             "--attr_epoch=1", "--CID_n_steps=2", "--attr_n_celltype=4", "--attr_n_gene=10", "--num_workers=0",
@@ -223,5 +223,5 @@ def test_real_section_trains_one_epoch_on_a_few_patches(real_dataset, tmp_path):
     log = pd.read_csv(run / "train_log.csv")
     assert log["epoch"].tolist() == [0, 1] and log.loc[1, "n_relabelled"] > 0 and log.loc[1, "attr_seconds"] > 0
     ranking = pd.read_csv(run / "results" / "gene_ranking.csv")
-    assert set(ranking["gene"]) <= set(meta["genes"]) and len(ranking) > 0
+    assert set(ranking["gene"]) <= set(meta.genes) and len(ranking) > 0
     assert (run / "results" / "instance_mask.tif").is_file()

@@ -11,6 +11,7 @@ import pytest
 from segjointgene.config import PreprocessConfig, SimulateConfig
 from segjointgene.errors import DataError
 from segjointgene.io import load_npz, read_json, read_section, save_npz, write_raw_section
+from segjointgene.metadata import DatasetMetadata
 from segjointgene.preprocess import preprocess_section, seeded_watershed
 from segjointgene.simulate import simulate_section
 from segjointgene.stitch import (assign_spots, cell_table, celltype_table, class_map, patch_from_raw, raw_window,
@@ -51,15 +52,15 @@ def dapi_section(tmp_path_factory) -> dict:
 
 
 def _geometry_is_nontrivial(meta: dict) -> None:
-    assert meta["crop_offset"][0] > 0 and meta["crop_offset"][1] > 0
-    assert meta["padded_shape"][0] > meta["crop_shape"][0] and meta["padded_shape"][1] > meta["crop_shape"][1]
-    assert meta["n_patches_skipped_empty"] >= 0
+    assert meta.crop_offset[0] > 0 and meta.crop_offset[1] > 0
+    assert meta.padded_shape[0] > meta.crop_shape[0] and meta.padded_shape[1] > meta.crop_shape[1]
+    assert meta.extra["n_patches_skipped_empty"] >= 0
 
 
 def test_label_image_nuclei_round_trip_exactly(label_section):
     meta = label_section["meta"]
     _geometry_is_nontrivial(meta)
-    assert meta["nucleus_source"] == "label_image"
+    assert meta.nucleus_source == "label_image"
     stitched = stitch_patch_channel(label_section["data"], meta, "instance", dtype=np.uint32)
     assert stitched.shape == RAW_SHAPE and stitched.dtype == np.uint32
     np.testing.assert_array_equal(stitched, label_section["nuclei"])
@@ -68,11 +69,11 @@ def test_label_image_nuclei_round_trip_exactly(label_section):
 def test_dapi_nuclei_and_dapi_channel_round_trip(dapi_section):
     meta = dapi_section["meta"]
     _geometry_is_nontrivial(meta)
-    assert meta["has_dapi"] and meta["nucleus_source"] == "dapi_watershed"
+    assert meta.has_dapi and meta.nucleus_source == "dapi_watershed"
     stitched = stitch_patch_channel(dapi_section["data"], meta, "instance")
     np.testing.assert_array_equal(stitched, dapi_section["nuclei"])
     dapi = stitch_patch_channel(dapi_section["data"], meta, "dapi")
-    (y0, x0), (h, w) = meta["crop_offset"], meta["crop_shape"]
+    (y0, x0), (h, w) = meta.crop_offset, meta.crop_shape
     inside = np.zeros(RAW_SHAPE, bool)
     inside[y0:y0 + h, x0:x0 + w] = True
     np.testing.assert_array_equal(dapi[inside], dapi_section["dapi"][inside].astype(np.float32))
@@ -80,14 +81,14 @@ def test_dapi_nuclei_and_dapi_channel_round_trip(dapi_section):
 
 
 def _patches(data: Path, meta: dict, key: str) -> dict[str, np.ndarray]:
-    return {n: load_npz(data / s / n, (key,))[key] for s in ("train", "test") for n in meta["split"][s]}
+    return {n: load_npz(data / s / n, (key,))[key] for s in ("train", "test") for n in meta.split[s]}
 
 
 def test_padded_frame_path_equals_streaming_path(label_section):
     data, meta = label_section["data"], label_section["meta"]
     patches = _patches(data, meta, "instance")
     padded = stitch_patches(patches, meta)
-    assert padded.shape == tuple(meta["padded_shape"])
+    assert padded.shape == tuple(meta.padded_shape)
     np.testing.assert_array_equal(to_raw_frame(padded, meta), stitch_patch_channel(data, meta, "instance"))
     # and cutting the stitched section gives every patch back (including the padding, which is background)
     raw = to_raw_frame(padded, meta)
@@ -104,7 +105,7 @@ def test_label_cache_file_and_mapping_round_trip(label_section, tmp_path):
     nuclei = label_section["nuclei"]
     stores = {}
     for split in ("train", "test"):
-        names = meta["split"][split]
+        names = meta.split[split]
         inst = np.stack([patch_from_raw(nuclei, meta, n) for n in names]).astype(np.int32)
         stores[split] = LabelStore(names, torch.from_numpy(inst), lut)
     path = tmp_path / "labels_cache_3.npz"
@@ -118,8 +119,8 @@ def test_label_cache_file_and_mapping_round_trip(label_section, tmp_path):
 
 def test_label_cache_patches_absent_keep_out_values(label_section):
     meta = label_section["meta"]
-    name = meta["split"]["test"][0]
-    p = meta["patch_size"]
+    name = meta.split["test"][0]
+    p = meta.patch_size
     out = np.full(RAW_SHAPE, 9, np.int32)
     stitch_label_cache({"test": {"names": np.array([name]), "instances": np.ones((1, p, p), np.int32)}}, meta, out=out)
     ys, xs, _, _ = raw_window(meta, *map(int, name[2:-4].split("_")))
@@ -130,13 +131,13 @@ def test_label_cache_patches_absent_keep_out_values(label_section):
 @pytest.mark.parametrize("case", ["duplicate", "outside_grid", "shape", "negative"])
 def test_damaged_label_cache_is_a_clear_error(label_section, case, tmp_path):
     meta = label_section["meta"]
-    p = meta["patch_size"]
-    name = meta["split"]["train"][0]
+    p = meta.patch_size
+    name = meta.split["train"][0]
     arrays = {"train.names": np.array([name]), "train.instances": np.zeros((1, p, p), np.int32)}
     if case == "duplicate":
         arrays.update({"test.names": np.array([name]), "test.instances": np.zeros((1, p, p), np.int32)})
     elif case == "outside_grid":
-        arrays["train.names"] = np.array([f"p_{meta['grid'][0]}_0.npz"])
+        arrays["train.names"] = np.array([f"p_{meta.grid[0]}_0.npz"])
     elif case == "shape":
         arrays["train.instances"] = np.zeros((1, p, p + 1), np.int32)
     else:
@@ -148,7 +149,8 @@ def test_damaged_label_cache_is_a_clear_error(label_section, case, tmp_path):
 
 
 def test_bad_metadata_geometry_is_a_clear_error():
-    meta = {"raw_shape": [10, 10], "crop_offset": [5, 5], "crop_shape": [8, 8], "patch_size": 4, "grid": [2, 2]}
+    meta = DatasetMetadata.from_dict({"raw_shape": [10, 10], "crop_offset": [5, 5], "crop_shape": [8, 8],
+                                      "patch_size": 4, "grid": [2, 2]}, geometry_only=True)
     with pytest.raises(DataError, match="geometry"):
         to_raw_frame(np.zeros((8, 8)), meta)
 
@@ -213,4 +215,4 @@ def test_metadata_on_disk_matches_returned(label_section):
     # the exporter reads metadata.json from disk: it must hold the same geometry as the dict used above
     on_disk = read_json(label_section["data"] / "metadata.json")
     for key in ("raw_shape", "crop_offset", "crop_shape", "padded_shape", "patch_size", "grid"):
-        assert on_disk[key] == label_section["meta"][key]
+        assert tuple(np.atleast_1d(on_disk[key])) == tuple(np.atleast_1d(getattr(label_section["meta"], key)))

@@ -356,7 +356,6 @@ class CID(Attribution):
         """
         (b, _, h, w), n_gene, n = x.shape, genes.numel(), sample.numel()
         dev = x.device
-        b1, b2 = _ADAM_BETAS
         x_rep = x.index_select(0, sample)  # (N, G, H, W)
         if dev.type == "cuda":
             x_rep = x_rep.contiguous(memory_format=torch.channels_last)
@@ -367,10 +366,7 @@ class CID(Attribution):
         s = s.to(torch.float32).contiguous()  # (N, n_gene, H, W)
         m, v = torch.zeros_like(s), torch.zeros_like(s)
         done = torch.zeros(n, dtype=torch.int64, device=dev)  # updates applied per row
-        active = torch.ones(n, dtype=torch.bool, device=dev)
-        lam = torch.full((n,), budget.lambda_, dtype=torch.float32, device=dev)
-        start = prev_ratio = None
-
+        rule = _StopRule(budget, n, dev)
         for step in range(budget.n_steps):
             # the whole batch's noise, shared by the types of a sample: a row's noise never depends on the other rows
             eps = torch.randn((b, n_gene, h, w), generator=gen, device=dev).index_select(0, sample)  # (N, n_gene, H, W)
@@ -381,46 +377,72 @@ class CID(Attribution):
                 with mixed_precision(dev, self.mixed_precision):
                     out = logit_map(noisy, row_class)  # (N, H, W) float32
                 mse = (out - y0).pow(2).mean(dim=(1, 2))  # (N,)
-                update = active
-                if budget.stop == "sigma":
-                    mean_sigma = sigma.detach().mean(dim=(1, 2, 3))  # before this step's update
-                    if start is None:
-                        start = mean_sigma
-                    else:
-                        active = active & ~(mean_sigma > budget.beta * start)
-                    update = active
-                elif budget.stop == "mse":
-                    cur = mse.detach()
-                    if start is None:
-                        start = cur.clamp_min(torch.finfo(torch.float32).tiny)
-                        ratio = torch.ones_like(cur)
-                    else:
-                        ratio = cur / start
-                        factor = torch.exp(_MSE_GAIN * (_MSE_GROWTH_TARGET - (ratio - prev_ratio))).clamp(0.5, 2.0)
-                        lam = torch.where(active, (lam * factor).clamp(*_LAMBDA_RANGE), lam)
-                    prev_ratio = ratio
-                    update = active  # this step's update still applies, then the row freezes
-                    active = active & ~(ratio > budget.beta)
-                loss = (n_el * (mse - lam * s_var.mean(dim=(1, 2, 3)))).sum()
+                update = rule.observe(sigma.detach(), mse.detach())
+                loss = (n_el * (mse - rule.lam * s_var.mean(dim=(1, 2, 3)))).sum()
                 (grad,) = torch.autograd.grad(loss, s_var)
-
-            # Adam, vectorised over rows, applied only where `update` (frozen rows keep s, m, v exactly).
-            t1 = (done + 1).to(torch.float32).view(n, 1, 1, 1)
-            m_new = b1 * m + (1 - b1) * grad
-            v_new = b2 * v + (1 - b2) * grad * grad
-            step_ = budget.lr * (m_new / (1 - b1**t1)) / ((v_new / (1 - b2**t1)).sqrt() + _ADAM_EPS)
-            keep = update.view(n, 1, 1, 1)
-            s = torch.where(keep, s - step_, s)
-            m = torch.where(keep, m_new, m)
-            v = torch.where(keep, v_new, v)
+            s, m, v = _adam_step(s, m, v, grad, done, update, budget.lr)
             done = done + update.to(torch.int64)
-            if budget.stop != "steps" and (step + 1) % self.check_every == 0 and not bool(active.any()):
+            if budget.stop != "steps" and (step + 1) % self.check_every == 0 and not bool(rule.active.any()):
                 break
 
         if log.isEnabledFor(logging.DEBUG):
             log.debug("CID chunk of %d rows: steps run min %d / mean %.1f / max %d of %d", n, int(done.min()),
                       float(done.float().mean()), int(done.max()), budget.n_steps)
         return s, done
+
+
+class _StopRule:
+    """Which rows take this step's update, per ``--CID_stop``; ``lam`` is each row's (adaptive for ``mse``) lambda.
+
+    ``steps``: every row, every step. ``sigma`` (reference B): a row stops once its mean sigma exceeds ``beta`` times
+    its start. ``mse`` (reference H): lambda adapts to keep the output-MSE ratio growing; a row takes the step on
+    which its ratio passes ``beta``, then freezes.
+    """
+
+    def __init__(self, budget: _Budget, n: int, device: torch.device):
+        self.budget = budget
+        self.active = torch.ones(n, dtype=torch.bool, device=device)
+        self.lam = torch.full((n,), budget.lambda_, dtype=torch.float32, device=device)
+        self.start: Tensor | None = None
+        self.prev_ratio: Tensor | None = None
+
+    def observe(self, sigma: Tensor, mse: Tensor) -> Tensor:
+        """(N,) bool: the rows updated at this step, given sigma (before the update) and the output MSE."""
+        budget = self.budget
+        if budget.stop == "sigma":
+            mean_sigma = sigma.mean(dim=(1, 2, 3))
+            if self.start is None:
+                self.start = mean_sigma
+            else:
+                self.active = self.active & ~(mean_sigma > budget.beta * self.start)
+            return self.active
+        if budget.stop == "mse":
+            if self.start is None:
+                self.start = mse.clamp_min(torch.finfo(torch.float32).tiny)
+                ratio = torch.ones_like(mse)
+            else:
+                ratio = mse / self.start
+                factor = torch.exp(_MSE_GAIN * (_MSE_GROWTH_TARGET - (ratio - self.prev_ratio))).clamp(0.5, 2.0)
+                self.lam = torch.where(self.active, (self.lam * factor).clamp(*_LAMBDA_RANGE), self.lam)
+            self.prev_ratio = ratio
+            update = self.active  # this step's update still applies, then the row freezes
+            self.active = self.active & ~(ratio > budget.beta)
+            return update
+        return self.active
+
+
+def _adam_step(s: Tensor, m: Tensor, v: Tensor, grad: Tensor, done: Tensor, update: Tensor,
+               lr: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Adam, vectorised over rows, applied only where ``update`` (frozen rows keep s, m, v exactly); ``done`` (N,)
+    counts the updates each row has had."""
+    b1, b2 = _ADAM_BETAS
+    n = s.shape[0]
+    t1 = (done + 1).to(torch.float32).view(n, 1, 1, 1)
+    m_new = b1 * m + (1 - b1) * grad
+    v_new = b2 * v + (1 - b2) * grad * grad
+    step = lr * (m_new / (1 - b1**t1)) / ((v_new / (1 - b2**t1)).sqrt() + _ADAM_EPS)
+    keep = update.view(n, 1, 1, 1)
+    return torch.where(keep, s - step, s), torch.where(keep, m_new, m), torch.where(keep, v_new, v)
 
 
 def _type_chunks(rows_per_type: list[int], max_rows: int) -> list[list[int]]:

@@ -18,14 +18,12 @@ available) and ``figures/sngp_uncertainty_pca.png``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,8 +31,9 @@ import torch
 
 from .. import __version__
 from ..checkpoint import save_checkpoint
-from ..config import ClassifyConfig, RuntimeConfig
-from ..constants import CELLS_TABLE, ResultFiles, RunFiles, ClassifyFiles, EmbeddingFiles
+from ..config import ClassifyConfig, RuntimeConfig, Settings
+from ..constants import CELLS_TABLE
+from ..runfolder import ClassifyFiles, EmbeddingFiles, Paths, ResultFiles
 from ..errors import ColumnError, ConfigError, DataError, InputNotFoundError
 from ..io import atomic_path, load_npz, write_csv, write_json
 from .evaluate import spatial_split
@@ -242,12 +241,11 @@ def _check_previous(summary: Path, config: ClassifyConfig, runtime: RuntimeConfi
                           "pass --overwrite to replace them")
 
 
-def run_classify(args: argparse.Namespace, cfg: dict[type, Any], paths: Any) -> int:
+def run_classify(settings: Settings, paths: Paths) -> int:
     """CLI handler of ``--step_name=classify`` (see the module docstring); prints a summary, returns 0."""
-    config: ClassifyConfig = cfg[ClassifyConfig]
-    runtime: RuntimeConfig = cfg[RuntimeConfig]
+    config, runtime = settings.classify, settings.runtime
     start = time.perf_counter()
-    results = Path(paths.run_dir) / RunFiles.RESULTS
+    results = paths.run.results
     _check_previous(results / ClassifyFiles.SUMMARY, config, runtime)
     cells = read_cell_embeddings(results)
     for col in ("cell", "x", "y"):

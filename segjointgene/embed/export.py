@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..constants import EmbeddingFiles
+from ..runfolder import EmbeddingFiles
 from ..errors import DataError, InputNotFoundError
 from ..io import atomic_path, save_npz, write_csv, write_json
 

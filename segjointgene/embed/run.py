@@ -12,7 +12,6 @@ Outputs under ``<run>/results/`` (names in :class:`~segjointgene.embed.export.Em
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -27,13 +26,14 @@ import torch
 
 from .. import __version__
 from ..checkpoint import save_checkpoint
-from ..config import EmbedConfig, RuntimeConfig
-from ..constants import CELLS_TABLE, SPOTS_TABLE, ResultFiles, RunFiles
-from ..dataset import load_metadata
+from ..config import EmbedConfig, Settings
+from ..constants import CELLS_TABLE, SPOTS_TABLE
+from ..metadata import load_metadata
+from ..runfolder import EmbeddingFiles, Paths, ResultFiles, RunFolder
 from ..errors import ConfigError, DataError, InputNotFoundError
 from ..io import load_npz, read_section, write_csv
 from .crops import SectionInputs
-from .export import EmbeddingFiles, write_csvzip, write_table
+from .export import write_csvzip, write_table
 from .figures import plot_embedding
 from .pipeline import EmbedRun, embed_section
 
@@ -65,7 +65,7 @@ def _read_mask(path: Path, role: str) -> np.ndarray:
 
 def load_section_inputs(run_dir: str | Path, data_dir: str | Path, raw_dir: str | Path | None = None) -> SectionInputs:
     """Read what the encoder needs from a run folder and its preprocessed dataset (module docstring)."""
-    results = Path(run_dir) / RunFiles.RESULTS
+    results = RunFolder(Path(run_dir)).results
     instance = _read_mask(results / ResultFiles.INSTANCE_MASK, "instance mask")
     nuclei_path = results / ResultFiles.INITIAL_MASK
     nuclei = _read_mask(nuclei_path, "nucleus mask") if nuclei_path.is_file() else None
@@ -73,22 +73,22 @@ def load_section_inputs(run_dir: str | Path, data_dir: str | Path, raw_dir: str 
         log.warning("%s not found: points are not labelled nucleus / cytoplasm", nuclei_path)
     meta = load_metadata(data_dir)
     spots = load_npz(Path(data_dir) / SPOTS_TABLE, ("gene", "x", "y"))
-    raw_shape = tuple(meta.get("raw_shape", instance.shape))
+    raw_shape = meta.raw_shape
     if tuple(instance.shape) != raw_shape:
         raise DataError(f"{results / ResultFiles.INSTANCE_MASK}: shape {instance.shape} differs from the raw frame "
                         f"{raw_shape} of {Path(data_dir) / 'metadata.json'}; the run and the dataset do not match")
     if nuclei is not None and nuclei.shape != instance.shape:
         raise DataError(f"{nuclei_path}: shape {nuclei.shape} differs from the instance mask's {instance.shape}")
     dapi = None
-    if meta.get("has_dapi"):
-        raw = Path(meta.get("raw_dir") or raw_dir or "")
+    if meta.has_dapi:
+        raw = Path(meta.raw_dir or raw_dir or "")
         if raw.is_dir():
             dapi = read_section(raw).dapi
             if dapi is not None and dapi.shape != instance.shape:
                 raise DataError(f"{raw}: DAPI shape {dapi.shape} differs from the instance mask's {instance.shape}")
         else:
             log.warning("DAPI folder %s not found: using the nucleus mask as the DAPI channel", raw)
-    return SectionInputs.from_arrays(instance, spots["gene"], spots["x"], spots["y"], meta["genes"], dapi=dapi,
+    return SectionInputs.from_arrays(instance, spots["gene"], spots["x"], spots["y"], list(meta.genes), dapi=dapi,
                                      nuclei=nuclei)
 
 
@@ -190,26 +190,25 @@ def check_previous(manifest_path: Path, settings: dict[str, Any], overwrite: boo
                           f"({', '.join(detail) or ', '.join(changed)}); pass --overwrite to replace them")
 
 
-def run_embed(args: argparse.Namespace, cfg: dict[type, Any], paths: Any) -> int:
+def run_embed(settings: Settings, paths: Paths) -> int:
     """CLI handler of ``--step_name=embed`` (see the module docstring); prints a summary, returns 0.
 
     Outputs made with other settings (config or seed, recorded in the CSV-ZIP manifest) are only replaced with
     ``--overwrite``; re-running with the same settings recomputes them (the same bytes on the CPU).
     """
-    config: EmbedConfig = cfg[EmbedConfig]
-    runtime: RuntimeConfig = cfg[RuntimeConfig]
+    config, runtime = settings.embed, settings.runtime
     start = time.perf_counter()
-    results = Path(paths.run_dir) / RunFiles.RESULTS
+    results = paths.run.results
     check_previous(results / EmbeddingFiles.CSVZIP / "manifest.json",
                    {"config": dataclasses.asdict(config), "random_seed": runtime.random_seed}, runtime.overwrite)
     inputs = load_section_inputs(paths.run_dir, paths.data_dir, paths.raw_dir)
     device = resolve_device(runtime.device, runtime.gpu_id)
     run = embed_section(inputs, config, seed=runtime.random_seed, device=device,
-                        progress=not getattr(args, "quiet", False))
+                        progress=not settings.step.quiet)
     types = _nucleus_types(Path(paths.data_dir), run.embeddings.cells["cell"].to_numpy())
     out = write_outputs(run, results, config, genes=inputs.genes, celltypes=types,
                         extra={"random_seed": runtime.random_seed,
-                               "datasets_name": getattr(paths, "datasets_name", "")})
+                               "datasets_name": paths.datasets_name})
     last = run.train_log.iloc[-1].to_dict() if len(run.train_log) else {}
     print(f"embed: {len(run.embeddings.cells)} cells, {len(run.embeddings.points)} points, "
           f"{run.embeddings.cell_emb.shape[1]}-d embeddings (crop {run.builder.crop_px} px -> {run.builder.input_px}, "
