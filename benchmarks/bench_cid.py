@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from segjointgene.model import UNet
 
     device, rec, sync = start("bench_cid", args, argv)
-    cfg, label_cfg = AttributionConfig(), LabelUpdateConfig()
+    cfg, label_cfg = AttributionConfig(method="CID"), LabelUpdateConfig(rule="v1")
     meta = load_metadata(args.data)
     lut = read_class_lut(args.data)
     ds = ImagePatchDataset(args.data, "train", metadata=meta, class_lut=lut)

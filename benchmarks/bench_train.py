@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     t_fwd, _ = best_time(forward, repeats=args.repeats, sync=sync)
     rec.add("eval_forward", t_fwd, "s", patches_per_s=round(b / t_fwd, 3))
 
-    cfg = LabelUpdateConfig()
+    cfg = LabelUpdateConfig(rule="v1")
     h = reach(cfg)  # the label window the trainer gives the rule
     logits = F.pad(forward(), (h,) * 4, mode="replicate")
     ctx_inst, ctx_core = F.pad(inst, (h,) * 4), F.pad(inst, (h,) * 4)

@@ -110,21 +110,41 @@ def step_simulate(settings: Settings, paths: Paths) -> int:
 
 
 def step_preprocess(settings: Settings, paths: Paths) -> int:
-    from .io import read_section
     from .preprocess import preprocess_section
 
     start = time.perf_counter()
-    section = read_section(paths.raw_dir)
+    section = _read_raw(settings, paths)
     runtime = settings.runtime
+    extra = {"datasets_name": paths.datasets_name, "raw_dir": str(paths.raw_dir.resolve()),
+             "input_format": section.format, "celltype_source": section.celltype_source}
+    if section.um_per_px is not None:
+        extra.update(um_per_px=section.um_per_px, origin_um=list(section.origin_um))
     meta = preprocess_section(section, paths.data_dir, settings.preprocess, num_workers=runtime.num_workers,
-                              overwrite=runtime.overwrite, progress=not settings.step.quiet,
-                              extra_metadata={"datasets_name": paths.datasets_name, "raw_dir": str(paths.raw_dir.resolve())})
+                              overwrite=runtime.overwrite, progress=not settings.step.quiet, extra_metadata=extra)
     print(f"preprocessed {paths.raw_dir} -> {paths.data_dir}: {meta.n_patches} patches "
           f"({len(meta.split['train'])} train, {len(meta.split['test'])} test; "
           f"{meta.extra['n_patches_skipped_empty']} empty skipped), {meta.n_genes} genes, "
           f"{meta.n_classes - 1} cell types, nuclei from {meta.nucleus_source}, "
           f"{meta.n_spots_outside} spots outside the image dropped; {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _read_raw(settings: Settings, paths: Paths):
+    """The raw section: the CA1 layout, or an instrument's folder (``--input_format``, default auto)."""
+    from .io import read_section
+    from .platforms import detect_format, read_platform
+
+    cfg = settings.preprocess
+    fmt = detect_format(paths.raw_dir) if cfg.input_format == "auto" and paths.raw_dir.is_dir() else cfg.input_format
+    if fmt in ("ca1", "auto"):
+        return read_section(paths.raw_dir)
+    reference = None
+    if settings.evaluate.reference_csv:
+        from .evaluation import load_reference
+
+        reference = load_reference(settings.evaluate.reference_csv).T  # types x genes
+    return read_platform(paths.raw_dir, fmt, min_qv=cfg.min_qv, reference=reference,
+                         n_celltypes=cfg.n_celltypes or None, seed=settings.runtime.random_seed)
 
 
 def step_train(settings: Settings, paths: Paths) -> int:
@@ -151,12 +171,10 @@ def step_evaluate(settings: Settings, paths: Paths) -> int:
     return run_evaluate(settings, paths)
 
 
-#: The demo: a small simulated section and a short self-training with CID, minutes on a laptop CPU.
-#: Keys are argparse destinations; a flag given on the command line overrides its entry.
+#: The demo: a small hard simulated section and the default pipeline (spot model + short self-training), under a
+#: minute on a laptop CPU. Keys are argparse destinations; a flag given on the command line overrides its entry.
 DEMO_SETTINGS: dict[str, Any] = {
-    "sim_size": 256, "sim_mode": "dense", "patch_size": 64,
-    "net_width": 16, "net_epoch": 30, "net_lr": 1e-3, "passes_per_epoch": 8, "save_interval": 10,
-    "attr_epoch": 10, "attr_every": 5, "CID_n_steps": 10, "attr_n_gene": 30, "attr_n_celltype": 6,
+    "sim_size": 256, "sim_mode": "dense", "sim_preset": "hard", "patch_size": 64,
     "num_workers": 0, "num_threads": 1,
 }
 
@@ -172,7 +190,7 @@ def demo_arguments(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def step_demo(settings: Settings, paths: Paths) -> int:
-    """simulate -> preprocess -> SegJointGene (CID) -> export -> evaluate on a small simulated section (the
+    """simulate -> preprocess -> SegJointGene -> export -> evaluate on a small simulated section (the
     settings come with :data:`DEMO_SETTINGS` applied, see :func:`demo_arguments`)."""
     previous = [p for p in (paths.raw_dir, paths.data_dir, paths.run_dir) if p.exists() and any(p.iterdir())]
     if previous and not settings.runtime.overwrite:
@@ -204,10 +222,11 @@ STEPS: dict[str, tuple[Callable[..., int], str]] = {
     "simulate": (step_simulate, "write a synthetic section with ground truth in the raw layout (+ <raw_dir>_truth/)"),
     "preprocess_CA1": (step_preprocess, "raw section -> data/<datasets_name>/{train,test}/p_<row>_<col>.npz + metadata"),
     "preprocess": (step_preprocess, "alias of preprocess_CA1"),
-    "SegJointGene": (step_train, "self-train the UNet, grow nuclei into cells, rank genes (CID / IG / none)"),
+    "SegJointGene": (step_train, "fit the spot model, self-train the UNet on its territories, refit with the "
+                                 "network's type posterior; rank genes (differential expression; CID / IG on request)"),
     "export": (step_export, "write the results of a saved epoch: masks, spot and cell tables, AnnData, ranking, figures"),
     "evaluate": (step_evaluate, "score a run and the baselines (truth metrics when a truth folder exists)"),
-    "demo": (step_demo, "simulate -> preprocess -> self-train with CID -> export -> evaluate, in minutes on a CPU"),
+    "demo": (step_demo, "simulate -> preprocess -> SegJointGene -> export -> evaluate, about a minute on a CPU"),
     "embed": (step_embed, "SegCLR-style contrastive cell embeddings from a finished run"),
     "classify": (step_classify, "SNGP cell-type classifier with uncertainty / out-of-distribution flags"),
 }

@@ -87,6 +87,10 @@ class SimulateConfig:
     noise_fraction: float = opt(0.1, "fraction of spots that are background noise (uniform, random gene)", flag="--sim_noise")
     cell_radius_px: float = opt(14.0, "mean cell radius (pixels); radii vary by type and cell", flag="--sim_cell_radius")
     spot_density: float = opt(0.03, "mean spots per pixel inside cells", flag="--sim_spot_density")
+    preset: str = opt("basic", "basic: the first release's sections; hard: what breaks nucleus expansion in tissue "
+                      "(log-normal sizes, elongated irregular cells, off-centre nuclei, over-dispersed per-cell "
+                      "scale, a shared programme, leaky markers, ambient noise, tissue holes)",
+                      flag="--sim_preset", choices=("basic", "hard"))
 
     def __post_init__(self) -> None:
         c = SimulateConfig
@@ -110,6 +114,12 @@ class PreprocessConfig:
     test_fraction: float = opt(0.2, "fraction of patches in the test split (transductive: their labels grow too)")
     split_seed: int = opt(42, "seed of the train/test split (recorded in metadata.json)")
     keep_empty: bool = opt(False, "also write patches with neither spots nor nuclei (they carry no information)")
+    input_format: str = opt("auto", "layout of --raw_dir: auto (from its files), ca1 (the original CSV layout), xenium, "
+                                    "merscope, cosmx", choices=("auto", "ca1", "xenium", "merscope", "cosmx"))
+    n_celltypes: int = opt(0, "platform folders (no cell-type table): k of the k-means that types the nuclei "
+                              "(0 = chosen by silhouette in 3..12; ignored with --reference_csv, which maps each "
+                              "nucleus to the reference's most likely type)")
+    min_qv: float = opt(20.0, "Xenium: drop transcripts with a quality value below this")
 
     def __post_init__(self) -> None:
         c = PreprocessConfig
@@ -123,9 +133,16 @@ class PreprocessConfig:
 class LabelUpdateConfig:
     """Self-training label update (SPEC §3, reference §9)."""
 
-    rule: str = opt("v1", "v1: territory + prediction + votes + dominant attributed type (default); "
-                          "v2: balanced dilation, attribution top-ratio, island and hole clean-up",
-                    flag="--label_update", choices=("v1", "v2"))
+    rule: str = opt("model", "model: territories of a per-cell model of the spots (shape, size, type profile, "
+                             "background), refitted with the network's type posterior in the last epoch (default); "
+                             "v1: the reference's rule - territory + prediction + votes + dominant attributed type; "
+                             "v2: balanced dilation, attribution top-ratio, island and hole clean-up",
+                    flag="--label_update", choices=("model", "v1", "v2"))
+    model_net_weight: float = opt(1.0, "model: weight of the network's log type posterior (over its mean) in the "
+                                       "refit of the last epoch (0 = the spot model alone)")
+    model_shape_power: float = opt(2.0, "model: cell shape - generalised-Gaussian exponent (2 = Gaussian); <= 0: a "
+                                        "uniform ellipse with a logistic edge that wide")
+    model_neighbours: float = opt(0.0, "model: weight of the neighbouring spots' assignments (mean field; 0 = off)")
     expand_k: int = opt(3, "growth radius per update (pixels): a pixel can only join a cell within this distance")
     prediction_threshold: float = opt(0.3, "minimum 3x3-smoothed softmax confidence of a pixel joining a cell "
                                            "(--territory nucleus: of it not being background)")
@@ -155,7 +172,8 @@ class LabelUpdateConfig:
 class AttributionConfig:
     """Attribution (CID or IG): when it runs, on which targets, and its optimisation budget (SPEC §4)."""
 
-    method: str = opt("CID", "attribution constraining growth and ranking genes", flag="--attr_method",
+    method: str = opt("none", "attribution constraining growth and ranking genes (CID = the published method; off by "
+                              "default: it did not improve the cells, see the README's ablation)", flag="--attr_method",
                       choices=("CID", "IG", "none"))
     start_epoch: int = opt(30, "first epoch with attribution", flag="--attr_epoch")
     n_gene: int = opt(50, "target genes: the top N by total density (capped at the number of genes)", flag="--attr_n_gene")
@@ -208,11 +226,11 @@ class AttributionConfig:
 class TrainConfig:
     """Self-training (``--step_name=SegJointGene``)."""
 
-    net_epoch: int = opt(200, "last epoch (epochs 0..N; epoch 0 is forward-only)")
+    net_epoch: int = opt(10, "last epoch (epochs 0..N; epoch 0 is forward-only; the published runs used 200)")
     net_batch_size: int = opt(8, "patches per batch")
-    net_lr: float = opt(1e-4, "Adam learning rate")
+    net_lr: float = opt(1e-3, "Adam learning rate (published: 1e-4 over 200 epochs)")
     net_weight_decay: float = opt(0.0, "Adam weight decay")
-    net_width: int = opt(64, "UNet width (channels of the first level; 64 as published, 4-8 for CPU tests)")
+    net_width: int = opt(16, "UNet width (channels of the first level; 64 as published, 4-8 for CPU tests)")
     loss: str = opt("ce", "ce: cross-entropy on the current labels; ce_dice: class-weighted CE + soft Dice",
                     choices=("ce", "ce_dice"))
     warmup_epochs: int = opt(5, "labels are updated from this epoch on; before it the network only trains")

@@ -10,7 +10,8 @@ Every method is scored by the same code (:func:`score_segmentation`, :func:`scor
   spots / noise spots, gene mIoU (matched mean and the penalised variant), instance F1 / AP / precision / recall at
   IoU 0.5 and 0.75, and the pixel mIoU / Dice of cell types over all pixels and over true foreground only.
 
-Methods (rows): ``ours`` (the run's ``results/``), ``nuclei``, ``expand_<k>``, ``density_watershed`` (see
+Methods (rows): ``ours`` (the run's ``results/``: masks, and its own spot assignment when ``spots_assigned.csv``
+has one; then ``ours_mask`` scores the masks alone), ``nuclei``, ``expand_<k>``, ``density_watershed`` (see
 :mod:`segjointgene.baselines`), plus ``pciseq`` when the raw spots file has a ``pciseq_cell`` column (the real CA1
 section): that row is a spot assignment without masks, so only its mask-free metrics are filled.
 
@@ -21,6 +22,7 @@ Columns (details in :mod:`segjointgene.metrics`):
 ================  ====================================================================================================
 spot_acc          fraction of spots whose cell (mask value at the spot's pixel) is the true cell (0 for noise)
 spot_acc_cell     the same over spots of a true cell; ``spot_acc_noise``: over noise spots (fraction left unassigned)
+noise_out         fraction of the noise spots outside every true cell that are left unassigned
 gene_mIoU         mean over cells matched by mask IoU (greedy, one-to-one) of the Jaccard of their spot sets
 gene_mIoU_pen     the same sum divided by the number of true cells (unmatched true cells count 0)
 F1@t, AP@t        instance F1 and TP / (TP + FP + FN) at IoU >= t (t = 0.5, 0.75); ``P@0.5``, ``R@0.5``
@@ -73,13 +75,14 @@ __all__ = [
 ]
 
 OURS = "ours"
+OURS_MASK = "ours_mask"
 PCISEQ = "pciseq"
 PCISEQ_COLUMN = "pciseq_cell"
 IOU_THRESHOLDS = (0.5, 0.75)
 
 #: Columns filled with a ground truth, in table order.
 TRUTH_COLUMNS = (
-    "spot_acc", "spot_acc_cell", "spot_acc_noise", "gene_mIoU", "gene_mIoU_pen",
+    "spot_acc", "spot_acc_cell", "spot_acc_noise", "noise_out", "gene_mIoU", "gene_mIoU_pen",
     "F1@0.5", "AP@0.5", "F1@0.75", "AP@0.75", "P@0.5", "R@0.5",
     "type_mIoU", "type_Dice", "type_mIoU_fg", "type_Dice_fg",
 )
@@ -123,13 +126,15 @@ class Truth:
 
 # ------------------------------------------------------------------------------------------------ scoring
 def _truth_scores(instance: np.ndarray, celltype: np.ndarray | None, spot_cell: np.ndarray, spots: Spots,
-                  truth: Truth, n_classes: int) -> dict[str, float]:
+                  truth: Truth, n_classes: int, mask_cell: np.ndarray) -> dict[str, float]:
     out: dict[str, float] = {}
     acc = M.spot_accuracy(spot_cell, truth.spot_cell)
     out.update(spot_acc=acc.overall, spot_acc_cell=acc.cell_spots, spot_acc_noise=acc.noise_spots)
+    true_at_spot = M.cells_at_spots(truth.instance, spots.x, spots.y)
+    out["noise_out"] = M.noise_left_out(spot_cell, truth.spot_cell, true_at_spot)
     match = M.match_instances(M.instance_overlap(instance, truth.instance))
     # gene mIoU as in reference §13.5: both spot sets from the masks (the spot's pixel in each instance mask)
-    gene = M.gene_miou(spot_cell, M.cells_at_spots(truth.instance, spots.x, spots.y), match)
+    gene = M.gene_miou(mask_cell, true_at_spot, match)
     out.update({"gene_mIoU": gene.mean, "gene_mIoU_pen": gene.penalised})
     for t in IOU_THRESHOLDS:
         d = M.detection_scores(match, t)
@@ -150,7 +155,7 @@ def _mecr(spot_cell: np.ndarray, spots: Spots, pairs: list[tuple[str, str]] | No
 
 def score_segmentation(instance: np.ndarray, celltype: np.ndarray | None, spots: Spots, *, truth: Truth | None = None,
                        pairs: list[tuple[str, str]] | None = None, n_classes: int | None = None,
-                       pixel_distance: int = 5) -> dict[str, float]:
+                       pixel_distance: int = 5, spot_cell: np.ndarray | None = None) -> dict[str, float]:
     """Every metric of one segmentation (masks in the raw frame).
 
     Parameters
@@ -162,12 +167,16 @@ def score_segmentation(instance: np.ndarray, celltype: np.ndarray | None, spots:
     pairs : mutually exclusive gene pairs (:func:`segjointgene.metrics.exclusive_gene_pairs`) for MECR, or None.
     n_classes : number of classes including background (default: from the largest class id seen).
     pixel_distance : ring width of the cell-calling score.
+    spot_cell : the method's own spot assignment (e.g. the spot model's), which then replaces the mask's cell at
+        each spot in the spot metrics (accuracies, noise_out, MECR, spots_in_cells); gene mIoU stays the masks'
+        (reference §13.5). Default: the mask's cell at each spot.
 
     Returns
     -------
     dict metric name -> value (NaN where a metric does not apply).
     """
-    spot_cell = M.cells_at_spots(instance, spots.x, spots.y)
+    mask_cell = M.cells_at_spots(instance, spots.x, spots.y)
+    spot_cell = mask_cell if spot_cell is None else spot_cell
     ids, areas = M.label_areas(instance)
     row: dict[str, float] = {
         "cell_calling": M.cell_calling_score(instance, spots.x, spots.y, pixel_distance).score,
@@ -182,7 +191,7 @@ def score_segmentation(instance: np.ndarray, celltype: np.ndarray | None, spots:
                             f"{np.shape(instance)}; both must be in the raw frame of the section")
         if n_classes is None:
             n_classes = int(max(truth.celltype.max(initial=0), 0 if celltype is None else celltype.max(initial=0))) + 1
-        row.update(_truth_scores(instance, celltype, spot_cell, spots, truth, n_classes))
+        row.update(_truth_scores(instance, celltype, spot_cell, spots, truth, n_classes, mask_cell))
     return row
 
 
@@ -201,7 +210,9 @@ def score_assignment(spot_cell: np.ndarray, spots: Spots, *, truth: Truth | None
            "n_cells": float(np.unique(spot_cell[spot_cell != BACKGROUND]).size)}
     if truth is not None:
         acc = M.spot_accuracy(spot_cell, truth.spot_cell)
-        row.update(spot_acc=acc.overall, spot_acc_cell=acc.cell_spots, spot_acc_noise=acc.noise_spots)
+        row.update(spot_acc=acc.overall, spot_acc_cell=acc.cell_spots, spot_acc_noise=acc.noise_spots,
+                   noise_out=M.noise_left_out(spot_cell, truth.spot_cell,
+                                              M.cells_at_spots(truth.instance, spots.x, spots.y)))
     return row
 
 
@@ -459,17 +470,22 @@ def _celltypes_lut(results: Path, celltypes: list[str]) -> np.ndarray | None:
 
 
 def _score_ranking(results: Path, truth_dir: Path | None) -> pd.DataFrame | None:
-    """Score the gene rankings (attribution, and differential expression) against the truth folder's
-    ``markers.csv`` when both exist; write the table (one row per ranking and cell type)."""
+    """Score the gene rankings (attribution, differential expression, border genes) against the truth folder's
+    ``markers.csv`` when both exist: precision of the top m (m = the type's markers, or the pair's for border
+    genes); write the table (one row per ranking and cell type or pair)."""
     if truth_dir is None or not (truth_dir / TruthFiles.MARKERS).is_file():
         return None
     markers = pd.read_csv(truth_dir / TruthFiles.MARKERS)
     tables = []
-    for source, name in (("attribution", ResultFiles.GENE_RANKING), ("expression", ResultFiles.GENE_RANKING_DE)):
+    for source, name in (("attribution", ResultFiles.GENE_RANKING_ATTRIBUTION), ("expression", ResultFiles.GENE_RANKING)):
         if (results / name).is_file():
             table = M.ranking_marker_precision(pd.read_csv(results / name), markers)
             if not table.empty:
                 tables.append(table.assign(ranking=source).reset_index().set_index(["ranking", "celltype"]))
+    if (results / ResultFiles.BORDER_GENES).is_file():
+        table = M.border_marker_precision(pd.read_csv(results / ResultFiles.BORDER_GENES), markers)
+        if not table.empty:
+            tables.append(table.assign(ranking="border").reset_index().set_index(["ranking", "celltype"]))
     if not tables:
         return None
     table = pd.concat(tables)
@@ -547,17 +563,35 @@ def _run_masks(results: Path, sec: _Section, fix: str) -> tuple[np.ndarray, np.n
     return instance, (lut[celltype] if lut is not None else celltype)
 
 
+def _run_assignment(results: Path, sec: _Section) -> np.ndarray | None:
+    """The run's own spot assignment (``spots_assigned.csv`` with a ``prob`` column: the spot model's), else None."""
+    path = results / ResultFiles.SPOTS
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path, usecols=lambda c: c in ("cell", "prob", "cell_mask"))
+    if "prob" not in table.columns or "cell_mask" not in table.columns or len(table) != sec.spots.x.size:
+        return None
+    if np.array_equal(table["cell"].to_numpy(), table["cell_mask"].to_numpy()):
+        return None
+    return table["cell"].to_numpy(np.int64)
+
+
 def _score_all(results: Path, sec: _Section, ecfg: EvaluateConfig, pixel_distance: int, fix: str) -> pd.DataFrame:
     """One row per method: the run, the baselines of its nuclei, pciSeq when the raw spots carry its assignment."""
     rows: dict[str, dict[str, float]] = {}
 
-    def score(name: str, instance: np.ndarray, celltype: np.ndarray | None) -> None:
+    def score(name: str, instance: np.ndarray, celltype: np.ndarray | None, spot_cell=None) -> None:
         t0 = time.perf_counter()
         rows[name] = score_segmentation(instance, celltype, sec.spots, truth=sec.truth, pairs=sec.pairs,
-                                        n_classes=sec.meta.n_classes, pixel_distance=pixel_distance)
+                                        n_classes=sec.meta.n_classes, pixel_distance=pixel_distance,
+                                        spot_cell=spot_cell)
         log.info("scored %s in %.1f s", name, time.perf_counter() - t0)
 
-    score(OURS, *_run_masks(results, sec, fix))
+    masks = _run_masks(results, sec, fix)
+    own = _run_assignment(results, sec)
+    score(OURS, *masks, spot_cell=own)
+    if own is not None:
+        score(OURS_MASK, *masks)
     nuclei = _read_mask(results / ResultFiles.INITIAL_MASK, sec.meta.raw_shape, fix)
     for name, mask in B.baseline_segmentations(nuclei, sec.spots.x, sec.spots.y, sigma=sec.meta.density_sigma,
                                                radii=ecfg.radii(), density_fraction=ecfg.density_fraction):

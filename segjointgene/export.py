@@ -26,9 +26,11 @@ from .constants import CELLS_TABLE, METADATA_FILE, SPOTS_TABLE, SPLITS, PatchKey
 from .errors import DataError, InputNotFoundError
 from .io import atomic_path, load_npz, npz_headers, read_json, remove_stale_temps, write_csv, write_tif
 from .metadata import DatasetMetadata, load_metadata, read_metadata
-from .metrics import expression_ranking
-from .plots import (densest_window, display_factor, downsample_labels, downsample_mean, plot_gene_ranking_heatmap,
-                    plot_initial_vs_final, plot_section_overview, plot_training_curves, plot_zoom, spot_density)
+from .ranking import cell_counts, differential_expression, rank_genes_groups_uns
+from .polygons import write_geojson
+from .plots import (densest_window, display_factor, downsample_labels, downsample_mean, plot_dotplot,
+                    plot_gene_ranking_heatmap, plot_initial_vs_final, plot_section_overview, plot_training_curves,
+                    plot_zoom, spot_density)
 from .runfolder import FigureFiles, Paths, ResultFiles, RunFolder
 from .stitch import (assign_spots, cell_table, celltype_table, class_map, stitch_label_cache, stitch_patch_channel)
 
@@ -152,7 +154,7 @@ def write_gene_ranking(results_dir: str | os.PathLike, type_gene_sum: np.ndarray
     results_dir.mkdir(parents=True, exist_ok=True)
     tables = gene_ranking_tables(type_gene_sum, type_pixels, targets, genes, metadata.genes, metadata.celltypes)
     write_csv(results_dir / ResultFiles.GENE_SCORES, tables.scores, index=True)
-    write_csv(results_dir / ResultFiles.GENE_RANKING, tables.ranking)
+    write_csv(results_dir / ResultFiles.GENE_RANKING_ATTRIBUTION, tables.ranking)
     if figure:
         if tables.scores.notna().any(axis=None):
             plot_gene_ranking_heatmap(results_dir / ResultFiles.FIGURES / FigureFiles.RANKING, tables.scores,
@@ -268,7 +270,7 @@ class _Views:
 
 
 def _write_anndata(path: Path, cells: pd.DataFrame, spot_cell: np.ndarray, spot_gene: np.ndarray,
-                   genes: list[str], uns: dict[str, Any]) -> bool:
+                   genes: list[str], uns: dict[str, Any], rank_genes_groups: dict | None = None) -> bool:
     """cells x genes spot counts as ``.h5ad``; False (and a logged hint) when anndata is not installed."""
     try:
         import anndata
@@ -276,21 +278,17 @@ def _write_anndata(path: Path, cells: pd.DataFrame, spot_cell: np.ndarray, spot_
         log.warning("anndata is not installed: %s was not written; install it with `pip install anndata` "
                     "(or `pip install segjointgene[dev]`) and run --step_name=export again", path.name)
         return False
-    import scipy.sparse
-
-    row_of = np.full(int(cells["cell"].to_numpy().max(initial=0)) + 1, -1, np.int64)
-    row_of[cells["cell"].to_numpy()] = np.arange(len(cells))
-    keep = spot_cell > 0
-    rows = row_of[spot_cell[keep]]
-    counts = scipy.sparse.coo_matrix((np.ones(rows.size, np.float32), (rows, spot_gene[keep])),
-                                     shape=(len(cells), len(genes))).tocsr()
-    counts.sum_duplicates()
+    counts = cell_counts(spot_cell, spot_gene, cells["cell"].to_numpy(), len(genes))
     obs = pd.DataFrame({"celltype": pd.Categorical(cells["celltype"]), "area_px": cells["area_px"].to_numpy(),
                         "n_spots": cells["n_spots"].to_numpy()}, index=cells["cell"].astype(str).to_numpy())
     obs.index.name = "cell"
     adata = anndata.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pd.Index(genes, name="gene")))
     adata.obsm["spatial"] = cells[["x", "y"]].to_numpy(np.float64)
+    if "x_um" in cells.columns:  # squidpy / Xenium Explorer work in the instrument's microns
+        adata.obsm["spatial_um"] = cells[["x_um", "y_um"]].to_numpy(np.float64)
     adata.uns["segjointgene"] = uns
+    if rank_genes_groups is not None:  # scanpy.get.rank_genes_groups_df(adata, None) reads it
+        adata.uns["rank_genes_groups"] = rank_genes_groups
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
     return True
@@ -311,6 +309,7 @@ class _Export:
     sy: np.ndarray
     spot_gene: np.ndarray  # (n,) int64
     views: _Views
+    de: pd.DataFrame | None = None  # differential expression of the final cells
 
     @property
     def out(self) -> Path:
@@ -341,8 +340,9 @@ def export_results(run_dir: str | os.PathLike, *, epoch: int | None = None, figu
     Files: ``instance_mask.tif`` (uint32 cell ids), ``celltype_mask.tif`` (uint8, or uint16 beyond 255 types) and
     ``initial_instance_mask.tif`` (uint32 nucleus ids), all in the raw coordinate frame; ``celltypes.csv``
     (``id,name``); ``spots_assigned.csv`` (every spot of the dataset's ``spots.npz`` in input-file order:
-    ``gene,spotX,spotY,cell,celltype,inside``; cell 0 = unassigned, ``inside`` false for a spot outside the mask
-    frame); ``cells.csv`` (``cell,celltype,x,y,area_px,n_spots``, one row per cell of the mask); ``cells.h5ad``
+    ``gene,spotX,spotY,cell,celltype,prob,cell_mask,inside``; ``cell`` 0 = unassigned: the spot model's assignment
+    with ``--label_update model`` (``prob`` its posterior probability), else the mask's cell (``prob`` 1);
+    ``cell_mask`` the instance mask's cell at the spot; ``inside`` false for a spot outside the mask frame); ``cells.csv`` (``cell,celltype,x,y,area_px,n_spots``, one row per cell of the mask); ``cells.h5ad``
     (when anndata is installed); ``gene_ranking.csv`` and ``gene_celltype_scores.csv`` (when an attribution file
     of this epoch or an earlier one exists; stale ones are removed otherwise); ``figures/*.png``.
 
@@ -355,6 +355,7 @@ def export_results(run_dir: str | os.PathLike, *, epoch: int | None = None, figu
     spot_cell, cells = _export_final_labels(ex, figures)
     _export_initial_labels(ex, figures)
     _export_gene_ranking(ex, figures)
+    _export_border_genes(ex)
     if figures:
         _export_figures(ex, cells, spot_cell)
     log.info("exported epoch %d of %s to %s in %.1f s", ex.epoch, run.path, ex.out, time.perf_counter() - start)
@@ -403,12 +404,13 @@ def _export_final_labels(ex: _Export, figures: bool) -> tuple[np.ndarray, pd.Dat
     write_tif(out / ResultFiles.CELLTYPE_MASK, types)
     write_csv(out / ResultFiles.CELLTYPES, celltype_table(list(meta.celltypes)))
     assigned = assign_spots(instance, ex.sx, ex.sy)
-    spot_cell = assigned.values
+    spot_cell, prob = _spot_assignment(ex, assigned.values)
     cells = cell_table(instance, ex.lut, list(meta.celltypes), spot_cell)
     if figures:
         ex.views.final_small = downsample_labels(instance, ex.views.factor)
         ex.views.final_crop = ex.views.crop(instance)
         ex.views.final_types_crop = ex.views.crop(types)
+    write_geojson(out / ResultFiles.GEOJSON, instance, cells)
     del instance, types
 
     n_out = int((~assigned.inside).sum())
@@ -419,15 +421,43 @@ def _export_final_labels(ex: _Export, figures: bool) -> tuple[np.ndarray, pd.Dat
         log.info("%d spot(s) of the raw spot file lay outside the image and were dropped at preprocessing",
                  meta.n_spots_outside)
     genes, names = list(meta.genes), np.asarray(meta.celltypes, dtype=object)
-    write_csv(out / ResultFiles.SPOTS, pd.DataFrame({
+    spots = pd.DataFrame({
         "gene": np.asarray(genes, dtype=object)[ex.spot_gene], "spotX": ex.sx, "spotY": ex.sy, "cell": spot_cell,
-        "celltype": names[ex.lut[spot_cell]], "inside": assigned.inside}))
+        "celltype": names[ex.lut[spot_cell]], "prob": prob, "cell_mask": assigned.values, "inside": assigned.inside})
+    write_csv(out / ResultFiles.SPOTS, _with_microns(spots, meta, ("spotX", "spotY")))
+    cells = _with_microns(cells, meta, ("x", "y"))
     write_csv(out / ResultFiles.CELLS, cells)
-    write_csv(out / ResultFiles.GENE_RANKING_DE,
-              expression_ranking(spot_cell, ex.spot_gene, cells.set_index("cell")["celltype"], genes))
+    t0 = time.perf_counter()
+    ex.de = differential_expression(cell_counts(spot_cell, ex.spot_gene, cells["cell"].to_numpy(), len(genes)),
+                                    cells["celltype"].to_numpy(), genes)
+    log.info("differential expression of %d cells x %d genes in %.1f s", len(cells), len(genes),
+             time.perf_counter() - t0)
     _write_anndata(out / ResultFiles.ANNDATA, cells, spot_cell, ex.spot_gene, genes,
-                   {"epoch": int(ex.epoch), "datasets_name": meta.datasets_name, "run": ex.run.path.name})
+                   {"epoch": int(ex.epoch), "datasets_name": meta.datasets_name, "run": ex.run.path.name},
+                   rank_genes_groups_uns(ex.de) if len(ex.de) else None)
     return spot_cell, cells
+
+
+def _with_microns(table: pd.DataFrame, meta: DatasetMetadata, columns: tuple[str, str]) -> pd.DataFrame:
+    """``<x>_um, <y>_um`` columns in the platform's micron frame when the dataset came from an instrument folder."""
+    um = meta.extra.get("um_per_px")
+    if um is None:
+        return table
+    ox, oy = meta.extra.get("origin_um", (0.0, 0.0))
+    return table.assign(**{f"{columns[0]}_um": ox + table[columns[0]] * um, f"{columns[1]}_um": oy + table[columns[1]] * um})
+
+
+def _spot_assignment(ex: _Export, mask_cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cell, probability) of every spot: the spot model's (``--label_update model``) when this epoch has one, else
+    the mask's cell at the spot with probability 1 (a mask assignment has no posterior)."""
+    path = ex.run.spot_assignment(ex.epoch)
+    if not path.is_file():
+        return mask_cell, np.ones(mask_cell.size, np.float32)
+    saved = load_npz(path, ("cell", "prob"))
+    if saved["cell"].shape != mask_cell.shape:
+        raise DataError(f"{path}: {saved['cell'].size} spots but the dataset has {mask_cell.size}; the run belongs "
+                        f"to another preprocessing of the section")
+    return saved["cell"].astype(np.int64), saved["prob"].astype(np.float32)
 
 
 def _export_initial_labels(ex: _Export, figures: bool) -> None:
@@ -445,20 +475,63 @@ def _export_initial_labels(ex: _Export, figures: bool) -> None:
 
 
 def _export_gene_ranking(ex: _Export, figures: bool) -> None:
-    """The attribution ranking of this epoch (or the latest before it); stale ranking files are removed."""
+    """``gene_ranking.csv`` (differential expression, plus the attribution's score and rank when an attribution ran
+    up to this epoch) and the attribution's own files; stale attribution files are removed."""
+    ranking = ex.de.assign(attr_method="", attr_score=np.nan, attr_rank=np.nan)
     attr_path = _attribution_path(ex.run, ex.epoch)
     if attr_path is not None:
         attr = _read_attribution(attr_path)
-        log.info("gene ranking from %s (%s)", attr_path.name, attr["method"])
-        write_gene_ranking(ex.out, attr["type_gene_sum"], attr["type_pixels"], attr["targets"], attr["genes"],
-                           ex.meta, attr["method"], figure=figures, title=ex.title)
+        log.info("attribution ranking from %s (%s)", attr_path.name, attr["method"])
+        tables = write_gene_ranking(ex.out, attr["type_gene_sum"], attr["type_pixels"], attr["targets"],
+                                    attr["genes"], ex.meta, attr["method"], figure=figures, title=ex.title)
+        own = tables.ranking.rename(columns={"score": "attr_score", "rank": "attr_rank"})
+        ranking = ex.de.merge(own, on=["celltype", "gene"], how="left").assign(attr_method=attr["method"])
+    else:
+        log.info("no attribution ran up to epoch %d (no attribution_<epoch>.npz): ranking by expression only", ex.epoch)
+        for stale in (ex.out / ResultFiles.GENE_RANKING_ATTRIBUTION, ex.out / ResultFiles.GENE_SCORES,
+                      ex.run.figure(FigureFiles.RANKING)):
+            if stale.is_file():
+                log.info("removing %s of a later epoch", stale.relative_to(ex.out).as_posix())
+                stale.unlink()
+    write_csv(ex.out / ResultFiles.GENE_RANKING, ranking)
+    if figures and len(ex.de):
+        plot_dotplot(ex.run.figure(FigureFiles.DOTPLOT), ex.de, title=ex.title)
+
+
+def _export_border_genes(ex: _Export) -> None:
+    """``border_genes.csv`` from the epoch's network and labels (IG of the two types' logit difference at their
+    borders); skipped, with a log line, when the epoch has no checkpoint."""
+    import torch
+
+    from .attribution.border import border_genes
+    from .checkpoint import load_checkpoint
+    from .dataset import ImagePatchDataset, load_label_cache
+    from .distributed import strip_module_prefix
+    from .model import UNet
+
+    path = ex.run.checkpoint(ex.epoch)
+    if not path.is_file():
+        log.info("no %s: no border genes", path.name)
         return
-    log.info("no attribution ran up to epoch %d (no attribution_<epoch>.npz): no gene ranking", ex.epoch)
-    for stale in (ex.out / ResultFiles.GENE_RANKING, ex.out / ResultFiles.GENE_SCORES,
-                  ex.run.figure(FigureFiles.RANKING)):
-        if stale.is_file():
-            log.info("removing %s of a later epoch", stale.relative_to(ex.out).as_posix())
-            stale.unlink()
+    t0 = time.perf_counter()
+    state = load_checkpoint(path)
+    width = int(state.get("config", {}).get("train", {}).get("net_width", 16))
+    model = UNet(ex.meta.n_genes, ex.meta.n_classes, base_channels=width)
+    model.load_state_dict(strip_module_prefix(state["model"]))
+    cache = load_label_cache(ex.run.label_cache(ex.epoch))
+
+    def patches():
+        for split, part in cache.items():
+            ds = ImagePatchDataset(ex.data_dir, split, metadata=ex.meta)
+            index = {n: i for i, n in enumerate(ds.names)}
+            for name, classes in zip(part["names"], part["classes"]):
+                if str(name) in index:
+                    yield ds.read_image(index[str(name)]), torch.as_tensor(classes.astype(np.int64))
+
+    table = border_genes(model, patches(), list(ex.meta.genes), list(ex.meta.celltypes))
+    write_csv(ex.out / ResultFiles.BORDER_GENES, table)
+    log.info("border genes of %d type pairs in %.1f s", table[["type_a", "type_b"]].drop_duplicates().shape[0],
+             time.perf_counter() - t0)
 
 
 def _export_figures(ex: _Export, cells: pd.DataFrame, spot_cell: np.ndarray) -> None:

@@ -231,6 +231,9 @@ class Section:
     files : role -> path of every file read.
     spot_rows_in_file : (n_spots,) int64 row of each kept spot in the spots file.
     n_spots_outside : spots dropped because they fall outside the frame.
+    um_per_px, origin_um : the platform's micron frame (None for the CA1 layout, which is in pixels).
+    celltype_source : how the nuclei got their types (the table, a reference mapping or clustering).
+    format : the folder layout it was read from.
     """
 
     spots: pd.DataFrame
@@ -241,6 +244,10 @@ class Section:
     files: dict[str, str] = field(default_factory=dict)
     spot_rows_in_file: np.ndarray | None = None
     n_spots_outside: int = 0
+    um_per_px: float | None = None  # platform folders: x_um = origin_um[0] + x_px * um_per_px (y alike)
+    origin_um: tuple[float, float] = (0.0, 0.0)
+    celltype_source: str = "cell-type table"
+    format: str = "ca1"
 
     @property
     def genes(self) -> list[str]:

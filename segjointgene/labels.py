@@ -3,7 +3,8 @@
 After every training batch the current pseudo-labels (instance ids) are updated from the network's logits by one of
 two rules (SPEC §3, reference §9):
 
-* **V1** (default, :func:`update_labels` with ``config.rule == "v1"``): fair Euclidean territories, prediction agrees
+* **V1** (:func:`update_labels` with ``config.rule == "v1"``; the package default rule is ``model``, see
+  :mod:`segjointgene.trainer.spots`): fair Euclidean territories, prediction agrees
   with the candidate cell's type, smoothed confidence, outside the nuclei, 3x3 votes, optionally the dominant
   attributed cell type, then a bridge fill; a pixel keeps its current owner unless the prediction contradicts it.
 * **V2** (``config.rule == "v2"``): balanced dilation with random ranks, attribution top-ratio filter, gap fill, island
@@ -108,7 +109,8 @@ def update_labels(
     class_lut : (M,) int64 tensor
         Instance id -> class id (``class_lut[0] == 0``); class ids must be ``< K``.
     config : LabelUpdateConfig, optional
-        Rule and parameters (default ``LabelUpdateConfig()``: V1 with nucleus territories, which need ``seeds``).
+        Rule and parameters (default ``LabelUpdateConfig(rule="v1")``: V1 with nucleus territories, which need
+        ``seeds``).
     attribution : (B, T, H, W) float tensor, optional
         Per target cell type, the gene-summed attribution score at each pixel (higher = that type's prediction
         depends more on the genes at this pixel). Needs ``targets``.
@@ -213,7 +215,10 @@ def update_labels(
     >>> int(res.stats["n_grown"])
     4
     """
-    config = config if config is not None else LabelUpdateConfig()
+    config = config if config is not None else LabelUpdateConfig(rule="v1")
+    if config.rule == "model":
+        raise ValueError("--label_update model does not grow labels per batch (the spot model sets them: "
+                         "segjointgene.trainer.spots); update_labels runs the v1 / v2 rules")
     instance, core, class_lut = _validate_inputs(instance, core, logits, class_lut, attribution, targets, generator)
     n_classes = logits.shape[1]
     device = instance.device

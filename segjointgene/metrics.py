@@ -640,6 +640,17 @@ def cell_calling_score(mask: np.ndarray, x: np.ndarray, y: np.ndarray, pixel_dis
     return CellCalling(score=n_in / (n_ring + _EPS) if n_ring > 0 else float("nan"), n_inside=n_in, n_ring=n_ring)
 
 
+def noise_left_out(pred_cell: np.ndarray, true_cell: np.ndarray, true_cell_at_pixel: np.ndarray) -> float:
+    """Fraction of the noise spots (true cell 0) lying outside every true cell that are left unassigned (NaN if
+    there are none): background kept as background.
+
+    >>> noise_left_out(np.array([0, 3, 0, 2]), np.array([0, 0, 0, 2]), np.array([0, 0, 1, 2]))
+    0.5
+    """
+    sel = (np.asarray(true_cell) == BACKGROUND) & (np.asarray(true_cell_at_pixel) == BACKGROUND)
+    return float((np.asarray(pred_cell)[sel] == BACKGROUND).mean()) if sel.any() else float("nan")
+
+
 def assigned_fraction(spot_cell: np.ndarray) -> float:
     """Fraction of spots assigned to a cell (cell id > 0).
 
@@ -831,6 +842,30 @@ def ranking_marker_precision(ranking: pd.DataFrame, markers: pd.DataFrame) -> pd
             "chance": m / len(ranked),
             "mean_marker_rank": float(part[part["gene"].isin(in_panel)]["rank"].mean()) if in_panel else float("nan"),
         }
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "celltype"
+    return table
+
+
+def border_marker_precision(border: pd.DataFrame, markers: pd.DataFrame) -> pd.DataFrame:
+    """Per pair of a ``border_genes.csv`` table: the fraction of the two types' markers (m of them) among the pair's
+    top-m genes (``precision_at_m``) and the chance level m / number of genes; indexed by ``celltype`` = "a|b".
+
+    >>> border = pd.DataFrame({"type_a": ["A"] * 3, "type_b": ["B"] * 3, "gene": ["g1", "g2", "g3"],
+    ...                        "rank": [1, 2, 3]})
+    >>> markers = pd.DataFrame({"celltype": ["A", "B"], "gene": ["g1", "g3"], "is_marker": [True, True]})
+    >>> border_marker_precision(border, markers)["precision_at_m"].tolist()
+    [0.5]
+    """
+    sets = markers[markers["is_marker"].astype(bool)].groupby("celltype")["gene"].apply(set)
+    rows = {}
+    for (a, b), part in border.groupby(["type_a", "type_b"]):
+        wanted = sets.get(a, set()) | sets.get(b, set())
+        if not wanted:
+            continue
+        ranked = part.sort_values("rank")["gene"].tolist()
+        rows[f"{a}|{b}"] = {"n_markers": len(wanted), "precision_at_m": len(set(ranked[:len(wanted)]) & wanted) / len(wanted),
+                            "chance": len(wanted) / len(ranked), "mean_marker_rank": float("nan")}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "celltype"
     return table

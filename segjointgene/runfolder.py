@@ -34,9 +34,11 @@ class ResultFiles:
     SPOTS = "spots_assigned.csv"
     CELLS = "cells.csv"
     ANNDATA = "cells.h5ad"
-    GENE_RANKING = "gene_ranking.csv"
-    GENE_SCORES = "gene_celltype_scores.csv"
-    GENE_RANKING_DE = "gene_ranking_expression.csv"  # differential expression of the segmented cells
+    GENE_RANKING = "gene_ranking.csv"  # differential expression of the segmented cells (+ the attribution's columns)
+    GENE_RANKING_ATTRIBUTION = "gene_ranking_attribution.csv"  # the attribution's own ranking (CID / IG)
+    GENE_SCORES = "gene_celltype_scores.csv"  # the attribution matrix (types x genes)
+    GEOJSON = "cells.geojson"  # one polygon per cell (QuPath, napari)
+    BORDER_GENES = "border_genes.csv"  # per pair of touching types, the genes that decide their borders
     RANKING_EVALUATION = "gene_ranking_evaluation.csv"  # written by evaluate on simulated sections
     EVALUATION = "evaluation.csv"
     FIGURES = "figures"
@@ -49,7 +51,8 @@ class FigureFiles:
     ZOOM = "section_zoom.png"
     INITIAL_VS_FINAL = "initial_vs_final.png"
     TRAINING = "training_curves.png"
-    RANKING = "gene_ranking_heatmap.png"
+    RANKING = "gene_ranking_heatmap.png"  # the attribution's heat map (only when one ran)
+    DOTPLOT = "gene_ranking_dotplot.png"  # differential expression
 
 
 class EmbeddingFiles:
@@ -82,7 +85,8 @@ class RunFolder:
     """A training run folder ``checkpoints/<datasets_name>/<net_sub_suffix>/`` and the names of its files.
 
     Per saved epoch E: ``net_E.pt`` (checkpoint), ``labels_cache_E.npz`` (labels of every patch) and, when
-    attribution ran, ``attribution_E.npz`` (running type x gene sums). Once: ``train_log.csv``, ``run.json`` and the
+    attribution ran, ``attribution_E.npz`` (running type x gene sums); with ``--label_update model``,
+    ``spot_assignment_E.npz`` (each spot's cell and posterior probability). Once: ``train_log.csv``, ``run.json`` and the
     ``results/`` folder.
     """
 
@@ -91,6 +95,7 @@ class RunFolder:
     _CHECKPOINT = "net_{epoch}.pt"
     _LABEL_CACHE = "labels_cache_{epoch}.npz"
     _ATTRIBUTION = "attribution_{epoch}.npz"
+    _SPOT_ASSIGNMENT = "spot_assignment_{epoch}.npz"
     TRAIN_LOG = "train_log.csv"
     RUN_INFO = "run.json"
     RESULTS = "results"
@@ -107,6 +112,13 @@ class RunFolder:
 
     def attribution(self, epoch: int) -> Path:
         return self.path / self._ATTRIBUTION.format(epoch=epoch)
+
+    def spot_assignment(self, epoch: int) -> Path:
+        """The spot model's assignment (``cell``, ``prob`` per spot, spots.npz order) of ``--label_update model``."""
+        return self.path / self._SPOT_ASSIGNMENT.format(epoch=epoch)
+
+    def spot_assignment_epochs(self) -> list[int]:
+        return self._epochs(self._SPOT_ASSIGNMENT)
 
     def checkpoint_epochs(self) -> list[int]:
         """Epochs with a checkpoint file, ascending."""
@@ -160,7 +172,7 @@ class RunFolder:
         """The files that make this folder hold a run (checkpoints, caches, attribution sums, log, run.json)."""
         if not self.path.is_dir():
             return []
-        templates = (self._CHECKPOINT, self._LABEL_CACHE, self._ATTRIBUTION)
+        templates = (self._CHECKPOINT, self._LABEL_CACHE, self._ATTRIBUTION, self._SPOT_ASSIGNMENT)
         per_epoch = [p for t in templates for p in sorted(self.path.glob(t.format(epoch="*")))]
         return per_epoch + [p for p in (self.train_log, self.run_info) if p.is_file()]
 

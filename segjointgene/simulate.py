@@ -6,6 +6,12 @@ type-specific marker genes and uniform background noise spots. :func:`write_simu
 layout (cells / spots / celltype CSVs and a uint16 DAPI TIFF) plus a sibling ``<dir>_truth/`` folder with the
 whole-cell masks, the nucleus masks, each spot's true cell, the cell table and the marker table.
 
+The ``hard`` preset (``--sim_preset hard``) adds what makes nucleus expansion wrong in real tissue: log-normal
+cell sizes, elongated cells (log-normal aspect ratio, random orientation) with stronger outline wobble, nuclei
+further off-centre, an over-dispersed (gamma) per-cell expression scale, a programme of non-marker genes shared by
+all types, markers that leak into one other type, ambient noise (genes in the section's mix, not uniform) and, in
+dense tissue, holes. The ``basic`` preset draws exactly what the first release drew.
+
 Everything is drawn from one ``numpy.random.Generator``: the same seed gives the same section, byte for byte.
 """
 
@@ -38,6 +44,26 @@ _SEPARATION = {"dense": 0.75, "sparse": 1.25}
 
 
 @dataclass(frozen=True)
+class _Realism:
+    """How far a preset departs from round, uniform cells (0 = the basic section's behaviour)."""
+
+    size_sigma: float = 0.0  # log-normal sd of a cell's radius (0: uniform in 0.85-1.15)
+    aspect_sigma: float = 0.0  # log-normal sd of a cell's aspect ratio
+    wobble: float = 1.0  # scale of the outline harmonics
+    nucleus_shift: tuple[float, float] = (0.15, 0.45)  # nucleus offset, in equivalent cell radii
+    scale_shape: float = 0.0  # gamma shape of the per-cell expression scale (0: no per-cell scale)
+    shared_fraction: float = 0.0  # fraction of a cell's spots drawn from a programme shared by every type
+    marker_leak: float = 0.0  # a type's markers are expressed at this fraction of their fold in one other type
+    ambient_fraction: float = 0.0  # noise spots whose gene follows the section's mix instead of being uniform
+    holes: float = 0.0  # fraction of dense tissue cut out as holes
+
+
+PRESETS = {"basic": _Realism(),
+           "hard": _Realism(size_sigma=0.3, aspect_sigma=0.35, wobble=1.6, nucleus_shift=(0.25, 0.6), scale_shape=2.0,
+                            shared_fraction=0.25, marker_leak=0.25, ambient_fraction=0.5, holes=0.12)}
+
+
+@dataclass(frozen=True)
 class SimulatedSection:
     """A synthetic section and its ground truth.
 
@@ -60,7 +86,8 @@ class SimulatedSection:
     markers: pd.DataFrame
 
 
-def _place_centres(size: int, radius: float, n_types: int, mode: str, rng: np.random.Generator):
+def _place_centres(size: int, radius: float, n_types: int, mode: str, rng: np.random.Generator,
+                   realism: _Realism = PRESETS["basic"]):
     """Dart throwing: centres at least ``sep * (r_i + r_j)`` apart; radii depend on the type and the cell."""
     type_scale = rng.permutation(np.linspace(0.65, 1.4, n_types)) if n_types > 1 else np.ones(1)
     type_freq = rng.uniform(0.5, 1.5, n_types)
@@ -72,8 +99,12 @@ def _place_centres(size: int, radius: float, n_types: int, mode: str, rng: np.ra
     n_tries = int(60 * size * size / (np.pi * radius * radius))
     cand = rng.uniform(0, size, (n_tries, 2))
     cand_type = rng.choice(n_types, n_tries, p=type_freq)
-    cand_r = radius * type_scale[cand_type] * rng.uniform(0.85, 1.15, n_tries)
-    reach = int(np.ceil(2 * radius * 1.4 * 1.15 * sep / bucket)) + 1
+    if realism.size_sigma:
+        spread = np.exp(realism.size_sigma * rng.standard_normal(n_tries) - realism.size_sigma ** 2 / 2)
+    else:
+        spread = rng.uniform(0.85, 1.15, n_tries)
+    cand_r = radius * type_scale[cand_type] * spread
+    reach = int(np.ceil(2 * cand_r.max() * sep / bucket)) + 1
     for (y, x), t, r in zip(cand, cand_type, cand_r):
         by, bx = int(y // bucket), int(x // bucket)
         ok = True
@@ -95,12 +126,18 @@ def _place_centres(size: int, radius: float, n_types: int, mode: str, rng: np.ra
     return np.asarray(centres), np.asarray(radii), np.asarray(types, dtype=np.int64)
 
 
-def _rasterise_cells(size: int, centres: np.ndarray, radii: np.ndarray, mode: str, rng: np.random.Generator) -> np.ndarray:
-    """Instance map (ids 1..n) of a multiplicatively weighted Voronoi diagram with wobbly, capped cell outlines."""
+def _rasterise_cells(size: int, centres: np.ndarray, radii: np.ndarray, mode: str, rng: np.random.Generator,
+                     realism: _Realism = PRESETS["basic"]) -> np.ndarray:
+    """Instance map (ids 1..n) of a multiplicatively weighted Voronoi diagram with wobbly, capped cell outlines;
+    with an aspect spread, each cell's distance is measured in its own stretched, rotated frame."""
     n = len(centres)
     harmonics = np.arange(2, 5)
-    amp = rng.uniform(0.0, 0.12, (n, harmonics.size)) * np.array([2.0, 1.0, 0.7])  # elongation, then wobble
+    amp = rng.uniform(0.0, 0.12, (n, harmonics.size)) * np.array([2.0, 1.0, 0.7]) * realism.wobble
     phase = rng.uniform(0, 2 * np.pi, (n, harmonics.size))
+    aspect, axis = np.ones(n), np.zeros(n)
+    if realism.aspect_sigma:
+        aspect = np.exp(np.abs(realism.aspect_sigma * rng.standard_normal(n)))
+        axis = rng.uniform(0, np.pi, n)
     tree = cKDTree(centres)
     k = min(8, n)
     out = np.zeros((size, size), np.uint32)
@@ -112,8 +149,14 @@ def _rasterise_cells(size: int, centres: np.ndarray, radii: np.ndarray, mode: st
         pts = np.stack([yy.ravel(), xx.ravel()], 1)
         dist, idx = tree.query(pts, k=k)
         dist, idx = dist.reshape(len(pts), k), idx.reshape(len(pts), k)
-        theta = np.arctan2(pts[:, None, 0] - centres[idx, 0], pts[:, None, 1] - centres[idx, 1])  # (N, k)
+        dy, dx = pts[:, None, 0] - centres[idx, 0], pts[:, None, 1] - centres[idx, 1]
+        theta = np.arctan2(dy, dx)  # (N, k)
         wobble = 1.0 + np.einsum("nkh,nkh->nk", amp[idx], np.cos(harmonics * theta[..., None] + phase[idx]))
+        if realism.aspect_sigma:  # long axis stretched by sqrt(aspect), short one shrunk: same area
+            c, s_ = np.cos(axis[idx]), np.sin(axis[idx])
+            along, across = dx * c + dy * s_, -dx * s_ + dy * c
+            root = np.sqrt(aspect[idx])
+            dist = np.hypot(along / root, across * root)
         u = dist / (radii[idx] * wobble)
         best = np.argmin(u, axis=1)
         u_best = u[np.arange(len(pts)), best]
@@ -142,7 +185,14 @@ def _keep_main_component(instance: np.ndarray) -> np.ndarray:
     return np.where(keep[comp], instance, BACKGROUND).astype(np.uint32)
 
 
-def _draw_nuclei(instance: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _cut_holes(instance: np.ndarray, fraction: float, radius: float, rng: np.random.Generator) -> np.ndarray:
+    """Background where a smooth random field is in its top ``fraction``: holes of a few cells in the tissue."""
+    field = ndimage.gaussian_filter(rng.standard_normal(instance.shape), 2.5 * radius)
+    return np.where(field > np.quantile(field, 1.0 - fraction), BACKGROUND, instance).astype(np.uint32)
+
+
+def _draw_nuclei(instance: np.ndarray, rng: np.random.Generator,
+                 shift_range: tuple[float, float] = (0.15, 0.45)) -> np.ndarray:
     """An off-centre elliptical nucleus inside (2 px away from the edge of) every cell."""
     size = instance.shape[0]
     eroded = (ndimage.minimum_filter(instance, 5) == ndimage.maximum_filter(instance, 5)) & (instance > 0)
@@ -162,7 +212,7 @@ def _draw_nuclei(instance: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         b = a * rng.uniform(0.65, 1.0)
         ang = rng.uniform(0, np.pi)
         shift_dir = rng.uniform(0, 2 * np.pi)
-        shift = r_eq * rng.uniform(0.15, 0.45)
+        shift = r_eq * rng.uniform(*shift_range)
         yy, xx = np.mgrid[0:cell.shape[0], 0:cell.shape[1]]
         for scale in (1.0, 0.6, 0.3, 0.0):  # pull the nucleus back towards the centre until it fits
             ny, nx = cy + scale * shift * np.sin(shift_dir), cx + scale * shift * np.cos(shift_dir)
@@ -178,8 +228,11 @@ def _draw_nuclei(instance: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return nuclei
 
 
-def _expression(n_genes: int, n_types: int, markers_per_type: int, rng: np.random.Generator):
-    """Per-type gene probabilities: every gene at a baseline, the type's markers ``_MARKER_FOLD`` times higher."""
+def _expression(n_genes: int, n_types: int, markers_per_type: int, rng: np.random.Generator,
+                realism: _Realism = PRESETS["basic"]):
+    """Per-type gene probabilities: every gene at a baseline, the type's markers ``_MARKER_FOLD`` times higher; with
+    a leak, each type's markers also at ``marker_leak`` of that fold in one other type; with a shared programme, a
+    ``shared_fraction`` of every type's expression goes to a random profile over the non-marker genes."""
     genes = [f"Gene{g:03d}" for g in range(n_genes)]
     order = rng.permutation(n_genes)
     rates = np.ones((n_types, n_genes))
@@ -188,7 +241,18 @@ def _expression(n_genes: int, n_types: int, markers_per_type: int, rng: np.rando
         marker_genes = order[t * markers_per_type:(t + 1) * markers_per_type]
         rates[t, marker_genes] = _MARKER_FOLD * rng.uniform(0.7, 1.3, markers_per_type)
         is_marker[t, marker_genes] = True
-    return genes, rates / rates.sum(1, keepdims=True), is_marker
+    probs = rates / rates.sum(1, keepdims=True)
+    if realism.marker_leak and n_types > 1:
+        for t in range(n_types):
+            other = (t + 1 + rng.integers(0, n_types - 1)) % n_types
+            leak = rates[t] * is_marker[t] * realism.marker_leak
+            rates[other] = np.maximum(rates[other], leak)
+        probs = rates / rates.sum(1, keepdims=True)
+    if realism.shared_fraction:
+        shared = rng.gamma(1.0, 1.0, n_genes) * ~is_marker.any(0)
+        shared /= shared.sum()
+        probs = (1 - realism.shared_fraction) * probs + realism.shared_fraction * shared
+    return genes, probs, is_marker
 
 
 def _render_dapi(nuclei: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -223,11 +287,15 @@ def simulate_section(config: SimulateConfig = SimulateConfig(), rng: np.random.G
     """
     rng = np.random.default_rng(rng)
     c = config
-    centres, radii, types = _place_centres(c.size_px, c.cell_radius_px, c.n_celltypes, c.mode, rng)
+    realism = PRESETS[c.preset]
+    centres, radii, types = _place_centres(c.size_px, c.cell_radius_px, c.n_celltypes, c.mode, rng, realism)
     if len(centres) == 0:
         raise ValueError(f"no cell fits a {c.size_px} px section with radius {c.cell_radius_px}; use a larger --sim_size")
-    instance = _keep_main_component(_rasterise_cells(c.size_px, centres, radii, c.mode, rng))
-    nuclei = _draw_nuclei(instance, rng)
+    instance = _rasterise_cells(c.size_px, centres, radii, c.mode, rng, realism)
+    if realism.holes and c.mode == "dense":
+        instance = _cut_holes(instance, realism.holes, c.cell_radius_px, rng)
+    instance = _keep_main_component(instance)
+    nuclei = _draw_nuclei(instance, rng, realism.nucleus_shift)
 
     # renumber so that every id has a nucleus: ids 1..n in order of placement
     present = np.unique(nuclei[nuclei > 0])
@@ -236,9 +304,9 @@ def simulate_section(config: SimulateConfig = SimulateConfig(), rng: np.random.G
     instance, nuclei = relabel[instance], relabel[nuclei]
     cell_type = types[present - 1]
 
-    genes, probs, is_marker = _expression(c.n_genes, c.n_celltypes, c.markers_per_type, rng)
+    genes, probs, is_marker = _expression(c.n_genes, c.n_celltypes, c.markers_per_type, rng, realism)
     type_names = [f"Type{t + 1}" for t in range(c.n_celltypes)]
-    spots = _draw_spots(instance, cell_type, probs, genes, type_names, c, rng)
+    spots = _draw_spots(instance, cell_type, probs, genes, type_names, c, rng, realism)
     cells = _cell_table(instance, nuclei, cell_type, type_names, c.size_px)
     markers = pd.DataFrame([
         {"celltype": type_names[t], "gene": genes[g], "rate": float(probs[t, g]), "is_marker": bool(is_marker[t, g])}
@@ -249,15 +317,18 @@ def simulate_section(config: SimulateConfig = SimulateConfig(), rng: np.random.G
 
 
 def _draw_spots(instance: np.ndarray, cell_type: np.ndarray, probs: np.ndarray, genes: list[str],
-                type_names: list[str], c: SimulateConfig, rng: np.random.Generator) -> pd.DataFrame:
-    """Poisson counts per cell at uniform positions over its pixels, genes from its type's profile; plus uniform
-    background noise (a ``noise_fraction`` of all spots, uniform genes); rows shuffled."""
+                type_names: list[str], c: SimulateConfig, rng: np.random.Generator,
+                realism: _Realism = PRESETS["basic"]) -> pd.DataFrame:
+    """Poisson counts per cell (times a gamma per-cell scale with ``scale_shape``) at uniform positions over its
+    pixels, genes from its type's profile; plus background noise (a ``noise_fraction`` of all spots; uniform genes,
+    or for an ``ambient_fraction`` of them genes in the section's mix); rows shuffled."""
     n_cells = cell_type.size
     flat = instance.ravel()
     order = np.argsort(flat, kind="stable")
     bounds = np.searchsorted(flat[order], np.arange(n_cells + 2))
     area = np.diff(bounds)[1:n_cells + 1]
-    counts = rng.poisson(c.spot_density * area)
+    scale = rng.gamma(realism.scale_shape, 1.0 / realism.scale_shape, n_cells) if realism.scale_shape else 1.0
+    counts = rng.poisson(c.spot_density * area * scale)
     owner = np.repeat(np.arange(1, n_cells + 1), counts)
     pick = bounds[owner] + (rng.random(owner.size) * area[owner - 1]).astype(np.int64)
     pix = order[pick]
@@ -274,7 +345,11 @@ def _draw_spots(instance: np.ndarray, cell_type: np.ndarray, probs: np.ndarray, 
     ny, nx = np.divmod(noise_pix, c.size_px)
     all_y = np.concatenate([ys, ny]) + rng.random(owner.size + n_noise)
     all_x = np.concatenate([xs, nx]) + rng.random(owner.size + n_noise)
-    all_gene = np.concatenate([gene_idx, rng.integers(0, c.n_genes, n_noise)])
+    noise_gene = rng.integers(0, c.n_genes, n_noise)
+    if realism.ambient_fraction and gene_idx.size:
+        ambient = rng.random(n_noise) < realism.ambient_fraction
+        noise_gene[ambient] = gene_idx[rng.integers(0, gene_idx.size, int(ambient.sum()))]
+    all_gene = np.concatenate([gene_idx, noise_gene])
     all_cell = np.concatenate([owner, np.zeros(n_noise, np.int64)])
     perm = rng.permutation(all_cell.size)  # interleave: file order says nothing about the truth
     type_of_cell = np.array([""] + [type_names[t] for t in cell_type], dtype=object)

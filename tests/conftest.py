@@ -17,7 +17,7 @@ REAL_RAW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ca1
 SMALL_CID_TRAIN = ["--step_name=SegJointGene", "--quiet", "--device=cpu", "--num_threads=1", "--num_workers=0",
                    "--net_width=4", "--net_batch_size=4", "--net_lr=0.01", "--passes_per_epoch=3", "--warmup_epochs=1",
                    "--attr_method=CID", "--attr_epoch=2", "--attr_n_gene=4", "--attr_n_celltype=3", "--CID_n_steps=3",
-                   "--cache_patches=yes"]
+                   "--cache_patches=yes", "--label_update=v1"]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from segjointgene.attribution import (CID, IG, SCORE_SCALE, AttributionOutOfMemo
                                       MaskedClassSum, prediction_masks, select_targets, summarize)
 from segjointgene.config import AttributionConfig
 
-DEFAULT = AttributionConfig()
+DEFAULT = AttributionConfig(method="CID")
 #: The budget of the default configuration (what the trainer runs), as CID keyword arguments.
 DEFAULT_BUDGET = dict(n_steps=DEFAULT.cid_n_steps, lr=DEFAULT.cid_lr, lambda_=DEFAULT.cid_lambda, beta=DEFAULT.cid_beta,
                       stop=DEFAULT.cid_stop, init_log_sigma=DEFAULT.cid_init_log_sigma,

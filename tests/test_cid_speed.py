@@ -80,7 +80,7 @@ def test_summarize_uses_the_context_only_when_given(case):
     model, x, labels, targets = case
     labels = labels.clone()
     labels[1] = 0
-    cfg = AttributionConfig(cid_n_steps=3, cid_types="all")
+    cfg = AttributionConfig(method="CID", cid_n_steps=3, cid_types="all")
     plain = summarize(model, x, labels, targets, torch.arange(x.shape[1]), config=cfg, generator=gen(6))
     assert (plain.n_steps == 3).all()
     ctx = _context(labels)
@@ -92,10 +92,10 @@ def test_summarize_uses_the_context_only_when_given(case):
     kept = summarize(model, x, labels, targets, torch.arange(x.shape[1]), config=cfg, generator=gen(6), context=ctx)
     assert (kept.n_steps[1] == 3).all()
     local = summarize(model, x, labels, targets, torch.arange(x.shape[1]), generator=gen(6), context=ctx,
-                      config=AttributionConfig(cid_n_steps=3, cid_types="local"))
+                      config=AttributionConfig(method="CID", cid_n_steps=3, cid_types="local"))
     assert local.n_steps[1].tolist() == [3, 0, 0]
     off = summarize(model, x, labels, targets, torch.arange(x.shape[1]), generator=gen(6), context=_context(labels),
-                    config=AttributionConfig(cid_n_steps=3, cid_types="all", cid_skip=False))
+                    config=AttributionConfig(method="CID", cid_n_steps=3, cid_types="all", cid_skip=False))
     assert (off.n_steps == 3).all()
 
 

@@ -102,14 +102,13 @@ def test_missing_raw_folder_is_a_clear_error(tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end_and_refuses_to_overwrite(tmp_path, capsys):
-    """The README's first command, at a reduced size: simulate -> preprocess -> SegJointGene (CID) -> export ->
-    evaluate; flags given explicitly override the demo's settings."""
+    """The README's first command, at a reduced size: simulate -> preprocess -> SegJointGene (the default spot
+    model pipeline) -> export -> evaluate; flags given explicitly override the demo's settings."""
     args = ["--step_name=demo", f"--work_dir={tmp_path}", "--sim_size=128", "--net_width=8", "--net_epoch=3",
-            "--passes_per_epoch=2", "--attr_epoch=2", "--attr_every=1", "--CID_n_steps=2", "--save_interval=3",
-            "--attr_n_gene=8", "--attr_n_celltype=3", "--quiet"]
+            "--save_interval=3", "--quiet"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "--sim_size=128" in out and "--net_epoch=3" in out and "demo finished" in out
+    assert "--sim_size=128" in out and "--sim_preset=hard" in out and "demo finished" in out
     runs = list((tmp_path / "checkpoints" / "demo").iterdir())
     assert len(runs) == 1
     results = runs[0] / "results"
@@ -117,7 +116,9 @@ def test_demo_runs_end_to_end_and_refuses_to_overwrite(tmp_path, capsys):
     assert {"ours", "nuclei"} <= set(evaluation["method"])
     ours = evaluation.set_index("method").loc["ours"]
     assert 0 < ours["gene_mIoU"] <= 1 and 0 < ours["spot_acc"] <= 1
+    assert "ours_mask" in set(evaluation["method"])  # the spot model's own assignment is scored beside its masks
     assert (results / "gene_ranking.csv").is_file() and any(results.glob("*.tif"))
+    assert (runs[0] / "spot_assignment_3.npz").is_file() and (results / "border_genes.csv").is_file()
     assert main(args) == 2  # a second run needs --overwrite
     assert "--overwrite" in capsys.readouterr().err
 

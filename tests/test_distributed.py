@@ -33,7 +33,7 @@ from tests.conftest import make_sim
 ROOT = Path(__file__).resolve().parents[1]
 #: Small but growing: width 8, three optimizer passes of 2-patch batches per epoch.
 COMMON = ["--net_width=8", "--num_threads=1", "--num_workers=0", "--quiet", "--device=cpu", "--net_batch_size=2",
-          "--net_lr=1e-2", "--passes_per_epoch=3", "--warmup_epochs=1", "--random_seed=3"]
+          "--net_lr=1e-2", "--passes_per_epoch=3", "--warmup_epochs=1", "--random_seed=3", "--label_update=v1"]
 NO_ATTR = ["--attr_method=none"]
 CID = ["--attr_method=CID", "--attr_epoch=1", "--attr_n_gene=4", "--attr_n_celltype=3", "--CID_n_steps=2"]
 
@@ -257,7 +257,7 @@ def test_torchrun_with_cid_reduces_the_attribution_sums(section):
                     "--net_sub_suffix=cid")
     _check_ok(res)
     run = section.work_dir / "checkpoints" / "sim" / "cid"
-    assert (run / "attribution_1.npz").is_file() and (run / "results" / "gene_ranking.csv").is_file()
+    assert (run / "attribution_1.npz").is_file() and (run / "results" / "gene_ranking_attribution.csv").is_file()
     attribution = np.load(run / "attribution_1.npz")
     # each patch is attributed once per epoch, with the labels it had at the end of the previous epoch: the summed
     # pixel counts of both ranks equal the section's counts in the epoch-0 cache
@@ -285,3 +285,24 @@ def test_torchrun_resume_with_the_same_world_size_is_exact(section, ddp_run, tmp
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert (straight / "labels_cache_3.npz").read_bytes() == (run / "labels_cache_3.npz").read_bytes()
+
+
+def test_torchrun_model_rule_refits_once_with_every_ranks_evidence(section, tmp_path):
+    """--label_update model under torchrun: the ranks' network evidence is summed and every rank refits alike; one
+    spot assignment per saved epoch, written by rank 0."""
+    work = tmp_path / "w"
+    shutil.copytree(section.work_dir / "data", work / "data")
+    common = [a for a in COMMON if a != "--label_update=v1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py",
+           "--step_name=SegJointGene", f"--work_dir={work}", "--datasets_name=sim", *common, *NO_ATTR,
+           "--label_update=model", "--net_epoch=2", "--save_interval=2", "--net_sub_suffix=model"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    _check_ok(res)
+    run = work / "checkpoints" / "sim" / "model"
+    assert {p.name for p in run.glob("spot_assignment_*.npz")} == {"spot_assignment_0.npz", "spot_assignment_2.npz"}
+    final = np.load(run / "spot_assignment_2.npz")
+    assert final["cell"].size == np.load(section.data_dir / "spots.npz")["x"].size
+    assert ((final["prob"] > 0) & (final["prob"] <= 1)).all()
+    log = pd.read_csv(run / "train_log.csv")
+    assert log["n_relabelled"].iloc[-1] > 0  # the refit with the network changed the labels

@@ -120,7 +120,8 @@ def test_figures_are_nonempty_pngs(exported):
 def test_spots_every_input_spot_in_order_with_its_cell(exported):
     out, data = exported["out"], exported["sim"].data_dir
     spots = pd.read_csv(out / ResultFiles.SPOTS)
-    assert list(spots.columns) == ["gene", "spotX", "spotY", "cell", "celltype", "inside"]
+    assert list(spots.columns) == ["gene", "spotX", "spotY", "cell", "celltype", "prob", "cell_mask", "inside"]
+    assert (spots["prob"] == 1.0).all()  # a mask's assignment (no spot model in this run): certain by construction
     source = load_npz(data / "spots.npz")
     assert len(spots) == source["x"].size
     np.testing.assert_allclose(spots["spotX"], source["x"])
@@ -179,8 +180,12 @@ def test_gene_ranking_files_match_the_attribution(exported):
     scores = pd.read_csv(out / ResultFiles.GENE_SCORES, index_col=0)
     assert tuple(scores.index) == meta.celltypes[1:] and tuple(scores.columns) == meta.genes
     np.testing.assert_allclose(scores.to_numpy(), attr["type_gene_sum"] / attr["type_pixels"][:, None])
-    ranking = pd.read_csv(out / ResultFiles.GENE_RANKING)
+    ranking = pd.read_csv(out / ResultFiles.GENE_RANKING_ATTRIBUTION)
     assert list(ranking.columns) == ["celltype", "gene", "score", "rank"]
+    de = pd.read_csv(out / ResultFiles.GENE_RANKING)  # the ranking to read first: DE plus the attribution's columns
+    assert {"pval_adj", "logfoldchange", "pct_in", "pct_out", "attr_score", "attr_rank"} <= set(de.columns)
+    merged = de.merge(ranking, on=["celltype", "gene"])
+    np.testing.assert_allclose(merged["attr_score"], merged["score_y"])
     for t, group in ranking.groupby("celltype"):
         assert list(group["rank"]) == list(range(1, len(meta.genes) + 1))
         assert group["score"].is_monotonic_decreasing
@@ -202,7 +207,7 @@ def test_gene_ranking_by_hand(tmp_path):
     np.testing.assert_allclose(scores.loc["T3"], [1.0, 3.0, 2.0])
     np.testing.assert_allclose(scores.loc["T2"], [1.0, 1.0, 1.0])
     assert scores.loc["T1"].isna().all()
-    ranking = pd.read_csv(tmp_path / ResultFiles.GENE_RANKING)
+    ranking = pd.read_csv(tmp_path / ResultFiles.GENE_RANKING_ATTRIBUTION)
     assert ranking.to_dict("list") == {
         "celltype": ["T2", "T2", "T2", "T3", "T3", "T3"],
         "gene": ["a", "c", "d", "c", "d", "a"],
@@ -267,7 +272,7 @@ def test_missing_split_keeps_initial_labels_and_outside_spots_are_reported(tmp_p
     spots["x"][-1] = meta.raw_shape[1] + 3.5
     save_npz(sim.data_dir / "spots.npz", spots)
     (run / "results").mkdir()
-    (run / "results" / ResultFiles.GENE_RANKING).write_text("stale\n")
+    (run / "results" / ResultFiles.GENE_RANKING_ATTRIBUTION).write_text("stale\n")
     with caplog.at_level(logging.INFO, logger="segjointgene"):
         out = export_results(run, figures=False)
     text = caplog.text
@@ -285,7 +290,8 @@ def test_missing_split_keeps_initial_labels_and_outside_spots_are_reported(tmp_p
     assert len(table) == spots["x"].size  # nothing lost
     assert not table["inside"].iloc[-1] and table["cell"].iloc[-1] == 0
     assert table["inside"].iloc[:-1].all()
-    assert not (out / ResultFiles.GENE_RANKING).exists() and not (out / ResultFiles.GENE_SCORES).exists()
+    assert not (out / ResultFiles.GENE_RANKING_ATTRIBUTION).exists() and not (out / ResultFiles.GENE_SCORES).exists()
+    assert "attr_score" in pd.read_csv(out / ResultFiles.GENE_RANKING).columns  # DE without attribution
 
 
 def test_without_anndata_only_h5ad_is_skipped(exported, tmp_path, monkeypatch, caplog):

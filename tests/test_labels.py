@@ -38,7 +38,7 @@ def logits_for(pred: torch.Tensor | int, conf: float = 0.9, shape=(12, 12), k: i
 def run(instance, core, pred, *, conf=0.9, **kw) -> LabelUpdateResult:
     attribution, targets = kw.pop("attribution", None), kw.pop("targets", None)
     generator = kw.pop("generator", None)
-    cfg = LabelUpdateConfig(**{"expand_k": 1, "prediction_threshold": 0.5, "vote_min": 3, "territory": "mask", **kw})
+    cfg = LabelUpdateConfig(**{"rule": "v1", "expand_k": 1, "prediction_threshold": 0.5, "vote_min": 3, "territory": "mask", **kw})
     return update_labels(instance[None], core[None], logits_for(pred, conf, tuple(instance.shape)), LUT, config=cfg,
                          attribution=attribution, targets=targets, generator=generator)
 
@@ -130,7 +130,7 @@ def test_v1_nothing_changes_where_the_prediction_is_not_confident():
     conf_map = torch.full((12, 12), 0.9)
     conf_map[:, 7:] = 0.35  # 3x3 means: column 7 (3 * 0.9 + 6 * 0.35) / 9 = 0.53 < 0.55, column 6 0.72
     logits = (logits_for(1, 0.9) * (conf_map > 0.5) + logits_for(1, 0.35) * (conf_map <= 0.5))
-    cfg = LabelUpdateConfig(territory="mask", expand_k=1, prediction_threshold=0.55, vote_min=3)
+    cfg = LabelUpdateConfig(rule="v1", territory="mask", expand_k=1, prediction_threshold=0.55, vote_min=3)
     res = update_labels(CORE_A[None], CORE_A[None], logits, LUT, config=cfg)
     want = GROWN_A.clone()
     want[4:7, 7] = 0
@@ -570,7 +570,7 @@ def _within(instance: np.ndarray, new: np.ndarray, radius: float) -> bool:
 @pytest.mark.parametrize("with_attr", [False, True])
 def test_v1_invariants_random(seed, k, with_attr):
     inst, core, logits, lut, att = _random_batch(seed)
-    cfg = LabelUpdateConfig(territory="mask", expand_k=k, prediction_threshold=0.6, vote_min=2)
+    cfg = LabelUpdateConfig(rule="v1", territory="mask", expand_k=k, prediction_threshold=0.6, vote_min=2)
     kw = {"attribution": att, "targets": torch.tensor([2, 1])} if with_attr else {}
     res = update_labels(inst, core, logits, lut, config=cfg, **kw)
     new = res.instance
@@ -633,12 +633,12 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="attribution"):
         update_labels(inst, inst, logits, LUT, attribution=torch.zeros(1, 3, 12, 12), targets=torch.tensor([1, 2]))
     with pytest.raises(ConfigError, match="label_update_repeats"):
-        LabelUpdateConfig(repeats=0)
+        LabelUpdateConfig(rule="v1", repeats=0)
 
 
 def test_int32_inputs_and_half_logits_are_accepted():
     res = update_labels(CORE_A[None].int(), CORE_A[None].int(), logits_for(1).half(), LUT,
-                        config=LabelUpdateConfig(territory="mask", expand_k=1))
+                        config=LabelUpdateConfig(rule="v1", territory="mask", expand_k=1))
     assert res.instance.dtype == torch.long
     assert torch.equal(res.instance[0], GROWN_A)
 
@@ -667,7 +667,7 @@ def test_cuda_matches_cpu(rule):
 # V1 with nucleus territories (--territory nucleus) and the training targets
 
 def _nucleus_run(instance, core, pred, seeds, *, conf=0.95, logits=None, **kw):
-    cfg = LabelUpdateConfig(**{"expand_k": 3, "prediction_threshold": 0.5, "vote_min": 1, "territory": "nucleus",
+    cfg = LabelUpdateConfig(**{"rule": "v1", "expand_k": 3, "prediction_threshold": 0.5, "vote_min": 1, "territory": "nucleus",
                                "type_margin": 0.3, **kw})
     logits = logits if logits is not None else logits_for(pred, conf, tuple(instance.shape))
     return update_labels(instance[None], core[None], logits, LUT, config=cfg, seeds=seeds,
@@ -735,7 +735,7 @@ def test_nucleus_territory_stops_where_background_is_predicted():
 def test_nucleus_territory_needs_seeds():
     with pytest.raises(ValueError, match="seeds"):
         update_labels(CORE_A[None], CORE_A[None], logits_for(1), LUT,
-                      config=LabelUpdateConfig(territory="nucleus"))
+                      config=LabelUpdateConfig(rule="v1", territory="nucleus"))
 
 
 def test_training_targets_nuclei_mode_keeps_only_certain_labels():

@@ -22,7 +22,7 @@ RUNTIME = RuntimeConfig(device="cpu", num_workers=0, random_seed=7)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _train(sim, run_dir, *, train=FAST, attr=CID, labels=LabelUpdateConfig(), resume=None):
+def _train(sim, run_dir, *, train=FAST, attr=CID, labels=LabelUpdateConfig(rule="v1"), resume=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     return self_train(sim.data_dir, run_dir, train_cfg=train, label_cfg=labels, attr_cfg=attr, runtime=RUNTIME,
                       resume_epoch=resume, progress=False)
@@ -60,7 +60,7 @@ def test_log_checkpoints_and_attribution_outputs(trained):
     state = load_checkpoint(run / "net_4.pt")
     assert state["epoch"] == 4 and isinstance(state["config"]["train"], dict)
     assert {"sampler", "attribution", "labels", "torch"} <= set(state["rng"])
-    assert (run / "attribution_4.npz").is_file() and (run / "results" / "gene_ranking.csv").is_file()
+    assert (run / "attribution_4.npz").is_file() and (run / "results" / "gene_ranking_attribution.csv").is_file()
 
 
 def test_resume_gives_the_same_weights_and_labels(sim128, trained, tmp_path):
@@ -121,7 +121,7 @@ def test_local_cid_types_compute_fewer_rows_and_rank_the_same_pixels(tmp_path):
         attr = AttributionConfig(**{**CID.__dict__, "n_celltype": 8, "cid_types": types})
         _train(sim, tmp_path / types, train=train, attr=attr)
         means[types] = pd.read_csv(tmp_path / types / "train_log.csv").loc[1, "attr_steps_mean"]
-        assert (tmp_path / types / "results" / "gene_ranking.csv").is_file()
+        assert (tmp_path / types / "results" / "gene_ranking_attribution.csv").is_file()
     assert means["all"] == pytest.approx(CID.cid_n_steps)
     assert 0 < means["local"] < 0.75 * CID.cid_n_steps
 

@@ -53,7 +53,7 @@ def run_tiny(tmp_path):
                             train_cfg=TrainConfig(net_epoch=4, net_width=4, net_batch_size=4, net_lr=0.01,
                                                   passes_per_epoch=2, warmup_epochs=1, save_interval=4,
                                                   cache_patches="yes"),
-                            label_cfg=LabelUpdateConfig(),
+                            label_cfg=LabelUpdateConfig(rule="v1"),
                             attr_cfg=AttributionConfig(method="CID", start_epoch=2, n_gene=4, n_celltype=3,
                                                        cid_n_steps=3),
                             runtime=RuntimeConfig(device="cpu", num_workers=0, random_seed=7))

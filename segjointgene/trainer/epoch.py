@@ -34,6 +34,7 @@ from ..labels import IGNORE, reach, training_targets, update_labels
 from ..metadata import DatasetMetadata
 from ..runfolder import RunFolder
 from .section import SectionLabels, cell_calling
+from .spots import SpotEngine
 from .state import TrainingState, rng_states
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,12 @@ class RunContext:
     images_of: Callable[[dict[str, Any]], torch.Tensor]  # a batch's (B, G, P, P) images on the device
     configs: dict[str, dict]  # the settings as plain dicts, for checkpoints
     extra: dict[str, Any]  # further checkpoint entries (attribution targets)
+    spots: SpotEngine | None = None  # --label_update model: the spot model and its evidence
+
+    @property
+    def train_targets(self) -> str:
+        """The model rule's labels are whole territories: the network learns them all."""
+        return "current" if self.spots is not None else self.train_cfg.train_targets
 
 
 class EpochRunner:
@@ -190,7 +197,12 @@ class EpochRunner:
             attr.start_epoch(epoch)
         weights = (class_weights(list(self.state.stores.values()), self.rc.meta.n_classes).to(self.rc.device)
                    if cfg.loss == "ce_dice" else None)
-        return EpochPlan(epoch=epoch, step=epoch > 0, update=epoch >= max(1, cfg.warmup_epochs), attribute=attribute,
+        update = epoch >= max(1, cfg.warmup_epochs)
+        if self.rc.spots is not None:  # the model rule refits once, with the trained network
+            update = epoch == cfg.net_epoch and epoch >= 1
+            if update:
+                self.rc.spots.start_evidence()
+        return EpochPlan(epoch=epoch, step=epoch > 0, update=update, attribute=attribute,
                          passes=cfg.passes_per_epoch if epoch > 0 else 1, weights=weights)
 
     def _progress_bar(self, plan: EpochPlan):
@@ -218,7 +230,7 @@ class EpochRunner:
         lut = state.stores["train"].class_lut
         labels = training_targets(batch["label"].to(rc.device, non_blocking=True),
                                   lut[batch["core"]].to(rc.device, non_blocking=True), images.sum(1),
-                                  margin=cfg.ignore_margin, mode=cfg.train_targets, density_floor=rc.density_floor)
+                                  margin=cfg.ignore_margin, mode=rc.train_targets, density_floor=rc.density_floor)
         if plan.step and cfg.augment:
             images, labels = augment(images, labels, state.generators["augment"])
         with autocast(rc.device, cfg.amp), torch.set_grad_enabled(plan.step):
@@ -257,9 +269,11 @@ class EpochRunner:
             logits = self.predict(images)
             window = self.label_window(part)
             summary = self.attribute(images, part, window, tally) if plan.attribute else None
-            if plan.update:
+            if plan.update and self.rc.spots is not None:
+                self.rc.spots.add_evidence(part["origin"], logits)
+            elif plan.update:
                 new = self.grow_labels(part, self.state.stores[split], logits, window, summary, tally)
-        if plan.update:
+        if plan.update and self.rc.spots is None:
             _share_label_updates(self.state.stores[split], batch["index"][:own], new, self.rc.meta.patch_size, ctx,
                                  capacity=self.rc.train_cfg.net_batch_size)
 
@@ -330,6 +344,10 @@ class EpochRunner:
         """The section's totals on every rank; then rank 0 scores, logs and saves while the others wait."""
         ctx, cfg = self.rc.ctx, self.rc.train_cfg
         stats = distributed.reduce_metrics(tally.host(), ctx, max_keys=_WALL_KEYS)
+        if plan.update and self.rc.spots is not None:  # every rank refits: the labels stay identical
+            t0 = time.perf_counter()
+            stats["n_relabelled"] = float(self.rc.spots.refit_with_network(ctx))
+            stats["label_seconds"] = stats.get("label_seconds", 0.0) + time.perf_counter() - t0
         if plan.attribute:
             self.state.attr.reduce(ctx)
         due = plan.epoch % cfg.save_interval == 0 or plan.epoch == cfg.net_epoch
@@ -348,6 +366,8 @@ class EpochRunner:
                  "epoch %.1f s", epoch, row["loss"], row["pixel_acc"], row["n_relabelled"], row["cell_calling"],
                  row["attr_seconds"], row["epoch_seconds"])
         if rng_ranks is not None:
+            if rc.spots is not None:
+                rc.spots.save(rc.run, epoch)
             self.state.save(rc.run, epoch, rng_ranks=rng_ranks, configs=rc.configs, meta=rc.meta, extra=rc.extra)
         return row
 

@@ -33,6 +33,7 @@ from ..metadata import DatasetMetadata, load_metadata
 from ..model import UNet, check_patch_size
 from ..runfolder import Paths, RunFolder
 from .epoch import EpochRunner, RunContext, ignore_sigterm
+from .spots import SpotEngine
 from .section import SectionLabels, nucleus_seeds, spot_positions
 from .state import AttributionState, TrainingState, make_generators
 
@@ -196,6 +197,11 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
         start, rows = state.restore(run, resume_epoch, meta=meta, device=device, ctx=ctx)
     net = distributed.wrap_model(state.model, device, ctx)
     rc = _run_context(data_dir, meta, run, splits, state, train_cfg, label_cfg, attr_cfg, runtime, device, ctx)
+    if rc.spots is not None and resume_epoch is None:  # the model rule starts from the spot model's territories
+        rc.spots.run_fit()
+        rc.spots.write_labels()
+    elif rc.spots is not None:
+        rc.spots.restore(run, resume_epoch)
     saved = run.saved_epochs()
     if ctx.is_main:  # everything checked: the run starts
         run.path.mkdir(parents=True, exist_ok=True)
@@ -229,7 +235,9 @@ def _run_context(data_dir: Path, meta: DatasetMetadata, run: RunFolder, splits: 
         images_of=images_of,
         configs={"train": dataclasses.asdict(train_cfg), "labels": dataclasses.asdict(label_cfg),
                  "attribution": dataclasses.asdict(attr_cfg), "runtime": dataclasses.asdict(runtime)},
-        extra={"attr_targets": {"genes": attr.genes.cpu(), "classes": attr.classes.cpu()} if attr else {}})
+        extra={"attr_targets": {"genes": attr.genes.cpu(), "classes": attr.classes.cpu()} if attr else {}},
+        spots=(SpotEngine(data_dir, meta, splits, state.stores, spot_x, spot_y, label_cfg)
+               if label_cfg.rule == "model" else None))
 
 
 # ------------------------------------------------------------------------------------------------ the step

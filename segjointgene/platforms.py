@@ -1,0 +1,329 @@
+"""Instrument output folders as raw sections: 10x Xenium, Vizgen MERSCOPE, NanoString CosMx (layer 1.4).
+
+:func:`detect_format` names the layout of a folder from its files; :func:`read_platform` turns it into the same
+:class:`~segjointgene.io.Section` the CA1 layout gives, in a pixel frame of the platform's image (Xenium: the
+morphology image at ``pixel_size`` from ``experiment.xenium``; MERSCOPE: the DAPI mosaic through
+``micron_to_mosaic_pixel_transform.csv``; CosMx: the global pixel coordinates of the flat files), with the µm <-> pixel
+transform recorded (``Section.um_per_px``, ``Section.origin_um``: ``x_um = origin_um[0] + x_px * um_per_px``).
+
+* control, blank and negative-control probes are dropped (and Xenium transcripts with ``qv`` below ``min_qv``);
+* nuclei: Xenium ``nucleus_boundaries.parquet`` rasterised; otherwise the DAPI (Xenium, MERSCOPE) with the cell
+  centroids as seeds (the preprocess step's seeded watershed); CosMx (no image read): a disc of 3 um (at most 0.3 x
+  the median centre spacing) at each centroid;
+* cell types: a folder has none, so each nucleus is given one - by the highest multinomial likelihood under a
+  reference profile (``reference``: cell type x gene means, as pciSeq takes) or, without one, by k-means of its
+  cells' normalised counts (``n_celltypes``, or the silhouette's best k in 3..12); ``Section.celltype_source``
+  says how.
+
+Parquet needs ``pyarrow`` (``pip install segjointgene[platforms]``); Xenium's ``transcripts.csv.gz`` does not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import ColumnError, DataError, InputNotFoundError
+from .io import Section
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FORMATS", "derive_celltypes", "detect_format", "read_platform"]
+
+FORMATS = ("auto", "ca1", "xenium", "merscope", "cosmx")
+#: Probe names that are not genes (prefixes, case-insensitive).
+CONTROL_PREFIXES = ("negcontrol", "blank", "unassignedcodeword", "deprecatedcodeword", "intergenic", "antisense",
+                    "negprb", "systemcontrol", "falsecode")
+
+
+def detect_format(folder: str | os.PathLike) -> str:
+    """``xenium``, ``merscope``, ``cosmx`` or ``ca1`` from the files of ``folder``."""
+    folder = Path(folder)
+    if (folder / "experiment.xenium").is_file() or any(folder.glob("transcripts.parquet")) or any(
+            folder.glob("transcripts.csv.gz")):
+        return "xenium"
+    if any(folder.glob("detected_transcripts.csv")):
+        return "merscope"
+    if any(folder.glob("*_tx_file.csv*")):
+        return "cosmx"
+    return "ca1"
+
+
+def _is_control(genes: pd.Series) -> np.ndarray:
+    low = genes.astype(str).str.lower()
+    return np.asarray(low.str.startswith(CONTROL_PREFIXES))
+
+
+def _need(table: pd.DataFrame, columns: tuple[str, ...], path: Path, fix: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ColumnError(f"{path}: missing column(s) {missing} (has {list(table.columns)[:12]}); {fix}")
+
+
+def _read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise InputNotFoundError(f"{path} is a parquet file and pyarrow is not installed; pip install pyarrow "
+                                     "(or segjointgene[platforms])") from None
+        names = set(pq.ParquetFile(path).schema_arrow.names)
+        table = pq.read_table(path, columns=[c for c in columns if c in names] if columns else None)
+        frame = table.to_pandas()
+        for c in frame.columns:  # Xenium stores ids and names as bytes in some versions
+            if frame[c].dtype == object and len(frame) and isinstance(frame[c].iloc[0], bytes):
+                frame[c] = frame[c].str.decode("utf-8")
+        return frame
+    return pd.read_csv(path, usecols=lambda c: columns is None or c in columns)
+
+
+def _first(folder: Path, patterns: tuple[str, ...], what: str, *, required: bool = True) -> Path | None:
+    for pattern in patterns:
+        hits = sorted(folder.glob(pattern))
+        if hits:
+            return hits[0]
+    if required:
+        raise InputNotFoundError(f"{folder}: no {what} (looked for {', '.join(patterns)})")
+    return None
+
+
+def _read_dapi(path: Path | None) -> np.ndarray | None:
+    if path is None:
+        return None
+    import tifffile
+
+    image = tifffile.imread(path)
+    while image.ndim > 2:  # z-stack or channels: the maximum over the leading axes
+        image = image.max(0)
+    return image
+
+
+# ------------------------------------------------------------------------------------------------ cell types
+def derive_celltypes(counts: np.ndarray, genes: list[str], *, reference: pd.DataFrame | None = None,
+                     n_celltypes: int | None = None, seed: int = 0) -> tuple[list[str], str]:
+    """A type name per row of ``counts`` (cells x genes) and how it was obtained.
+
+    With ``reference`` (genes as columns, one row per type; any genes missing from it are left out), the type of
+    highest multinomial log-likelihood; else k-means (k-means++, ``seed``) of the log1p counts normalised to the
+    median total, k = ``n_celltypes`` or the silhouette's best in 3..12 on up to 3000 cells.
+    """
+    counts = np.asarray(counts, np.float64)
+    if reference is not None:
+        shared = [g for g in genes if g in reference.columns]
+        if not shared:
+            raise DataError("the reference profile shares no gene with the section's panel; check its gene names")
+        idx = [genes.index(g) for g in shared]
+        prof = reference[shared].to_numpy(np.float64) + 1e-3
+        logp = np.log(prof / prof.sum(1, keepdims=True))
+        best = np.argmax(counts[:, idx] @ logp.T, axis=1)
+        return [str(reference.index[b]) for b in best], f"reference mapping ({len(shared)} genes, multinomial)"
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+    from sklearn.metrics import silhouette_score
+
+    total = counts.sum(1, keepdims=True)
+    target = float(np.median(total[total > 0])) if (total > 0).any() else 1.0
+    x = np.log1p(np.divide(counts * target, total, out=np.zeros_like(counts), where=total > 0))
+    x = PCA(n_components=min(20, x.shape[1], max(1, x.shape[0] - 1)), random_state=seed).fit_transform(x)
+    rng = np.random.default_rng(seed)
+    if n_celltypes is None:
+        sample = rng.choice(len(x), min(3000, len(x)), replace=False)
+        scores = {}
+        for k in range(3, min(12, len(sample) - 1) + 1):
+            labels = KMeans(k, n_init=4, random_state=seed).fit_predict(x[sample])
+            if np.unique(labels).size > 1:
+                scores[k] = silhouette_score(x[sample], labels)
+        n_celltypes = max(scores, key=scores.get) if scores else 1
+        how = f"k-means of normalised counts, k = {n_celltypes} by silhouette"
+    else:
+        how = f"k-means of normalised counts, k = {n_celltypes} (--n_celltypes)"
+    labels = KMeans(n_celltypes, n_init=4, random_state=seed).fit_predict(x)
+    return [f"Cluster{int(c) + 1}" for c in labels], how
+
+
+def _nucleus_counts(spots: pd.DataFrame, cells: pd.DataFrame, nuclei: np.ndarray | None, genes: list[str],
+                    spot_cell: np.ndarray | None) -> np.ndarray:
+    """cells x genes counts for typing: the platform's own cell assignment when it made one (whole cells carry more
+    spots than nuclei), else the spots on each nucleus."""
+    row_of = pd.Series(np.arange(len(cells)), index=cells["cell"].to_numpy())
+    gene_idx = pd.Series(np.arange(len(genes)), index=genes)[spots["gene"].to_numpy()].to_numpy()
+    if (spot_cell is None or not (spot_cell > 0).any()) and nuclei is not None:
+        iy = np.clip(spots["y"].to_numpy().astype(np.int64), 0, nuclei.shape[0] - 1)
+        ix = np.clip(spots["x"].to_numpy().astype(np.int64), 0, nuclei.shape[1] - 1)
+        owner = nuclei[iy, ix]
+    else:
+        owner = spot_cell
+    counts = np.zeros((len(cells), len(genes)))
+    keep = (owner > 0) & np.isin(owner, cells["cell"].to_numpy())
+    np.add.at(counts, (row_of[owner[keep]].to_numpy(), gene_idx[keep]), 1.0)
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------ assembling
+def _assemble(fmt: str, spots: pd.DataFrame, cells: pd.DataFrame, *, shape: tuple[int, int], dapi, nuclei,
+              um_per_px: float, origin_um: tuple[float, float], files: dict[str, Path], reference, n_celltypes,
+              seed: int) -> Section:
+    """``spots``: gene, x, y (px), row (in the file), owner (the platform's cell, 0 = none); ``cells``: cell, x, y."""
+    control = _is_control(spots["gene"])
+    inside = (spots["x"] >= 0) & (spots["y"] >= 0) & (spots["x"] < shape[1]) & (spots["y"] < shape[0])
+    n_out = int((~inside & ~control).sum())
+    kept = spots[~control & inside].reset_index(drop=True)
+    if kept.empty:
+        raise DataError(f"{files['spots']}: no transcript of a gene inside the {shape[0]} x {shape[1]} frame")
+    genes = sorted(kept["gene"].unique())
+    counts = _nucleus_counts(kept, cells, nuclei, genes, kept["owner"].to_numpy(np.int64))
+    names, how = derive_celltypes(counts, genes, reference=reference, n_celltypes=n_celltypes, seed=seed)
+    cells = cells.assign(celltype=names)
+    log.info("%s folder: %d transcripts kept (%d control / blank probes and %d outside the frame dropped), %d cells, "
+             "%.4f um per pixel; cell types by %s", fmt, len(kept), int(control.sum()), n_out, len(cells),
+             um_per_px, how)
+    return Section(spots=kept[["gene", "x", "y"]].copy(), cells=cells, shape=shape, dapi=dapi, nuclei=nuclei,
+                   files={k: str(v) for k, v in files.items()}, spot_rows_in_file=kept["row"].to_numpy(np.int64),
+                   n_spots_outside=n_out, um_per_px=um_per_px, origin_um=origin_um, celltype_source=how, format=fmt)
+
+
+def _rasterise(boundaries: pd.DataFrame, id_of: dict, shape: tuple[int, int], um_per_px: float) -> np.ndarray:
+    """Nucleus label image from polygon vertices (``cell_id, vertex_x, vertex_y`` in um)."""
+    from skimage.draw import polygon
+
+    out = np.zeros(shape, np.uint32)
+    for cell, part in boundaries.groupby("cell_id", sort=False):
+        if cell not in id_of:
+            continue
+        rr, cc = polygon(part["vertex_y"].to_numpy() / um_per_px, part["vertex_x"].to_numpy() / um_per_px, shape)
+        out[rr, cc] = id_of[cell]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ readers
+def _read_xenium(folder: Path, *, min_qv: float, **kw) -> Section:
+    tx_path = _first(folder, ("transcripts.parquet", "transcripts.csv.gz", "transcripts.csv"), "transcript table")
+    tx = _read_table(tx_path, ["feature_name", "x_location", "y_location", "qv", "cell_id"])
+    _need(tx, ("feature_name", "x_location", "y_location"), tx_path, "is this a Xenium output folder?")
+    px = 0.2125
+    exp = folder / "experiment.xenium"
+    if exp.is_file():
+        px = float(json.loads(exp.read_text()).get("pixel_size", px))
+    else:
+        log.warning("%s: no experiment.xenium; assuming Xenium's 0.2125 um per pixel", folder)
+    low_qv = tx["qv"].to_numpy() < min_qv if "qv" in tx.columns else np.zeros(len(tx), bool)
+    cells_path = _first(folder, ("cells.parquet", "cells.csv.gz", "cells.csv"), "cell table (cells.parquet)")
+    cells_raw = _read_table(cells_path, ["cell_id", "x_centroid", "y_centroid"])
+    _need(cells_raw, ("cell_id", "x_centroid", "y_centroid"), cells_path, "Xenium's cells table has them")
+    id_of = {c: i + 1 for i, c in enumerate(cells_raw["cell_id"].tolist())}
+    cells = pd.DataFrame({"cell": np.arange(1, len(cells_raw) + 1), "x": cells_raw["x_centroid"].to_numpy() / px,
+                          "y": cells_raw["y_centroid"].to_numpy() / px})
+    dapi_path = _first(folder, ("morphology_focus/*.ome.tif", "morphology_focus.ome.tif", "morphology_mip.ome.tif",
+                                "morphology.ome.tif"), "DAPI", required=False)
+    dapi = _read_dapi(dapi_path)
+    x, y = tx["x_location"].to_numpy() / px, tx["y_location"].to_numpy() / px
+    shape = dapi.shape if dapi is not None else (int(np.ceil(y.max())) + 1, int(np.ceil(x.max())) + 1)
+    bounds = _first(folder, ("nucleus_boundaries.parquet", "nucleus_boundaries.csv.gz"), "nuclei", required=False)
+    nuclei = _rasterise(_read_table(bounds), id_of, shape, px) if bounds is not None else None
+    owner = tx["cell_id"].map(id_of).fillna(0).to_numpy(np.int64) if "cell_id" in tx.columns else np.zeros(len(tx), np.int64)
+    spots = pd.DataFrame({"gene": tx["feature_name"].astype(str), "x": x, "y": y, "row": np.arange(len(tx)),
+                          "owner": owner})[~low_qv]
+    if low_qv.any():
+        log.info("%s: dropped %d transcripts with qv < %g", tx_path.name, int(low_qv.sum()), min_qv)
+    files = {"spots": tx_path, "cells": cells_path, **({"dapi": dapi_path} if dapi_path else {}),
+             **({"nuclei": bounds} if bounds else {})}
+    return _assemble("xenium", spots, cells, shape=tuple(shape), dapi=dapi, nuclei=nuclei, um_per_px=px,
+                     origin_um=(0.0, 0.0), files=files, **kw)
+
+
+def _read_merscope(folder: Path, **kw) -> Section:
+    tx_path = _first(folder, ("detected_transcripts.csv",), "detected_transcripts.csv")
+    tx = _read_table(tx_path, ["gene", "global_x", "global_y", "cell_id"])
+    _need(tx, ("gene", "global_x", "global_y"), tx_path, "is this a MERSCOPE output folder?")
+    tr_path = _first(folder, ("images/micron_to_mosaic_pixel_transform.csv",), "micron-to-pixel transform")
+    a = np.loadtxt(tr_path)
+    if a.shape != (3, 3):
+        raise DataError(f"{tr_path}: expected a 3 x 3 affine matrix, got shape {a.shape}")
+    to_px = lambda xu, yu: (a[0, 0] * xu + a[0, 1] * yu + a[0, 2], a[1, 0] * xu + a[1, 1] * yu + a[1, 2])  # noqa: E731
+    dapi_path = _first(folder, ("images/mosaic_DAPI_z3.tif", "images/mosaic_DAPI_z*.tif"), "DAPI mosaic")
+    dapi = _read_dapi(dapi_path)
+    cells_path = _first(folder, ("cell_metadata.csv",), "cell_metadata.csv (cell centroids)")
+    meta = pd.read_csv(cells_path)
+    _need(meta, ("center_x", "center_y"), cells_path, "MERSCOPE's cell metadata has them")
+    key = meta["EntityID"] if "EntityID" in meta.columns else meta.iloc[:, 0]
+    id_of = {k: i + 1 for i, k in enumerate(key.tolist())}
+    cx, cy = to_px(meta["center_x"].to_numpy(), meta["center_y"].to_numpy())
+    cells = pd.DataFrame({"cell": np.arange(1, len(meta) + 1), "x": cx, "y": cy})
+    x, y = to_px(tx["global_x"].to_numpy(), tx["global_y"].to_numpy())
+    owner = tx["cell_id"].map(id_of).fillna(0).to_numpy(np.int64) if "cell_id" in tx.columns else np.zeros(len(tx), np.int64)
+    spots = pd.DataFrame({"gene": tx["gene"].astype(str), "x": x, "y": y, "row": np.arange(len(tx)), "owner": owner})
+    um_per_px = 1.0 / float(a[0, 0])
+    origin = (-a[0, 2] * um_per_px, -a[1, 2] / float(a[1, 1]))
+    return _assemble("merscope", spots, cells, shape=tuple(dapi.shape), dapi=dapi, nuclei=None, um_per_px=um_per_px,
+                     origin_um=origin, files={"spots": tx_path, "cells": cells_path, "dapi": dapi_path}, **kw)
+
+
+#: CosMx: microns per pixel of the global pixel frame (NanoString's flat-file documentation).
+COSMX_UM_PER_PX = 0.12028
+
+
+def _read_cosmx(folder: Path, *, nucleus_radius_um: float = 3.0, **kw) -> Section:
+    tx_path = _first(folder, ("*_tx_file.csv.gz", "*_tx_file.csv"), "transcript file (*_tx_file.csv)")
+    tx = pd.read_csv(tx_path)
+    _need(tx, ("target", "x_global_px", "y_global_px"), tx_path, "is this a CosMx flat-file export?")
+    meta_path = _first(folder, ("*_metadata_file.csv.gz", "*_metadata_file.csv"), "cell metadata (*_metadata_file.csv)")
+    meta = pd.read_csv(meta_path)
+    _need(meta, ("fov", "cell_ID", "CenterX_global_px", "CenterY_global_px"), meta_path, "CosMx's metadata has them")
+    lo = np.floor(np.minimum(tx[["x_global_px", "y_global_px"]].min().to_numpy(),
+                             meta[["CenterX_global_px", "CenterY_global_px"]].min().to_numpy())) - 8
+    id_of = {k: i + 1 for i, k in enumerate(zip(meta["fov"].tolist(), meta["cell_ID"].tolist()))}
+    cells = pd.DataFrame({"cell": np.arange(1, len(meta) + 1), "x": meta["CenterX_global_px"].to_numpy() - lo[0],
+                          "y": meta["CenterY_global_px"].to_numpy() - lo[1]})
+    x, y = tx["x_global_px"].to_numpy() - lo[0], tx["y_global_px"].to_numpy() - lo[1]
+    shape = (int(np.ceil(max(y.max(), cells["y"].max()))) + 9, int(np.ceil(max(x.max(), cells["x"].max()))) + 9)
+    keys = list(zip(tx["fov"].tolist(), tx["cell_ID"].tolist())) if {"fov", "cell_ID"} <= set(tx.columns) else []
+    owner = np.array([id_of.get(k, 0) for k in keys], np.int64) if keys else np.zeros(len(tx), np.int64)
+    spots = pd.DataFrame({"gene": tx["target"].astype(str), "x": x, "y": y, "row": np.arange(len(tx)), "owner": owner})
+    radius = nucleus_radius_um / COSMX_UM_PER_PX
+    if len(cells) > 1:  # never wider than 0.3 x the typical centre spacing: discs must not overlap
+        from scipy.spatial import cKDTree
+
+        xy = cells[["x", "y"]].to_numpy()
+        radius = min(radius, 0.3 * float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1])))
+    nuclei = _discs(cells, shape, radius)
+    log.info("%s: no nucleus image read; nuclei are discs of %.1f px (%.2f um) at the cell centres", folder, radius,
+             radius * COSMX_UM_PER_PX)
+    return _assemble("cosmx", spots, cells, shape=shape, dapi=None, nuclei=nuclei, um_per_px=COSMX_UM_PER_PX,
+                     origin_um=(lo[0] * COSMX_UM_PER_PX, lo[1] * COSMX_UM_PER_PX),
+                     files={"spots": tx_path, "cells": meta_path}, **kw)
+
+
+def _discs(cells: pd.DataFrame, shape: tuple[int, int], radius: float) -> np.ndarray:
+    """A disc of ``radius`` px at every centroid (later cells win overlaps); ids = ``cell``."""
+    out = np.zeros(shape, np.uint32)
+    r = int(np.ceil(radius))
+    dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
+    inside = dy * dy + dx * dx <= radius * radius
+    for cell, cx, cy in cells[["cell", "x", "y"]].itertuples(index=False):
+        yy, xx = int(cy) + dy[inside], int(cx) + dx[inside]
+        ok = (yy >= 0) & (xx >= 0) & (yy < shape[0]) & (xx < shape[1])
+        out[yy[ok], xx[ok]] = cell
+    return out
+
+
+def read_platform(folder: str | os.PathLike, fmt: str = "auto", *, min_qv: float = 20.0,
+                  reference: pd.DataFrame | None = None, n_celltypes: int | None = None, seed: int = 0) -> Section:
+    """Read an instrument's output folder (see the module docstring); ``fmt`` = one of :data:`FORMATS` but ca1."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputNotFoundError(f"{folder}: not a folder; pass --raw_dir with the instrument's output folder")
+    fmt = detect_format(folder) if fmt == "auto" else fmt
+    kw = {"reference": reference, "n_celltypes": n_celltypes, "seed": seed}
+    if fmt == "xenium":
+        return _read_xenium(folder, min_qv=min_qv, **kw)
+    if fmt == "merscope":
+        return _read_merscope(folder, **kw)
+    if fmt == "cosmx":
+        return _read_cosmx(folder, **kw)
+    raise ValueError(f"{fmt}: not a platform format (one of xenium, merscope, cosmx); the CA1 layout is read by "
+                     "segjointgene.io.read_section")

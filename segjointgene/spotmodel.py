@@ -1,0 +1,355 @@
+"""A per-cell model of the spots: who emitted each spot, with what probability (layer 1.5: numpy, scipy).
+
+Every cell ``c`` (one per nucleus, of known type ``t_c``) emits spots as a Poisson process of intensity
+``N_c * f_c(x) * p_{t_c}(g)``: ``N_c`` its expected count (per-cell scale), ``f_c`` a generalised-Gaussian shape
+(centre and covariance per cell, shrunk towards its type's typical shape: size and elongation from the data) and
+``p_t`` the type's gene profile (first from the spots on the type's nuclei, then from the assigned spots, or
+fixed by a reference). Background emits ``rho_0 * p_0(g)`` everywhere. EM alternates the posterior of each spot
+over its ``k`` nearest cells and the background (E) with the cell parameters (M); a mean-field neighbour term
+(each spot leans towards the cells its neighbouring spots belong to) makes territories contiguous.
+
+:func:`fit_spot_model` returns each spot's cell and posterior probability, and :func:`territories` rasterises the
+fitted cells into an instance mask (each pixel to the cell of highest intensity there, background where the
+background intensity wins), optionally with a per-pixel evidence term (e.g. a UNet's type posterior).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import scipy.sparse as sp
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from .constants import BACKGROUND
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CellModel", "SpotModelConfig", "SpotModelFit", "fit_spot_model", "territories"]
+
+
+@dataclass(frozen=True)
+class SpotModelConfig:
+    """Knobs of the spot model (defaults measured on the hard simulator; see benchmarks/RESULTS.md)."""
+
+    n_neighbours: int = 6  # candidate cells per spot
+    n_iter: int = 25
+    shape_power: float = 2.0  # > 0: generalised-Gaussian exponent (2 = Gaussian); <= 0: a uniform ellipse whose
+    # logistic edge is -shape_power wide (Mahalanobis units)
+    shape_prior: float = 8.0  # pseudo-spots pulling a cell's covariance towards its type's typical one
+    centre_prior: float = 8.0  # pseudo-spots pulling a cell's centre towards its nucleus
+    neighbour_weight: float = 0.0  # mean-field weight of the neighbouring spots' assignments (0 = off)
+    neighbour_k: int = 6  # neighbouring spots of each spot for that term
+    profile_pseudo: float = 1.0  # pseudo-count per gene (times the gene's section frequency x n_genes)
+    tol: float = 1e-3  # stop when fewer than this fraction of spots change cell
+    spot_edge: float | None = 2.2  # a spot beyond this Mahalanobis radius of its cell is background (None = keep)
+
+
+@dataclass
+class CellModel:
+    """Fitted per-cell parameters (index i = ``ids[i]``)."""
+
+    ids: np.ndarray  # (m,) cell ids (nucleus ids)
+    cls: np.ndarray  # (m,) type index 0..T-1
+    centre: np.ndarray  # (m, 2) (y, x)
+    cov: np.ndarray  # (m, 2, 2)
+    count: np.ndarray  # (m,) expected spots
+    profile: np.ndarray  # (T, G) gene probabilities per type
+    background_rate: float  # spots per pixel
+    background_profile: np.ndarray  # (G,)
+    shape_power: float
+
+
+@dataclass(frozen=True)
+class SpotModelFit:
+    """Spot assignment (cell id, 0 = background) and its posterior probability, plus the fitted model."""
+
+    cell: np.ndarray  # (n,) int64
+    prob: np.ndarray  # (n,) float32, posterior of the assigned cell (or of background)
+    model: CellModel
+    n_iter: int
+
+
+#: Mahalanobis radius of the edge of a uniform ellipse, in units of its own second moment.
+_DISC_EDGE = 2.0
+
+
+def _radial(power: float) -> tuple[np.ndarray, np.ndarray]:
+    """Radial profile g(r) of the shape on a fine grid of the whitened radius r (Sigma = identity units)."""
+    r = np.linspace(0.0, 12.0, 24001)
+    if power > 0:  # generalised Gaussian exp(-(r^2 / 2)^(power / 2))
+        return r, np.exp(-(0.5 * r * r) ** (power / 2.0))
+    # a uniform ellipse with a logistic edge of width -power (Mahalanobis units)
+    return r, 1.0 / (1.0 + np.exp((r - _DISC_EDGE) / -power))
+
+
+@lru_cache(maxsize=8)
+def _moment_factor(power: float) -> float:
+    """E[u u^T] / Sigma of the 2-D shape of this ``power`` (<= 0: soft-edged disc of edge width -power)."""
+    r, g = _radial(power)
+    return float(np.trapezoid(g * r ** 3, r) / np.trapezoid(g * r, r) / 2.0)
+
+
+@lru_cache(maxsize=8)
+def _log_norm(power: float) -> float:
+    r, g = _radial(power)
+    return float(np.log(2 * np.pi * np.trapezoid(g * r, r)))
+
+
+def _log_shape(dy: np.ndarray, dx: np.ndarray, cov: np.ndarray, power: float) -> np.ndarray:
+    """log f_c at offsets (dy, dx) (any shape (..., )) from cells with covariances ``cov`` (..., 2, 2)."""
+    a, b, d = cov[..., 0, 0], cov[..., 0, 1], cov[..., 1, 1]
+    det = np.maximum(a * d - b * b, 1e-9)
+    m2 = (d * dy * dy - 2 * b * dy * dx + a * dx * dx) / det
+    if power > 0:
+        core = -(0.5 * m2) ** (power / 2.0)
+    else:
+        core = -np.logaddexp(0.0, (np.sqrt(m2) - _DISC_EDGE) / -power)
+    return -0.5 * np.log(det) + core - _log_norm(power)
+
+
+def _nucleus_stats(nuclei: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centroid (y, x) in pixel-centre coordinates and area of each nucleus id."""
+    index = ids.astype(np.int64)
+    area = ndimage.sum_labels(np.ones(nuclei.shape, np.float32), nuclei, index)
+    cy, cx = (np.asarray(ndimage.mean(g, nuclei, index)) for g in np.ogrid[0:nuclei.shape[0], 0:nuclei.shape[1]])
+    return np.stack([cy + 0.5, cx + 0.5], 1), np.asarray(area, np.float64)
+
+
+def _initial_model(nuclei: np.ndarray, ids: np.ndarray, cls: np.ndarray, n_types: int, gene: np.ndarray,
+                   spot_nucleus: np.ndarray, n_genes: int, cfg: SpotModelConfig,
+                   reference: np.ndarray | None) -> CellModel:
+    centre, area = _nucleus_stats(nuclei, ids)
+    # typical cell: half the distance to the nearest other nucleus (a touching tissue's cell radius)
+    if len(ids) > 1:
+        nn = cKDTree(centre).query(centre, k=2)[0][:, 1]
+        radius = 0.5 * float(np.median(nn))
+    else:
+        radius = float(np.sqrt(area.max(initial=1.0) / np.pi) * 2.0)
+    var = radius * radius / 4.0 / _moment_factor(cfg.shape_power)  # a uniform disc's second moment
+    cov = np.tile(np.eye(2) * var, (len(ids), 1, 1))
+    freq = (np.bincount(gene, minlength=n_genes) + 1.0) / (gene.size + n_genes)
+    on_nucleus = spot_nucleus >= 0
+    in_nuclei = np.bincount(spot_nucleus[on_nucleus], minlength=len(ids)).astype(np.float64)
+    density = in_nuclei.sum() / max(area.sum(), 1.0)
+    count = np.full(len(ids), density * np.pi * radius * radius)
+    if reference is not None:
+        profile = reference / reference.sum(1, keepdims=True)
+    else:
+        counts = np.zeros((n_types, n_genes))
+        np.add.at(counts, (cls[spot_nucleus[on_nucleus]], gene[on_nucleus]), 1.0)
+        profile = _normalise_profile(counts, freq, cfg.profile_pseudo)
+    return CellModel(ids=ids, cls=cls, centre=centre, cov=cov, count=count, profile=profile,
+                     background_rate=0.1 * density, background_profile=freq, shape_power=cfg.shape_power)
+
+
+def _normalise_profile(counts: np.ndarray, freq: np.ndarray, pseudo: float) -> np.ndarray:
+    prof = counts + pseudo * freq * freq.size
+    return prof / prof.sum(-1, keepdims=True)
+
+
+def _log_intensity(model: CellModel, sy: np.ndarray, sx: np.ndarray, cand: np.ndarray,
+                   gene: np.ndarray | None) -> np.ndarray:
+    """(n, k) log intensity of each candidate cell at the points (with the gene term when ``gene`` is given)."""
+    dy, dx = sy[:, None] - model.centre[cand, 0], sx[:, None] - model.centre[cand, 1]
+    out = np.log(model.count[cand]) + _log_shape(dy, dx, model.cov[cand], model.shape_power)
+    if gene is not None:
+        out += np.log(model.profile[model.cls[cand], gene[:, None]])
+    return out
+
+
+def _membership(model: CellModel, py: np.ndarray, px: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """(n, k) log of each candidate's shape at the points relative to its peak: -(m^2 / 2)^(power / 2). Unlike the
+    spot intensity it ignores the expected count, so a cell that expresses more does not claim more pixels."""
+    dy, dx = py[:, None] - model.centre[cand, 0], px[:, None] - model.centre[cand, 1]
+    norm = 0.5 * np.log(np.maximum(np.linalg.det(model.cov[cand]), 1e-9)) + _log_norm(model.shape_power)
+    return _log_shape(dy, dx, model.cov[cand], model.shape_power) + norm
+
+
+def _neighbour_graph(sy: np.ndarray, sx: np.ndarray, k: int) -> sp.csr_matrix:
+    """Row-normalised k-nearest-spot adjacency (self excluded)."""
+    n = sy.size
+    k = min(k, n - 1)
+    if k < 1:
+        return sp.csr_matrix((n, n))
+    _, idx = cKDTree(np.stack([sy, sx], 1)).query(np.stack([sy, sx], 1), k=k + 1)
+    rows = np.repeat(np.arange(n), k)
+    return sp.csr_matrix((np.full(n * k, 1.0 / k), (rows, idx[:, 1:].ravel())), shape=(n, n))
+
+
+def _neighbour_support(graph: sp.csr_matrix, resp: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """(n, k) mean posterior that a spot's neighbours give to each of its candidate cells."""
+    coo = graph.tocoo()
+    src, dst, w = coo.row, coo.col, coo.data
+    out = np.zeros(cand.shape)
+    # for each edge, match the source's candidates against the neighbour's candidates
+    hit = cand[src][:, :, None] == cand[dst][:, None, :]  # (E, k, k)
+    contrib = (hit * resp[dst][:, None, :cand.shape[1]]).sum(2) * w[:, None]
+    np.add.at(out, src, contrib)
+    return out
+
+
+def _e_step(model: CellModel, sy, sx, gene, cand, support, cfg: SpotModelConfig,
+            evidence: np.ndarray | None) -> np.ndarray:
+    """(n, k + 1) posterior over the candidate cells and the background (last column)."""
+    logit = _log_intensity(model, sy, sx, cand, gene)
+    if support is not None:
+        logit = logit + cfg.neighbour_weight * support
+    bg = np.log(model.background_rate * model.background_profile[gene])[:, None]
+    if evidence is not None:  # (n, 1 + T) log-evidence of background and of each type at the spot
+        logit = logit + np.take_along_axis(evidence[:, 1:], model.cls[cand], 1)
+        bg = bg + evidence[:, :1]
+    logit = np.concatenate([logit, bg], 1)
+    logit -= logit.max(1, keepdims=True)
+    resp = np.exp(logit)
+    return resp / resp.sum(1, keepdims=True)
+
+
+def _m_step(model: CellModel, resp: np.ndarray, sy, sx, gene, cand, nucleus_centre, typical_cov,
+            cfg: SpotModelConfig, fixed_profile: bool, area: float) -> None:
+    m, k = len(model.ids), cand.shape[1]
+    w = resp[:, :k]
+    flat_c, flat_w = cand.ravel(), w.ravel()
+    mass = np.bincount(flat_c, flat_w, minlength=m)
+    sum_y = np.bincount(flat_c, (w * sy[:, None]).ravel(), minlength=m)
+    sum_x = np.bincount(flat_c, (w * sx[:, None]).ravel(), minlength=m)
+    kc = cfg.centre_prior
+    model.centre = np.stack([(sum_y + kc * nucleus_centre[:, 0]) / (mass + kc),
+                             (sum_x + kc * nucleus_centre[:, 1]) / (mass + kc)], 1)
+    dy, dx = sy[:, None] - model.centre[cand, 0], sx[:, None] - model.centre[cand, 1]
+    second = np.zeros((m, 2, 2))
+    for (i, j), v in (((0, 0), dy * dy), ((0, 1), dy * dx), ((1, 1), dx * dx)):
+        second[:, i, j] = np.bincount(flat_c, (w * v).ravel(), minlength=m)
+    second[:, 1, 0] = second[:, 0, 1]
+    own = second / _moment_factor(model.shape_power)
+    ks = cfg.shape_prior
+    model.cov = (own + ks * typical_cov[model.cls]) / (mass + ks)[:, None, None]
+    model.count = np.maximum(mass, 0.5)
+    if not fixed_profile:
+        counts = np.zeros_like(model.profile)
+        np.add.at(counts, (model.cls[flat_c], np.repeat(gene, k)), flat_w)
+        model.profile = _normalise_profile(counts, model.background_profile, cfg.profile_pseudo)
+    bg = resp[:, k]
+    model.background_rate = max(float(bg.sum()) / area, 1e-9)
+    model.background_profile = (np.bincount(gene, bg, minlength=model.profile.shape[1]) + 1.0) / (bg.sum() + gene.max() + 1)
+
+
+def _typical_cov(model: CellModel, n_types: int) -> np.ndarray:
+    """Per type, the median cell covariance (elementwise; a shape prior from the data)."""
+    out = np.tile(np.median(model.cov, 0), (n_types, 1, 1))
+    for t in range(n_types):
+        sel = model.cls == t
+        if sel.sum() >= 3:
+            out[t] = np.median(model.cov[sel], 0)
+    return out
+
+
+def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.ndarray, cell_ids: np.ndarray,
+                   cell_class: np.ndarray, *, n_genes: int, n_types: int, config: SpotModelConfig = SpotModelConfig(),
+                   reference: np.ndarray | None = None, evidence: np.ndarray | None = None,
+                   start: CellModel | None = None) -> SpotModelFit:
+    """Fit the model and assign every spot (see the module docstring).
+
+    Parameters
+    ----------
+    x, y : (n,) spot positions in the frame of ``nuclei`` (pixel ``(floor(y), floor(x))``).
+    gene : (n,) gene index.
+    nuclei : (H, W) nucleus ids; only ids listed in ``cell_ids`` and present in the mask become cells.
+    cell_ids, cell_class : the type index (0..n_types-1) of each cell id.
+    reference : optional (n_types, n_genes) expression profile that fixes the types' gene profiles.
+    evidence : optional (n, 1 + n_types) extra log-evidence per spot for background and each type (e.g. a network's
+        log posterior over log prior at the spot's pixel), added to the E-step.
+    start : a fitted model of the same cells to start from (else the nuclei).
+
+    Deterministic: no randomness.
+    """
+    gene = np.asarray(gene, np.int64)
+    sy, sx = np.asarray(y, np.float64), np.asarray(x, np.float64)
+    present = np.zeros(int(max(nuclei.max(initial=0), np.max(cell_ids, initial=0))) + 1, bool)
+    present[np.unique(nuclei)] = True
+    keep = present[cell_ids] & (np.asarray(cell_ids) != BACKGROUND)
+    ids, cls = np.asarray(cell_ids)[keep].astype(np.int64), np.asarray(cell_class)[keep].astype(np.int64)
+    if ids.size == 0 or sy.size == 0:
+        return SpotModelFit(cell=np.zeros(sy.size, np.int64), prob=np.ones(sy.size, np.float32), model=None, n_iter=0)
+    row_of = np.full(present.size, -1, np.int64)
+    row_of[ids] = np.arange(ids.size)
+    h, w = nuclei.shape
+    iy, ix = np.clip(sy.astype(np.int64), 0, h - 1), np.clip(sx.astype(np.int64), 0, w - 1)
+    spot_nucleus = row_of[nuclei[iy, ix]]
+    model = _initial_model(nuclei, ids, cls, n_types, gene, spot_nucleus, n_genes, cfg := config, reference)
+    nucleus_centre = model.centre.copy()
+    if start is not None and np.array_equal(start.ids, ids):
+        model = dataclasses.replace(start)
+    graph = _neighbour_graph(sy, sx, cfg.neighbour_k) if cfg.neighbour_weight else None
+    k = min(cfg.n_neighbours, ids.size)
+    best, resp, support, it, prev_cand = np.full(sy.size, -2), None, None, 0, None
+    for it in range(1, cfg.n_iter + 1):
+        cand = cKDTree(model.centre).query(np.stack([sy, sx], 1), k=k)[1].reshape(sy.size, k)
+        typical = _typical_cov(model, n_types)
+        if resp is not None and graph is not None:
+            support = _neighbour_support(graph, _candidate_resp(resp, prev_cand, cand), cand)
+        resp = _e_step(model, sy, sx, gene, cand, support, cfg, evidence)
+        _m_step(model, resp, sy, sx, gene, cand, nucleus_centre, typical, cfg, reference is not None, float(h * w))
+        prev_cand = cand
+        new_best = resp.argmax(1)
+        new_best = np.where(new_best < k, cand[np.arange(sy.size), np.minimum(new_best, k - 1)], -1)
+        changed = float(np.mean(new_best != best))
+        best = new_best
+        if changed < cfg.tol:
+            break
+    prob = resp.max(1)
+    if cfg.spot_edge is not None:  # beyond its cell's edge a spot is background, as its pixel is in the mask
+        row = np.maximum(best, 0)
+        out = (best >= 0) & (_mahalanobis2(model, row, sy, sx) > cfg.spot_edge ** 2)
+        best = np.where(out, -1, best)
+        prob = np.where(out, 1.0 - prob, prob)
+    cell = np.where(best >= 0, ids[np.maximum(best, 0)], BACKGROUND).astype(np.int64)
+    return SpotModelFit(cell=cell, prob=prob.astype(np.float32), model=model, n_iter=it)
+
+
+def _mahalanobis2(model: CellModel, row: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance of points to cells ``row`` in units of the cells' second moments."""
+    dy, dx = py - model.centre[row, 0], px - model.centre[row, 1]
+    s2 = model.cov[row] * _moment_factor(model.shape_power)
+    a, b, d = s2[:, 0, 0], s2[:, 0, 1], s2[:, 1, 1]
+    return (d * dy * dy - 2 * b * dy * dx + a * dx * dx) / np.maximum(a * d - b * b, 1e-9)
+
+
+def _candidate_resp(resp: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Re-index the posterior of the previous candidate sets onto the new ones (0 for a cell not there before)."""
+    k = new.shape[1]
+    hit = new[:, :, None] == old[:, None, :]
+    return (hit * resp[:, None, :k]).sum(2)
+
+
+def territories(model: CellModel, shape: tuple[int, int], *, evidence=None, rows_per_chunk: int = 256,
+                k: int = 6, edge: float | None = _DISC_EDGE) -> np.ndarray:
+    """(H, W) uint32 instance mask: each pixel to the fitted cell whose shape is highest there relative to its peak
+    (plus ``evidence(r0, r1, cand)`` -> (rows, W, k) extra log-evidence when given); background outside that cell's
+    ellipse of the same second moment (``edge``: its Mahalanobis radius; 2 = a uniform ellipse's edge)."""
+    h, w = shape
+    out = np.zeros(shape, np.uint32)
+    if model is None or len(model.ids) == 0:
+        return out
+    tree = cKDTree(model.centre)
+    k = min(k, len(model.ids))
+    cols = np.arange(w) + 0.5
+    for r0 in range(0, h, rows_per_chunk):
+        r1 = min(h, r0 + rows_per_chunk)
+        yy, xx = np.meshgrid(np.arange(r0, r1) + 0.5, cols, indexing="ij")
+        py, px = yy.ravel(), xx.ravel()
+        cand = tree.query(np.stack([py, px], 1), k=k)[1].reshape(py.size, k)
+        score = _membership(model, py, px, cand)
+        if evidence is not None:
+            score = score + evidence(r0, r1, cand.reshape(r1 - r0, w, k)).reshape(py.size, k)
+        j = score.argmax(1)
+        win = cand[np.arange(py.size), j]
+        fg = np.ones(py.size, bool)
+        if edge is not None:  # inside the cell's ellipse of the same second moment (a uniform cell's edge)
+            fg &= _mahalanobis2(model, win, py, px) <= edge * edge
+        out[r0:r1] = np.where(fg, model.ids[win], BACKGROUND).reshape(r1 - r0, w)
+    return out

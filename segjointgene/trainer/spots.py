@@ -1,0 +1,122 @@
+"""The spot model inside self-training (``--label_update model``): territories for the network to learn, and the
+network's per-pixel type posterior back into the spot assignment.
+
+Before the first epoch the section's spots are fitted by :func:`segjointgene.spotmodel.fit_spot_model` (cells =
+nuclei, types = the nuclei's types) and the fitted territories become every patch's labels. The network then trains
+on them. In the last epoch every patch is predicted; at each spot the network's log posterior of each type (over its
+mean over the section's spots: a likelihood ratio) is added to the spot model, which is fitted again from where it
+stopped; its territories become the final labels and its spot assignment, with each spot's posterior probability, is
+saved beside the label cache (``RunFolder.spot_assignment``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import distributed
+from ..config import LabelUpdateConfig
+from ..constants import SPOTS_TABLE
+from ..dataset import ImagePatchDataset, LabelStore
+from ..io import atomic_path, load_npz
+from ..metadata import DatasetMetadata
+from ..runfolder import RunFolder
+from ..spotmodel import SpotModelConfig, SpotModelFit, fit_spot_model, territories
+
+log = logging.getLogger(__name__)
+
+
+class SpotEngine:
+    """The section's spots, its nucleus canvas and the latest fit, in the padded patch frame."""
+
+    def __init__(self, data_dir: Path, meta: DatasetMetadata, splits: dict[str, ImagePatchDataset],
+                 stores: dict[str, LabelStore], spot_x: np.ndarray, spot_y: np.ndarray, config: LabelUpdateConfig):
+        self.meta, self.splits, self.stores = meta, splits, stores
+        self.p = meta.patch_size
+        self.x, self.y = np.asarray(spot_x, np.float64), np.asarray(spot_y, np.float64)
+        self.gene = load_npz(data_dir / SPOTS_TABLE, ("gene",))["gene"].astype(np.int64)
+        self.net_weight = config.model_net_weight
+        self.config = SpotModelConfig(shape_power=config.model_shape_power, neighbour_weight=config.model_neighbours)
+        top = torch.cat([ds.origins for ds in splits.values()]).amax(0)
+        self.shape = (int(top[0]) + self.p, int(top[1]) + self.p)
+        self.nuclei = self._canvas(lambda ds: ds.core)
+        lut = next(iter(stores.values())).class_lut.numpy()
+        ids = np.unique(self.nuclei)
+        self.ids = ids[(ids > 0) & (ids < lut.size)]
+        self.cls = lut[self.ids] - 1
+        self.n_classes = meta.n_classes
+        self.evidence = np.zeros((self.x.size, self.n_classes), np.float64)
+        self.fit: SpotModelFit | None = None
+
+    def _canvas(self, part) -> np.ndarray:
+        out = np.zeros(self.shape, np.int64)
+        for ds in self.splits.values():
+            for (y, x), patch in zip(ds.origins.tolist(), part(ds)):
+                out[y:y + self.p, x:x + self.p] = patch.numpy()
+        return out
+
+    def run_fit(self, evidence: np.ndarray | None = None) -> SpotModelFit:
+        t0 = time.perf_counter()
+        inside = (self.x >= 0) & (self.y >= 0) & (self.x < self.shape[1]) & (self.y < self.shape[0])
+        start = self.fit.model if self.fit is not None else None
+        fit = fit_spot_model(self.x[inside], self.y[inside], self.gene[inside], self.nuclei, self.ids, self.cls,
+                             n_genes=self.meta.n_genes, n_types=self.n_classes - 1, config=self.config,
+                             evidence=None if evidence is None else evidence[inside], start=start)
+        cell = np.zeros(self.x.size, np.int64)
+        prob = np.ones(self.x.size, np.float32)
+        cell[inside], prob[inside] = fit.cell, fit.prob
+        self.fit = SpotModelFit(cell=cell, prob=prob, model=fit.model, n_iter=fit.n_iter)
+        log.debug("spot model: %d cells, %d spots, %.1f%% assigned, %d EM iterations, %.1f s%s", self.ids.size,
+                 self.x.size, 100 * float((cell > 0).mean()) if cell.size else 0.0, fit.n_iter,
+                 time.perf_counter() - t0, " (with the network's evidence)" if evidence is not None else "")
+        return self.fit
+
+    def write_labels(self) -> int:
+        """Cut the fitted territories into every patch's labels; returns the pixels changed."""
+        mask = territories(self.fit.model, self.shape).astype(np.int64)
+        mask = np.where(self.nuclei > 0, self.nuclei, mask)  # the nuclei stay their cells' cores
+        changed = 0
+        for split, ds in self.splits.items():
+            patches = torch.stack([torch.from_numpy(mask[y:y + self.p, x:x + self.p]) for y, x in ds.origins.tolist()])
+            changed += self.stores[split].update(torch.arange(len(ds)), patches)
+        return changed
+
+    # ------------------------------------------------------------------------------------------ the network's side
+    def start_evidence(self) -> None:
+        self.evidence[:] = 0.0
+
+    def add_evidence(self, origins: torch.Tensor, logits: torch.Tensor) -> None:
+        """Gather the (B, K, P, P) log posterior at the spots of these patches (each spot lies in one patch)."""
+        logp = torch.log_softmax(logits.float(), 1).cpu().numpy()
+        for (y0, x0), lp in zip(origins.tolist(), logp):
+            sel = np.flatnonzero((self.y >= y0) & (self.y < y0 + self.p) & (self.x >= x0) & (self.x < x0 + self.p))
+            r, c = (self.y[sel] - y0).astype(np.int64), (self.x[sel] - x0).astype(np.int64)
+            self.evidence[sel] = lp[:, r, c].T
+
+    def refit_with_network(self, ctx: distributed.DistContext) -> int:
+        """Every rank's evidence summed (each spot came from one rank), the likelihood ratio against the section's
+        mean, the model refitted and its territories written; returns the pixels changed."""
+        if ctx.enabled:
+            total = torch.from_numpy(self.evidence)
+            torch.distributed.all_reduce(total)
+            self.evidence = total.numpy()
+        seen = self.evidence.any(1)
+        ratio = self.evidence - np.log(np.exp(self.evidence[seen]).mean(0) + 1e-12)
+        ratio[~seen] = 0.0
+        self.run_fit(self.net_weight * ratio)
+        return self.write_labels()
+
+    def restore(self, run: RunFolder, epoch: int) -> None:
+        """On resume: the labels come from the label cache; the fit (deterministic) is redone for later saves."""
+        del run, epoch
+        self.run_fit()
+
+    def save(self, run: RunFolder, epoch: int) -> None:
+        """The spot assignment of the latest fit, as ``spot_assignment_<epoch>.npz`` (spots.npz order)."""
+        with atomic_path(run.spot_assignment(epoch)) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, cell=self.fit.cell, prob=self.fit.prob)

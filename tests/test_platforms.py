@@ -1,0 +1,162 @@
+"""Instrument folders made in the test from one simulated section (each platform's layout, column names and units):
+the same spots and nuclei come back as from the CA1 layout, controls are dropped, types are derived, and the seed
+section's own file names preprocess through the original command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from segjointgene.cli import main
+from segjointgene.config import SimulateConfig
+from segjointgene.io import read_section
+from segjointgene.metadata import load_metadata
+from segjointgene.platforms import derive_celltypes, detect_format, read_platform
+from segjointgene.polygons import cell_polygons
+from segjointgene.simulate import simulate_section, write_simulated
+
+pq = pytest.importorskip("pyarrow.parquet")
+import pyarrow as pa  # noqa: E402
+
+PX = 0.2125  # Xenium um per pixel
+SIZE = 160
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return simulate_section(SimulateConfig(size_px=SIZE, n_genes=12, n_celltypes=3, markers_per_type=3), rng=4)
+
+
+def _xenium(sim, folder):
+    folder.mkdir(parents=True)
+    n = len(sim.spots)
+    cell_key = np.array([f"cell-{c}" if c else "UNASSIGNED" for c in sim.spots["cell"]])
+    tx = pd.DataFrame({"feature_name": sim.spots["gene"], "x_location": sim.spots["x"] * PX,
+                       "y_location": sim.spots["y"] * PX, "qv": np.full(n, 30.0), "cell_id": cell_key})
+    tx.loc[::50, "qv"] = 10.0  # low quality: dropped
+    controls = pd.DataFrame({"feature_name": ["NegControlProbe_00001", "BLANK_0002"], "x_location": [5.0, 6.0],
+                             "y_location": [5.0, 6.0], "qv": [40.0, 40.0], "cell_id": ["UNASSIGNED"] * 2})
+    pq.write_table(pa.Table.from_pandas(pd.concat([tx, controls], ignore_index=True)), folder / "transcripts.parquet")
+    (folder / "experiment.xenium").write_text(json.dumps({"pixel_size": PX, "run_name": "sim"}))
+    cells = pd.DataFrame({"cell_id": [f"cell-{c}" for c in sim.cells["cell"]],
+                          "x_centroid": sim.cells["x"] * PX, "y_centroid": sim.cells["y"] * PX})
+    pq.write_table(pa.Table.from_pandas(cells), folder / "cells.parquet")
+    rings = cell_polygons(sim.nuclei, scale=PX)
+    verts = pd.DataFrame([(f"cell-{c}", x, y) for c, ring in rings.items() for x, y in ring],
+                         columns=["cell_id", "vertex_x", "vertex_y"])
+    pq.write_table(pa.Table.from_pandas(verts), folder / "nucleus_boundaries.parquet")
+    tifffile.imwrite(folder / "morphology_mip.ome.tif", sim.dapi)
+    return folder
+
+
+def _merscope(sim, folder, um=0.108, offset=(120.0, -40.0)):
+    (folder / "images").mkdir(parents=True)
+    to_um = lambda px, o: o + px * um  # noqa: E731
+    pd.DataFrame({"barcode_id": 0, "global_x": to_um(sim.spots["x"], offset[0]),
+                  "global_y": to_um(sim.spots["y"], offset[1]), "global_z": 3, "gene": sim.spots["gene"],
+                  "cell_id": sim.spots["cell"].where(sim.spots["cell"] > 0, -1)}).to_csv(
+        folder / "detected_transcripts.csv")
+    a = np.array([[1 / um, 0, -offset[0] / um], [0, 1 / um, -offset[1] / um], [0, 0, 1]])
+    np.savetxt(folder / "images" / "micron_to_mosaic_pixel_transform.csv", a, delimiter=" ")
+    tifffile.imwrite(folder / "images" / "mosaic_DAPI_z3.tif", sim.dapi)
+    pd.DataFrame({"EntityID": sim.cells["cell"] * 1000, "center_x": to_um(sim.cells["x"], offset[0]),
+                  "center_y": to_um(sim.cells["y"], offset[1])}).to_csv(folder / "cell_metadata.csv", index=False)
+    return folder
+
+
+def _cosmx(sim, folder, shift=(4000.0, 9000.0)):
+    folder.mkdir(parents=True)
+    pd.DataFrame({"fov": 1, "cell_ID": sim.spots["cell"], "x_global_px": sim.spots["x"] + shift[0],
+                  "y_global_px": sim.spots["y"] + shift[1], "target": sim.spots["gene"]}).to_csv(
+        folder / "S1_tx_file.csv", index=False)
+    pd.DataFrame({"fov": 1, "cell_ID": sim.cells["cell"], "CenterX_global_px": sim.cells["x"] + shift[0],
+                  "CenterY_global_px": sim.cells["y"] + shift[1]}).to_csv(folder / "S1_metadata_file.csv", index=False)
+    return folder
+
+
+def test_xenium_folder_gives_the_section_of_the_ca1_layout(sim, tmp_path):
+    folder = _xenium(sim, tmp_path / "xenium")
+    assert detect_format(folder) == "xenium"
+    sec = read_platform(folder, n_celltypes=3)
+    assert sec.um_per_px == PX and sec.format == "xenium"
+    assert not sec.spots["gene"].str.startswith(("NegControl", "BLANK")).any()
+    kept = np.ones(len(sim.spots), bool)
+    kept[::50] = False  # the low-qv rows
+    np.testing.assert_allclose(sec.spots["x"].to_numpy(), sim.spots["x"].to_numpy()[kept], atol=1e-6)
+    assert (sec.spot_rows_in_file == np.flatnonzero(kept)).all()
+    inter = ((sec.nuclei > 0) & (sim.nuclei > 0)).sum()
+    assert inter / ((sec.nuclei > 0) | (sim.nuclei > 0)).sum() > 0.8  # rasterised polygons = the nuclei
+    truth = sim.cells["celltype"].to_numpy()
+    agree = pd.crosstab(truth, np.asarray(sec.cells["celltype"])).max(1).sum() / len(truth)
+    assert agree > 0.8, agree  # k-means of the nuclei's counts finds the simulated types
+
+
+def test_merscope_and_cosmx_folders(sim, tmp_path):
+    mer = read_platform(_merscope(sim, tmp_path / "merscope"))
+    assert detect_format(tmp_path / "merscope") == "merscope"
+    np.testing.assert_allclose(mer.spots["x"].to_numpy(), sim.spots["x"].to_numpy(), atol=1e-6)
+    assert mer.um_per_px == pytest.approx(0.108) and mer.origin_um == pytest.approx((120.0, -40.0))
+    cos = read_platform(_cosmx(sim, tmp_path / "cosmx"))
+    assert detect_format(tmp_path / "cosmx") == "cosmx"
+    shift = cos.origin_um[0] / cos.um_per_px
+    np.testing.assert_allclose(cos.spots["x"].to_numpy() + shift, sim.spots["x"].to_numpy() + 4000.0, atol=1e-6)
+    assert (np.unique(cos.nuclei) > 0).sum() == len(sim.cells)  # a disc per cell centre
+
+
+def test_reference_mapping_types_the_nuclei(sim):
+    markers = pd.read_csv(pd.io.common.StringIO(sim.markers.to_csv(index=False)))
+    reference = markers.pivot(index="celltype", columns="gene", values="rate")
+    genes = sorted(sim.spots["gene"].unique())
+    inside = sim.nuclei[sim.spots["y"].astype(int), sim.spots["x"].astype(int)]
+    counts = np.zeros((len(sim.cells), len(genes)))
+    gi = {g: i for i, g in enumerate(genes)}
+    for c, g in zip(inside, sim.spots["gene"]):
+        if c:
+            counts[c - 1, gi[g]] += 1
+    names, how = derive_celltypes(counts, genes, reference=reference)
+    assert "reference" in how
+    assert np.mean(np.asarray(names) == sim.cells["celltype"].to_numpy()) > 0.8
+
+
+def test_xenium_folder_preprocesses_with_the_units_in_the_metadata(sim, tmp_path):
+    folder = _xenium(sim, tmp_path / "data" / "x_raw" / "run1")
+    assert main(["--step_name=preprocess", f"--work_dir={tmp_path}", "--datasets_name=x", f"--raw_dir={folder}",
+                 "--patch_size=64", "--n_celltypes=3", "--quiet"]) == 0
+    meta = load_metadata(tmp_path / "data" / "x")
+    assert meta.extra["input_format"] == "xenium" and meta.extra["um_per_px"] == PX
+    assert "k-means" in meta.extra["celltype_source"]
+
+
+def test_the_seed_sections_own_command_line(sim, tmp_path):
+    """``--datasets_name=CA1 --step_name=preprocess_CA1 --CA1_sub_path=3_1_left`` with the original file names."""
+    raw = tmp_path / "data" / "CA1_raw" / "3_1_left"
+    write_simulated(sim, raw)
+    renames = {"cells_sim.csv": "cells_leftCA1_3-1.csv", "spots_sim.csv": "spots_w_segmentation_leftCA1_3-1.csv",
+               "celltype_sim.csv": "celltype_leftCA1_3-1.csv", "sim_dapi.tif": "CA1DapiBoundaries_3-1_left.tif"}
+    for old, new in renames.items():
+        shutil.move(raw / old, raw / new)
+    assert main(["--datasets_name=CA1", "--step_name=preprocess_CA1", "--CA1_sub_path=3_1_left",
+                 f"--work_dir={tmp_path}", "--patch_size=64", "--quiet"]) == 0
+    meta = load_metadata(tmp_path / "data" / "CA1")
+    assert meta.nucleus_source == "dapi_watershed" and meta.n_genes == 12
+    assert read_section(raw).dapi is not None
+
+
+def test_xenium_run_writes_outputs_in_microns_too(sim, tmp_path):
+    folder = _xenium(sim, tmp_path / "data" / "x_raw" / "run1")
+    common = [f"--work_dir={tmp_path}", "--datasets_name=x", "--quiet"]
+    assert main(["--step_name=preprocess", *common, f"--raw_dir={folder}", "--patch_size=64", "--n_celltypes=3"]) == 0
+    assert main(["--step_name=SegJointGene", *common, "--net_width=4", "--net_epoch=1", "--num_threads=1",
+                 "--num_workers=0"]) == 0
+    results = tmp_path / "checkpoints" / "x" / "SegJointGene_CID" / "results"
+    cells = pd.read_csv(results / "cells.csv")
+    np.testing.assert_allclose(cells["x_um"], cells["x"] * PX)
+    spots = pd.read_csv(results / "spots_assigned.csv")
+    np.testing.assert_allclose(spots["spotY_um"], spots["spotY"] * PX)
+    doc = json.loads((results / "cells.geojson").read_text())
+    assert len(doc["features"]) == len(cells)
