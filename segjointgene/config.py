@@ -120,6 +120,9 @@ class PreprocessConfig:
                               "(0 = chosen by silhouette in 3..12; ignored with --reference_csv, which maps each "
                               "nucleus to the reference's most likely type)")
     min_qv: float = opt(20.0, "Xenium: drop transcripts with a quality value below this")
+    nucleus_seeds: str = opt("region", "DAPI nuclei (no label image): region = seed discs, snapping and a local "
+                                       "foreground, so that no seed is lost; point = the reference's one pixel per "
+                                       "centroid", choices=("region", "point"))
 
     def __post_init__(self) -> None:
         c = PreprocessConfig

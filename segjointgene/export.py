@@ -27,7 +27,7 @@ from .errors import DataError, InputNotFoundError
 from .io import atomic_path, load_npz, npz_headers, read_json, remove_stale_temps, write_csv, write_tif
 from .metadata import DatasetMetadata, load_metadata, read_metadata
 from .ranking import cell_counts, differential_expression, rank_genes_groups_uns
-from .polygons import write_geojson
+from .polygons import write_geojson, write_xenium_ranger
 from .plots import (densest_window, display_factor, downsample_labels, downsample_mean, plot_dotplot,
                     plot_gene_ranking_heatmap, plot_initial_vs_final, plot_section_overview, plot_training_curves,
                     plot_zoom, spot_density)
@@ -396,7 +396,8 @@ def _final_instance(ex: _Export) -> np.ndarray:
 
 
 def _export_final_labels(ex: _Export, figures: bool) -> tuple[np.ndarray, pd.DataFrame]:
-    """Masks, the spot and cell tables and the AnnData of the final labels; returns (spot -> cell, cell table)."""
+    """Masks, the spot and cell tables, the polygons and the AnnData of the final labels; returns (spot -> cell,
+    cell table)."""
     meta, out = ex.meta, ex.out
     instance = _final_instance(ex)
     types = class_map(instance, ex.lut, ex.mask_dtype)
@@ -410,32 +411,62 @@ def _export_final_labels(ex: _Export, figures: bool) -> tuple[np.ndarray, pd.Dat
         ex.views.final_small = downsample_labels(instance, ex.views.factor)
         ex.views.final_crop = ex.views.crop(instance)
         ex.views.final_types_crop = ex.views.crop(types)
-    write_geojson(out / ResultFiles.GEOJSON, instance, cells)
-    del instance, types
-
-    n_out = int((~assigned.inside).sum())
-    if n_out:
-        log.warning("%d spot(s) lie outside the %d x %d mask frame: kept in %s with cell 0 and inside=false",
-                    n_out, *meta.raw_shape, ResultFiles.SPOTS)
-    if meta.n_spots_outside:
-        log.info("%d spot(s) of the raw spot file lay outside the image and were dropped at preprocessing",
-                 meta.n_spots_outside)
-    genes, names = list(meta.genes), np.asarray(meta.celltypes, dtype=object)
+    names = np.asarray(meta.celltypes, dtype=object)
     spots = pd.DataFrame({
-        "gene": np.asarray(genes, dtype=object)[ex.spot_gene], "spotX": ex.sx, "spotY": ex.sy, "cell": spot_cell,
+        "gene": np.asarray(meta.genes, dtype=object)[ex.spot_gene], "spotX": ex.sx, "spotY": ex.sy, "cell": spot_cell,
         "celltype": names[ex.lut[spot_cell]], "prob": prob, "cell_mask": assigned.values, "inside": assigned.inside})
+    write_geojson(out / ResultFiles.GEOJSON, instance, cells)
+    if meta.extra.get("input_format") == "xenium":
+        _write_xenium_ranger(ex, instance, spots, cells)
+    del instance, types
+    _log_outside(ex, assigned)
     write_csv(out / ResultFiles.SPOTS, _with_microns(spots, meta, ("spotX", "spotY")))
     cells = _with_microns(cells, meta, ("x", "y"))
     write_csv(out / ResultFiles.CELLS, cells)
+    _export_expression(ex, cells, spot_cell)
+    return spot_cell, cells
+
+
+def _log_outside(ex: _Export, assigned) -> None:
+    n_out = int((~assigned.inside).sum())
+    if n_out:
+        log.warning("%d spot(s) lie outside the %d x %d mask frame: kept in %s with cell 0 and inside=false",
+                    n_out, *ex.meta.raw_shape, ResultFiles.SPOTS)
+    if ex.meta.n_spots_outside:
+        log.info("%d spot(s) of the raw spot file lay outside the image and were dropped at preprocessing",
+                 ex.meta.n_spots_outside)
+
+
+def _export_expression(ex: _Export, cells: pd.DataFrame, spot_cell: np.ndarray) -> None:
+    """Differential expression of the cells (kept for gene_ranking.csv) and the AnnData with it."""
+    meta, genes = ex.meta, list(ex.meta.genes)
     t0 = time.perf_counter()
     ex.de = differential_expression(cell_counts(spot_cell, ex.spot_gene, cells["cell"].to_numpy(), len(genes)),
                                     cells["celltype"].to_numpy(), genes)
     log.info("differential expression of %d cells x %d genes in %.1f s", len(cells), len(genes),
              time.perf_counter() - t0)
-    _write_anndata(out / ResultFiles.ANNDATA, cells, spot_cell, ex.spot_gene, genes,
+    _write_anndata(ex.out / ResultFiles.ANNDATA, cells, spot_cell, ex.spot_gene, genes,
                    {"epoch": int(ex.epoch), "datasets_name": meta.datasets_name, "run": ex.run.path.name},
                    rank_genes_groups_uns(ex.de) if len(ex.de) else None)
-    return spot_cell, cells
+
+
+def _write_xenium_ranger(ex: _Export, instance: np.ndarray, spots: pd.DataFrame, cells: pd.DataFrame) -> None:
+    """``results/xenium_ranger/``: what ``xeniumranger import-segmentation`` takes (see :mod:`.polygons`)."""
+    raw = Path(ex.meta.raw_dir)
+    tx_ids = None
+    source = ex.meta.source_file("spots")
+    if source and (raw / source).is_file() and (raw / source).suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.ParquetFile(raw / source).schema_arrow.names
+        if "transcript_id" in names:
+            rows = load_npz(ex.data_dir / SPOTS_TABLE, ("row_in_file",))["row_in_file"].astype(np.int64)
+            tx_ids = pq.read_table(raw / source, columns=["transcript_id"]).column(0).to_numpy()[rows]
+    nuclei = stitch_patch_channel(ex.data_dir, ex.meta, PatchKeys.INSTANCE, dtype=np.uint32)
+    folder = write_xenium_ranger(ex.out / ResultFiles.XENIUM_RANGER, instance, nuclei, cells, spots,
+                                 um_per_px=float(ex.meta.extra["um_per_px"]), transcript_id=tx_ids)
+    log.info("Xenium Ranger import files -> %s (xeniumranger import-segmentation --transcript-assignment "
+             "transcript_assignment.csv --viz-polygons viz_polygons.geojson --units microns)", folder)
 
 
 def _with_microns(table: pd.DataFrame, meta: DatasetMetadata, columns: tuple[str, str]) -> pd.DataFrame:

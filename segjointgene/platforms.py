@@ -82,6 +82,49 @@ def _read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     return pd.read_csv(path, usecols=lambda c: columns is None or c in columns)
 
 
+def read_transcripts_parquet(path: Path, *, gene: str, x: str, y: str, cell: str | None, qv: str | None,
+                             min_qv: float, scale: float, id_of: dict | None, batch_rows: int = 1 << 20) -> pd.DataFrame:
+    """Stream a transcript parquet by record batches in bounded memory: control probes and rows with ``qv`` below
+    ``min_qv`` dropped per batch, kept rows written into preallocated arrays (float32 coordinates, int16 gene codes,
+    int32 cell ids: 22 bytes per transcript), one batch in flight; no Python string per transcript. Returns ``gene`` (categorical), ``x``,
+    ``y`` (px = um / scale), ``row`` (in the file), ``owner`` (the platform's cell as an id of ``id_of``, 0 = none)."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    columns = [c for c in (gene, x, y, cell, qv) if c and c in names]
+    total = pf.metadata.num_rows
+    xs, ys = np.empty(total, np.float32), np.empty(total, np.float32)
+    rows, owners, codes = np.empty(total, np.int64), np.zeros(total, np.int32), np.empty(total, np.int16)
+    vocab: dict[str, int] = {}
+    n_kept = start = 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+        frame = batch.to_pandas(strings_to_categorical=True)
+        n = len(frame)
+        g = pd.Categorical(frame[gene])
+        cat = [str(c) for c in g.categories]
+        to_vocab = np.array([vocab.setdefault(c, len(vocab)) for c in cat] + [-1], np.int16)
+        keep = ~np.append(_is_control(pd.Series(cat, dtype=object)), True)[g.codes]
+        if qv in frame.columns:
+            keep &= frame[qv].to_numpy() >= min_qv
+        k = int(keep.sum())
+        sl = slice(n_kept, n_kept + k)
+        codes[sl] = to_vocab[g.codes][keep]
+        xs[sl] = frame[x].to_numpy()[keep] / scale
+        ys[sl] = frame[y].to_numpy()[keep] / scale
+        rows[sl] = np.flatnonzero(keep) + start
+        if cell in frame.columns and id_of:
+            c = pd.Categorical(frame[cell])
+            lut = np.array([id_of.get(v, 0) for v in c.categories] + [0], np.int32)
+            owners[sl] = lut[c.codes][keep]  # code -1 (missing) -> the trailing 0
+        n_kept += k
+        start += n
+    vocab_names = np.array(sorted(vocab, key=vocab.get), dtype=object)
+    gene_col = pd.Categorical.from_codes(codes[:n_kept], categories=vocab_names) if n_kept else pd.Categorical([])
+    return pd.DataFrame({"gene": gene_col, "x": xs[:n_kept], "y": ys[:n_kept], "row": rows[:n_kept],
+                         "owner": owners[:n_kept]}, copy=False)
+
+
 def _first(folder: Path, patterns: tuple[str, ...], what: str, *, required: bool = True) -> Path | None:
     for pattern in patterns:
         hits = sorted(folder.glob(pattern))
@@ -122,6 +165,9 @@ def derive_celltypes(counts: np.ndarray, genes: list[str], *, reference: pd.Data
         logp = np.log(prof / prof.sum(1, keepdims=True))
         best = np.argmax(counts[:, idx] @ logp.T, axis=1)
         return [str(reference.index[b]) for b in best], f"reference mapping ({len(shared)} genes, multinomial)"
+    if not np.asarray(counts).any():
+        log.warning("no transcript lies in a nucleus or a platform cell: every cell gets one type, Cluster1")
+        return ["Cluster1"] * len(counts), "none (no counts to cluster)"
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
     from sklearn.metrics import silhouette_score
@@ -129,7 +175,7 @@ def derive_celltypes(counts: np.ndarray, genes: list[str], *, reference: pd.Data
     total = counts.sum(1, keepdims=True)
     target = float(np.median(total[total > 0])) if (total > 0).any() else 1.0
     x = np.log1p(np.divide(counts * target, total, out=np.zeros_like(counts), where=total > 0))
-    x = PCA(n_components=min(20, x.shape[1], max(1, x.shape[0] - 1)), random_state=seed).fit_transform(x)
+    x = PCA(n_components=max(1, min(20, x.shape[1] - 1, x.shape[0] - 1)), random_state=seed).fit_transform(x)
     rng = np.random.default_rng(seed)
     if n_celltypes is None:
         sample = rng.choice(len(x), min(3000, len(x)), replace=False)
@@ -203,15 +249,12 @@ def _rasterise(boundaries: pd.DataFrame, id_of: dict, shape: tuple[int, int], um
 # ------------------------------------------------------------------------------------------------ readers
 def _read_xenium(folder: Path, *, min_qv: float, **kw) -> Section:
     tx_path = _first(folder, ("transcripts.parquet", "transcripts.csv.gz", "transcripts.csv"), "transcript table")
-    tx = _read_table(tx_path, ["feature_name", "x_location", "y_location", "qv", "cell_id"])
-    _need(tx, ("feature_name", "x_location", "y_location"), tx_path, "is this a Xenium output folder?")
     px = 0.2125
     exp = folder / "experiment.xenium"
     if exp.is_file():
         px = float(json.loads(exp.read_text()).get("pixel_size", px))
     else:
         log.warning("%s: no experiment.xenium; assuming Xenium's 0.2125 um per pixel", folder)
-    low_qv = tx["qv"].to_numpy() < min_qv if "qv" in tx.columns else np.zeros(len(tx), bool)
     cells_path = _first(folder, ("cells.parquet", "cells.csv.gz", "cells.csv"), "cell table (cells.parquet)")
     cells_raw = _read_table(cells_path, ["cell_id", "x_centroid", "y_centroid"])
     _need(cells_raw, ("cell_id", "x_centroid", "y_centroid"), cells_path, "Xenium's cells table has them")
@@ -221,19 +264,31 @@ def _read_xenium(folder: Path, *, min_qv: float, **kw) -> Section:
     dapi_path = _first(folder, ("morphology_focus/*.ome.tif", "morphology_focus.ome.tif", "morphology_mip.ome.tif",
                                 "morphology.ome.tif"), "DAPI", required=False)
     dapi = _read_dapi(dapi_path)
-    x, y = tx["x_location"].to_numpy() / px, tx["y_location"].to_numpy() / px
-    shape = dapi.shape if dapi is not None else (int(np.ceil(y.max())) + 1, int(np.ceil(x.max())) + 1)
+    spots = _xenium_transcripts(tx_path, min_qv=min_qv, px=px, id_of=id_of)
+    shape = dapi.shape if dapi is not None else (int(np.ceil(spots["y"].max())) + 1, int(np.ceil(spots["x"].max())) + 1)
     bounds = _first(folder, ("nucleus_boundaries.parquet", "nucleus_boundaries.csv.gz"), "nuclei", required=False)
     nuclei = _rasterise(_read_table(bounds), id_of, shape, px) if bounds is not None else None
-    owner = tx["cell_id"].map(id_of).fillna(0).to_numpy(np.int64) if "cell_id" in tx.columns else np.zeros(len(tx), np.int64)
-    spots = pd.DataFrame({"gene": tx["feature_name"].astype(str), "x": x, "y": y, "row": np.arange(len(tx)),
-                          "owner": owner})[~low_qv]
-    if low_qv.any():
-        log.info("%s: dropped %d transcripts with qv < %g", tx_path.name, int(low_qv.sum()), min_qv)
     files = {"spots": tx_path, "cells": cells_path, **({"dapi": dapi_path} if dapi_path else {}),
              **({"nuclei": bounds} if bounds else {})}
     return _assemble("xenium", spots, cells, shape=tuple(shape), dapi=dapi, nuclei=nuclei, um_per_px=px,
                      origin_um=(0.0, 0.0), files=files, **kw)
+
+
+def _xenium_transcripts(tx_path: Path, *, min_qv: float, px: float, id_of: dict) -> pd.DataFrame:
+    """``gene, x, y, row, owner`` of Xenium's transcripts (parquet streamed; csv(.gz) read whole), low qv dropped."""
+    cols = {"gene": "feature_name", "x": "x_location", "y": "y_location", "cell": "cell_id", "qv": "qv"}
+    if tx_path.suffix == ".parquet":
+        spots = read_transcripts_parquet(tx_path, min_qv=min_qv, scale=px, id_of=id_of, **cols)
+    else:
+        tx = _read_table(tx_path, list(cols.values()))
+        _need(tx, ("feature_name", "x_location", "y_location"), tx_path, "is this a Xenium output folder?")
+        ok = tx["qv"].to_numpy() >= min_qv if "qv" in tx.columns else np.ones(len(tx), bool)
+        owner = tx["cell_id"].map(id_of).fillna(0).to_numpy(np.int64) if "cell_id" in tx.columns else 0
+        spots = pd.DataFrame({"gene": tx["feature_name"].astype(str), "x": tx["x_location"] / px,
+                              "y": tx["y_location"] / px, "row": np.arange(len(tx)), "owner": owner})[ok]
+    if spots.empty:
+        raise DataError(f"{tx_path}: no transcript left after dropping qv < {min_qv:g}; lower --min_qv")
+    return spots
 
 
 def _read_merscope(folder: Path, **kw) -> Section:

@@ -60,3 +60,36 @@ def write_geojson(path: str | os.PathLike, instance: np.ndarray, cells: pd.DataF
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps({"type": "FeatureCollection", "unit": unit, "features": features}))
     return path
+
+
+def write_xenium_ranger(folder: str | os.PathLike, instance: np.ndarray, nuclei: np.ndarray, cells: pd.DataFrame,
+                        spots: pd.DataFrame, *, um_per_px: float, transcript_id: np.ndarray | None = None) -> Path:
+    """The inputs of ``xeniumranger import-segmentation`` for a Xenium section, in ``folder``.
+
+    * ``cells_label_mask.tif`` / ``nuclei_label_mask.tif``: uint32 label images in the morphology image's pixels
+      (``--cells`` / ``--nuclei`` with ``--units=pixels``);
+    * ``transcript_assignment.csv`` (Baysor's columns: ``transcript_id, cell, is_noise, x, y, gene``; cell ids as
+      strings, ``""`` for unassigned) and ``viz_polygons.geojson`` (cell outlines in microns, the ``cell`` id as
+      the feature id) for ``--transcript-assignment`` / ``--viz-polygons`` with ``--units=microns``.
+
+    ``transcript_id`` is Xenium's id of every spot (in ``spots`` order); without it the row number is used.
+    """
+    from .io import write_csv, write_tif
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tif(folder / "cells_label_mask.tif", instance.astype(np.uint32))
+    write_tif(folder / "nuclei_label_mask.tif", nuclei.astype(np.uint32))
+    cell = spots["cell"].to_numpy(np.int64)
+    ids = transcript_id if transcript_id is not None else np.arange(len(spots))
+    write_csv(folder / "transcript_assignment.csv", pd.DataFrame({
+        "transcript_id": ids, "cell": np.where(cell > 0, "cell-" + cell.astype(str), ""), "is_noise": cell == 0,
+        "x": spots["spotX"].to_numpy() * um_per_px, "y": spots["spotY"].to_numpy() * um_per_px,
+        "gene": spots["gene"].to_numpy()}))
+    write_geojson(folder / "viz_polygons.geojson", instance, cells.assign(cell=cells["cell"]), scale=um_per_px,
+                  unit="micron")
+    doc = json.loads((folder / "viz_polygons.geojson").read_text())
+    for f in doc["features"]:  # Xenium Ranger matches polygons to the assignment's cell ids
+        f["id"] = f"cell-{f['properties']['cell']}"
+    (folder / "viz_polygons.geojson").write_text(json.dumps(doc))
+    return folder

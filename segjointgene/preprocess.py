@@ -108,17 +108,16 @@ def gene_density(rows: np.ndarray, cols: np.ndarray, genes: np.ndarray, n_genes:
     return out
 
 
-def seeded_watershed(dapi: np.ndarray, cells: pd.DataFrame) -> np.ndarray:
-    """Nucleus masks from DAPI by a watershed seeded at the cell centroids (reference §4.1).
+def seeded_watershed(dapi: np.ndarray, cells: pd.DataFrame, *, seeds: str = "region") -> np.ndarray:
+    """Nucleus masks from DAPI by a watershed seeded at the cell centroids.
 
-    Gaussian smoothing (sigma 1), foreground = smooth > 0.5 * Otsu threshold, one marker per cell at its integer
-    (truncated) centroid, watershed of -smooth inside the foreground. A later cell overwrites an earlier one on the
-    same marker pixel; a marker in the background is lost (that cell has no nucleus pixels; logged).
-
-    Parameters
-    ----------
-    dapi : (H, W) ndarray.
-    cells : DataFrame with ``cell, x, y`` (x = column).
+    ``seeds="point"`` is the reference recipe (§4.1): Gaussian smoothing (sigma 1), foreground = smooth > 0.5 * Otsu,
+    one marker pixel per cell at its truncated centroid, watershed of -smooth in the foreground; a centroid on a
+    locally dim pixel (a nucleolus, a dim rim) is flooded from a brighter neighbour, a centroid just off the
+    foreground gets nothing. ``seeds="region"`` (default) keeps the seeds: the foreground is also where a pixel
+    reaches half of its neighbourhood's peak (dim nuclei under uneven illumination) above the background's noise,
+    with holes filled (nucleoli); a centroid off the foreground snaps to the nearest foreground pixel within 6 px;
+    each marker is a disc of 2 px split between neighbouring seeds by distance, so no seed starts as one pixel.
 
     Returns
     -------
@@ -128,17 +127,58 @@ def seeded_watershed(dapi: np.ndarray, cells: pd.DataFrame) -> np.ndarray:
     from skimage.segmentation import watershed
 
     smooth = gaussian(dapi.astype(np.float32), sigma=1.0, preserve_range=True)
-    foreground = smooth > 0.5 * threshold_otsu(smooth)
-    markers = np.zeros(dapi.shape, np.int32)
-    yi = cells["y"].to_numpy().astype(np.int64)
-    xi = cells["x"].to_numpy().astype(np.int64)
-    markers[yi, xi] = cells["cell"].to_numpy()
-    markers[~foreground] = BACKGROUND
+    otsu = threshold_otsu(smooth)
+    foreground = smooth > 0.5 * otsu
+    yi = np.clip(cells["y"].to_numpy().astype(np.int64), 0, dapi.shape[0] - 1)
+    xi = np.clip(cells["x"].to_numpy().astype(np.int64), 0, dapi.shape[1] - 1)
+    ids = cells["cell"].to_numpy()
+    if seeds == "region":
+        foreground, yi, xi = _robust_foreground(smooth, otsu, foreground, yi, xi)
+        markers = _seed_discs(dapi.shape, yi, xi, ids, radius=2) * foreground
+    else:
+        markers = np.zeros(dapi.shape, np.int32)
+        markers[yi, xi] = ids
+        markers[~foreground] = BACKGROUND
     labels = watershed(-smooth, markers, mask=foreground).astype(np.int32)
-    lost = cells["cell"].size - np.unique(labels[labels > 0]).size
-    if lost:
-        log.warning("seeded watershed: %d cell(s) got no nucleus pixels (centroid on DAPI background or shared)", lost)
+    area = np.bincount(labels.ravel(), minlength=int(ids.max(initial=0)) + 1)[ids]
+    if (area < 20).any():
+        log.warning("seeded watershed (%s seeds): %d of %d cell(s) got < 20 nucleus pixels (%d none)", seeds,
+                    int((area < 20).sum()), ids.size, int((area == 0).sum()))
     return labels
+
+
+def _seed_counts(nuclei: np.ndarray | scipy.sparse.csr_matrix, cells: pd.DataFrame) -> dict[str, int]:
+    """How many cells got a nucleus of fewer than 20 pixels (or none): recorded in metadata.json."""
+    values = nuclei.data if scipy.sparse.issparse(nuclei) else nuclei.ravel()
+    ids = cells["cell"].to_numpy()
+    area = np.bincount(values.astype(np.int64), minlength=int(ids.max(initial=0)) + 1)[ids]
+    counts = {"n_seeds": int(ids.size), "n_seeds_under_20px": int((area < 20).sum()), "n_seeds_empty": int((area == 0).sum())}
+    log.info("nuclei: %d of %d cells have < 20 pixels (%d none)", counts["n_seeds_under_20px"], ids.size,
+             counts["n_seeds_empty"])
+    return counts
+
+
+def _robust_foreground(smooth: np.ndarray, otsu: float, foreground: np.ndarray, yi: np.ndarray, xi: np.ndarray):
+    """Global foreground plus half-of-local-peak pixels above the background noise, holes filled; seeds snapped to
+    the nearest foreground pixel within 6 px."""
+    below = smooth[smooth < otsu]
+    bg = float(np.median(below)) if below.size else 0.0
+    noise = float(np.median(np.abs(below - bg))) * 1.4826 if below.size else 0.0
+    local = smooth > np.maximum(bg + 3.0 * noise, 0.5 * ndimage.maximum_filter(smooth, size=11))
+    fg = ndimage.binary_fill_holes(foreground | local)
+    dist, (ny, nx) = ndimage.distance_transform_edt(~fg, return_indices=True)
+    near = dist[yi, xi] <= 6.0
+    yi = np.where(near, ny[yi, xi], yi)
+    xi = np.where(near, nx[yi, xi], xi)
+    return fg, yi, xi
+
+
+def _seed_discs(shape: tuple[int, int], yi: np.ndarray, xi: np.ndarray, ids: np.ndarray, radius: int) -> np.ndarray:
+    """Marker image: a disc of ``radius`` around every seed, each pixel to its nearest seed."""
+    point = np.zeros(shape, np.int32)
+    point[yi, xi] = ids
+    dist, (ny, nx) = ndimage.distance_transform_edt(point == 0, return_indices=True)
+    return np.where(dist <= radius, point[ny, nx], 0).astype(np.int32)
 
 
 def _nucleus_bbox(nuclei: np.ndarray | scipy.sparse.csr_matrix) -> tuple[int, int, int, int] | None:
@@ -383,7 +423,8 @@ def preprocess_section(section: Section, out_dir: str | os.PathLike, config: Pre
         nuclei, nucleus_source = section.nuclei, "label_image"
     else:
         log.info("no nucleus label image: seeded watershed of the DAPI image")
-        nuclei, nucleus_source = seeded_watershed(section.dapi, section.cells), "dapi_watershed"
+        nuclei, nucleus_source = seeded_watershed(section.dapi, section.cells, seeds=config.nucleus_seeds), "dapi_watershed"
+    extra_metadata = {**(extra_metadata or {}), **_seed_counts(nuclei, section.cells)}
     job = _make_job(section, nuclei, config)
     cells_rc = _patches_to_write(job, config)
     names = [PATCH_NAME.format(row=r, col=c) for r, c in cells_rc]

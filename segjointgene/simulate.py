@@ -9,8 +9,8 @@ whole-cell masks, the nucleus masks, each spot's true cell, the cell table and t
 The ``hard`` preset (``--sim_preset hard``) adds what makes nucleus expansion wrong in real tissue: log-normal
 cell sizes, elongated cells (log-normal aspect ratio, random orientation) with stronger outline wobble, nuclei
 further off-centre, an over-dispersed (gamma) per-cell expression scale, a programme of non-marker genes shared by
-all types, markers that leak into one other type, ambient noise (genes in the section's mix, not uniform) and, in
-dense tissue, holes. The ``basic`` preset draws exactly what the first release drew.
+all types, markers that leak into one other type, ambient noise (genes in the section's mix, not uniform), in
+dense tissue holes, and a DAPI image with uneven brightness, dim rims and dark nucleoli (often on the centroid). The ``basic`` preset draws exactly what the first release drew.
 
 Everything is drawn from one ``numpy.random.Generator``: the same seed gives the same section, byte for byte.
 """
@@ -56,11 +56,13 @@ class _Realism:
     marker_leak: float = 0.0  # a type's markers are expressed at this fraction of their fold in one other type
     ambient_fraction: float = 0.0  # noise spots whose gene follows the section's mix instead of being uniform
     holes: float = 0.0  # fraction of dense tissue cut out as holes
+    dapi_texture: bool = False  # uneven brightness, dim rims and dark nucleoli in the DAPI image
 
 
 PRESETS = {"basic": _Realism(),
            "hard": _Realism(size_sigma=0.3, aspect_sigma=0.35, wobble=1.6, nucleus_shift=(0.25, 0.6), scale_shape=2.0,
-                            shared_fraction=0.25, marker_leak=0.25, ambient_fraction=0.5, holes=0.12)}
+                            shared_fraction=0.25, marker_leak=0.25, ambient_fraction=0.5, holes=0.12,
+                            dapi_texture=True)}
 
 
 @dataclass(frozen=True)
@@ -255,8 +257,36 @@ def _expression(n_genes: int, n_types: int, markers_per_type: int, rng: np.rando
     return genes, probs, is_marker
 
 
-def _render_dapi(nuclei: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _dapi_texture(nuclei: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per-pixel factor of a real DAPI's flaws: uneven brightness between nuclei and across the field, a dim rim,
+    and dark nucleoli - often on the centroid - so that a seed on the centroid pixel is locally dim."""
     n = int(nuclei.max())
+    factor = np.concatenate([[0.0], rng.uniform(0.4, 1.0, n)])[nuclei]
+    field = ndimage.gaussian_filter(rng.standard_normal(nuclei.shape), 40.0)
+    factor *= np.exp(0.6 * field / (field.std() + 1e-9))
+    inner = ndimage.minimum_filter(nuclei, 3) == nuclei
+    factor[(nuclei > 0) & ~inner] *= 0.45  # dim rim
+    idx = np.arange(1, n + 1)
+    centres = np.asarray(ndimage.center_of_mass(np.ones_like(nuclei), nuclei, idx)).reshape(-1, 2)
+    yy, xx = np.indices(nuclei.shape)
+    for i, (y, x) in enumerate(centres, start=1):  # 1-2 nucleoli, the first near the centroid
+        for k in range(rng.integers(1, 3)):
+            oy, ox = (rng.normal(0, 1.2, 2) if k == 0 else rng.normal(0, 2.5, 2))
+            r = rng.uniform(1.2, 2.2)
+            y0, x0 = int(round(y + oy)), int(round(x + ox))
+            sl = (slice(max(0, y0 - 3), y0 + 4), slice(max(0, x0 - 3), x0 + 4))
+            disc = ((yy[sl] - y - oy) ** 2 + (xx[sl] - x - ox) ** 2 <= r * r) & (nuclei[sl] == i)
+            factor[sl][disc] *= 0.4
+    return factor
+
+
+def _render_dapi(nuclei: np.ndarray, rng: np.random.Generator, realism: _Realism = PRESETS["basic"]) -> np.ndarray:
+    n = int(nuclei.max())
+    if realism.dapi_texture:
+        img = _dapi_texture(nuclei, rng) * 3000.0
+        img *= 1.0 + 0.15 * rng.standard_normal(img.shape)
+        img = ndimage.gaussian_filter(img, 1.2) + 200.0 + 60.0 * rng.standard_normal(img.shape)
+        return np.clip(img, 0, 65535).astype(np.uint16)
     brightness = np.concatenate([[0.0], rng.uniform(0.55, 1.0, n)])
     img = brightness[nuclei] * 3000.0
     img *= 1.0 + 0.15 * rng.standard_normal(img.shape)  # chromatin texture
@@ -313,7 +343,7 @@ def simulate_section(config: SimulateConfig = SimulateConfig(), rng: np.random.G
         for t in range(c.n_celltypes) for g in range(c.n_genes)
     ])
     return SimulatedSection(spots=spots, cells=cells, instance=instance, nuclei=nuclei,
-                            dapi=_render_dapi(nuclei, rng), markers=markers)
+                            dapi=_render_dapi(nuclei, rng, realism), markers=markers)
 
 
 def _draw_spots(instance: np.ndarray, cell_type: np.ndarray, probs: np.ndarray, genes: list[str],

@@ -36,10 +36,12 @@ def _xenium(sim, folder):
     folder.mkdir(parents=True)
     n = len(sim.spots)
     cell_key = np.array([f"cell-{c}" if c else "UNASSIGNED" for c in sim.spots["cell"]])
-    tx = pd.DataFrame({"feature_name": sim.spots["gene"], "x_location": sim.spots["x"] * PX,
+    tx = pd.DataFrame({"transcript_id": np.arange(n, dtype=np.uint64) + 281474976710656,
+                       "feature_name": sim.spots["gene"], "x_location": sim.spots["x"] * PX,
                        "y_location": sim.spots["y"] * PX, "qv": np.full(n, 30.0), "cell_id": cell_key})
     tx.loc[::50, "qv"] = 10.0  # low quality: dropped
-    controls = pd.DataFrame({"feature_name": ["NegControlProbe_00001", "BLANK_0002"], "x_location": [5.0, 6.0],
+    controls = pd.DataFrame({"transcript_id": np.array([1, 2], np.uint64),
+                             "feature_name": ["NegControlProbe_00001", "BLANK_0002"], "x_location": [5.0, 6.0],
                              "y_location": [5.0, 6.0], "qv": [40.0, 40.0], "cell_id": ["UNASSIGNED"] * 2})
     pq.write_table(pa.Table.from_pandas(pd.concat([tx, controls], ignore_index=True)), folder / "transcripts.parquet")
     (folder / "experiment.xenium").write_text(json.dumps({"pixel_size": PX, "run_name": "sim"}))
@@ -59,7 +61,7 @@ def _merscope(sim, folder, um=0.108, offset=(120.0, -40.0)):
     to_um = lambda px, o: o + px * um  # noqa: E731
     pd.DataFrame({"barcode_id": 0, "global_x": to_um(sim.spots["x"], offset[0]),
                   "global_y": to_um(sim.spots["y"], offset[1]), "global_z": 3, "gene": sim.spots["gene"],
-                  "cell_id": sim.spots["cell"].where(sim.spots["cell"] > 0, -1)}).to_csv(
+                  "cell_id": (sim.spots["cell"] * 1000).where(sim.spots["cell"] > 0, -1)}).to_csv(
         folder / "detected_transcripts.csv")
     a = np.array([[1 / um, 0, -offset[0] / um], [0, 1 / um, -offset[1] / um], [0, 0, 1]])
     np.savetxt(folder / "images" / "micron_to_mosaic_pixel_transform.csv", a, delimiter=" ")
@@ -160,3 +162,13 @@ def test_xenium_run_writes_outputs_in_microns_too(sim, tmp_path):
     np.testing.assert_allclose(spots["spotY_um"], spots["spotY"] * PX)
     doc = json.loads((results / "cells.geojson").read_text())
     assert len(doc["features"]) == len(cells)
+    ranger = results / "xenium_ranger"  # the inputs of xeniumranger import-segmentation
+    mask = tifffile.imread(ranger / "cells_label_mask.tif")
+    assert mask.dtype == np.uint32 and mask.shape == sim.dapi.shape
+    assign = pd.read_csv(ranger / "transcript_assignment.csv", keep_default_na=False)
+    kept = np.ones(len(sim.spots), bool)
+    kept[::50] = False
+    assert (assign["transcript_id"].to_numpy() == np.flatnonzero(kept) + 281474976710656).all()
+    assert set(assign.loc[assign["cell"] != "", "cell"]) <= {f["id"] for f in json.loads(
+        (ranger / "viz_polygons.geojson").read_text())["features"]} | set(assign["cell"])
+    assert (assign["is_noise"] == (assign["cell"] == "")).all()
