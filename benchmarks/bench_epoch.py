@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants:
         cmd = [sys.executable, main_py, "--step_name=SegJointGene", *common, f"--net_sub_suffix=bench_{variant}",
                "--overwrite", f"--net_epoch={args.epochs}", f"--net_width={args.width}", "--warmup_epochs=1",
-               "--attr_epoch=1", f"--save_interval={args.epochs}", "--num_workers=0",
+               "--attr_epoch=1", f"--save_interval={args.epochs}", "--num_workers=0", "--label_update=v1",
                f"--num_threads={args.threads}", *VARIANTS[variant]]
         out = run_measured(cmd)
         if out["returncode"]:

@@ -64,18 +64,20 @@ def main_cmd(*args: str) -> list[str]:
 
 
 def run_section(out: Path, mode: str, noise: float, seed: int, size: int, env_dir: Path,
-                preset: str = "hard") -> pd.DataFrame:
+                preset: str = "hard", reuse: pd.DataFrame | None = None) -> pd.DataFrame:
     name = f"{preset}_{mode}_n{int(noise * 100)}_s{seed}"
     common = [f"--work_dir={out}", f"--datasets_name={name}", "--quiet", f"--random_seed={seed}"]
     if not (out / "data" / name / "metadata.json").is_file():
         subprocess.run(main_cmd("--step_name=simulate", f"--sim_preset={preset}", f"--sim_mode={mode}",
                                 f"--sim_noise={noise}", f"--sim_size={size}", "--overwrite", *common), check=True)
         subprocess.run(main_cmd("--step_name=preprocess", "--patch_size=64", *common), check=True)
-    # the README's default command, one thread, fresh process
-    ours_cpu = cpu_run(main_cmd("--step_name=SegJointGene", "--overwrite", "--num_threads=1", "--num_workers=0",
-                                *common), env={**os.environ, "OMP_NUM_THREADS": "1"})
-    subprocess.run(main_cmd("--step_name=evaluate", *common), check=True, stdout=subprocess.DEVNULL)
     results = out / "checkpoints" / name / "SegJointGene_CID" / "results"
+    if reuse is not None and name in set(reuse["section"]):  # peers only: our run and its time from peers.csv
+        ours_cpu = float(reuse[(reuse["section"] == name) & (reuse["method"] == "ours")]["cpu_s"].iloc[0])
+    else:  # the README's default command, one thread, fresh process
+        ours_cpu = cpu_run(main_cmd("--step_name=SegJointGene", "--overwrite", "--num_threads=1", "--num_workers=0",
+                                    *common), env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run(main_cmd("--step_name=evaluate", *common), check=True, stdout=subprocess.DEVNULL)
     table = pd.read_csv(results / "evaluation.csv", index_col=0)
     table.loc["ours", "cpu_s"] = ours_cpu
     for peer in PEERS:
@@ -146,13 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--preset", default="hard", choices=("hard", "basic"), help="simulator preset")
     parser.add_argument("--env_dir", type=Path, default=None, help="peer virtual environments (default OUT/envs)")
+    parser.add_argument("--peers_only", action="store_true",
+                        help="rerun the peers only; our runs and their times come from OUT/peers.csv")
     args = parser.parse_args(argv)
     env_dir = args.env_dir or args.out / "envs"
+    reuse = pd.read_csv(args.out / "peers.csv") if args.peers_only else None
     tables = []
     for mode in args.modes:
         for noise in args.noise:
             for seed in args.seeds:
-                t = run_section(args.out, mode, noise, seed, args.size, env_dir, args.preset)
+                t = run_section(args.out, mode, noise, seed, args.size, env_dir, args.preset, reuse)
                 tables.append(t)
                 cols = [c for c in METRICS if c in t.columns]
                 print(f"\n### {t['section'].iloc[0]}\n\n{markdown_table(t[cols], transpose=False)}", flush=True)

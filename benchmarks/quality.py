@@ -23,10 +23,10 @@ from segjointgene.cli import main  # noqa: E402
 from segjointgene.evaluation import markdown_table  # noqa: E402
 
 #: The demo-size training used for the quality numbers unless overridden after "--".
-#: (the demo's training settings: see cli.DEMO_SETTINGS)
+#: (the first release's demo settings, with the published label rule v1)
 TRAIN_DEFAULTS = ["--net_width=16", "--net_epoch=30", "--net_lr=1e-3", "--passes_per_epoch=8", "--attr_epoch=10",
                   "--attr_every=5", "--CID_n_steps=10", "--attr_n_gene=30", "--attr_n_celltype=6", "--save_interval=10",
-                  "--num_workers=0", "--num_threads=1"]
+                  "--num_workers=0", "--num_threads=1", "--label_update=v1"]
 KEY_METRICS = ["gene_mIoU", "gene_mIoU_pen", "spot_acc", "spot_acc_cell", "F1@0.5", "type_mIoU", "n_cells",
                "marker_precision", "marker_precision_de", "marker_chance"]
 

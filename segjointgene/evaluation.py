@@ -630,8 +630,8 @@ def run_evaluate(settings: Settings, paths: Paths) -> int:
     if ranking is not None:
         scores = ranking.groupby(level="ranking")[["precision_at_m", "chance"]].mean()
         notes.append("gene rankings vs the simulated markers, precision of the top-m genes: " + ", ".join(
-            f"{src} {row.precision_at_m:.2f}" for src, row in scores.iterrows())
-            + f" (chance {scores['chance'].iloc[0]:.2f}) -> {results / ResultFiles.RANKING_EVALUATION}")
+            f"{src} {row.precision_at_m:.2f} (chance {row.chance:.2f})" for src, row in scores.iterrows())
+            + f" -> {results / ResultFiles.RANKING_EVALUATION}")
     print("\n".join(notes))
     print(f"evaluation of {len(out)} methods in {time.perf_counter() - start:.1f} s -> {results / ResultFiles.EVALUATION}")
     return 0

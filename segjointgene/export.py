@@ -27,7 +27,8 @@ from .errors import DataError, InputNotFoundError
 from .io import atomic_path, load_npz, npz_headers, read_json, remove_stale_temps, write_csv, write_tif
 from .metadata import DatasetMetadata, load_metadata, read_metadata
 from .ranking import cell_counts, differential_expression, rank_genes_groups_uns
-from .polygons import write_geojson, write_xenium_ranger
+from .polygons import cell_polygons, write_geojson, write_xenium_ranger
+from .spatialstore import spatialdata_available, write_spatialdata
 from .plots import (densest_window, display_factor, downsample_labels, downsample_mean, plot_dotplot,
                     plot_gene_ranking_heatmap, plot_initial_vs_final, plot_section_overview, plot_training_curves,
                     plot_zoom, spot_density)
@@ -270,14 +271,14 @@ class _Views:
 
 
 def _write_anndata(path: Path, cells: pd.DataFrame, spot_cell: np.ndarray, spot_gene: np.ndarray,
-                   genes: list[str], uns: dict[str, Any], rank_genes_groups: dict | None = None) -> bool:
-    """cells x genes spot counts as ``.h5ad``; False (and a logged hint) when anndata is not installed."""
+                   genes: list[str], uns: dict[str, Any], rank_genes_groups: dict | None = None):
+    """cells x genes spot counts as ``.h5ad``; returns the AnnData, or None (and a logged hint) without anndata."""
     try:
         import anndata
     except ImportError:
         log.warning("anndata is not installed: %s was not written; install it with `pip install anndata` "
                     "(or `pip install segjointgene[dev]`) and run --step_name=export again", path.name)
-        return False
+        return None
     counts = cell_counts(spot_cell, spot_gene, cells["cell"].to_numpy(), len(genes))
     obs = pd.DataFrame({"celltype": pd.Categorical(cells["celltype"]), "area_px": cells["area_px"].to_numpy(),
                         "n_spots": cells["n_spots"].to_numpy()}, index=cells["cell"].astype(str).to_numpy())
@@ -291,7 +292,7 @@ def _write_anndata(path: Path, cells: pd.DataFrame, spot_cell: np.ndarray, spot_
         adata.uns["rank_genes_groups"] = rank_genes_groups
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
-    return True
+    return adata
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -415,16 +416,29 @@ def _export_final_labels(ex: _Export, figures: bool) -> tuple[np.ndarray, pd.Dat
     spots = pd.DataFrame({
         "gene": np.asarray(meta.genes, dtype=object)[ex.spot_gene], "spotX": ex.sx, "spotY": ex.sy, "cell": spot_cell,
         "celltype": names[ex.lut[spot_cell]], "prob": prob, "cell_mask": assigned.values, "inside": assigned.inside})
-    write_geojson(out / ResultFiles.GEOJSON, instance, cells)
+    rings = cell_polygons(instance)
+    write_geojson(out / ResultFiles.GEOJSON, instance, cells, rings=rings)
     if meta.extra.get("input_format") == "xenium":
         _write_xenium_ranger(ex, instance, spots, cells)
-    del instance, types
+    del types
     _log_outside(ex, assigned)
     write_csv(out / ResultFiles.SPOTS, _with_microns(spots, meta, ("spotX", "spotY")))
     cells = _with_microns(cells, meta, ("x", "y"))
     write_csv(out / ResultFiles.CELLS, cells)
-    _export_expression(ex, cells, spot_cell)
+    adata = _export_expression(ex, cells, spot_cell)
+    _write_store(ex, instance, spots, rings, adata)
     return spot_cell, cells
+
+
+def _write_store(ex: _Export, instance: np.ndarray, spots: pd.DataFrame, rings: dict, adata) -> None:
+    """``segjointgene.zarr`` when spatialdata is installed (``pip install segjointgene[spatialdata]``)."""
+    if adata is None or not spatialdata_available():
+        log.info("spatialdata is not installed: no %s (pip install segjointgene[spatialdata])", ResultFiles.SPATIALDATA)
+        return
+    t0 = time.perf_counter()
+    write_spatialdata(ex.out / ResultFiles.SPATIALDATA, instance=instance, spots=spots, rings=rings, adata=adata,
+                      um_per_px=ex.meta.extra.get("um_per_px"))
+    log.info("SpatialData store -> %s in %.1f s", ex.out / ResultFiles.SPATIALDATA, time.perf_counter() - t0)
 
 
 def _log_outside(ex: _Export, assigned) -> None:
@@ -437,17 +451,18 @@ def _log_outside(ex: _Export, assigned) -> None:
                  ex.meta.n_spots_outside)
 
 
-def _export_expression(ex: _Export, cells: pd.DataFrame, spot_cell: np.ndarray) -> None:
-    """Differential expression of the cells (kept for gene_ranking.csv) and the AnnData with it."""
+def _export_expression(ex: _Export, cells: pd.DataFrame, spot_cell: np.ndarray):
+    """Differential expression of the cells (kept for gene_ranking.csv) and the AnnData with it (returned; None
+    without anndata)."""
     meta, genes = ex.meta, list(ex.meta.genes)
     t0 = time.perf_counter()
     ex.de = differential_expression(cell_counts(spot_cell, ex.spot_gene, cells["cell"].to_numpy(), len(genes)),
                                     cells["celltype"].to_numpy(), genes)
     log.info("differential expression of %d cells x %d genes in %.1f s", len(cells), len(genes),
              time.perf_counter() - t0)
-    _write_anndata(ex.out / ResultFiles.ANNDATA, cells, spot_cell, ex.spot_gene, genes,
-                   {"epoch": int(ex.epoch), "datasets_name": meta.datasets_name, "run": ex.run.path.name},
-                   rank_genes_groups_uns(ex.de) if len(ex.de) else None)
+    return _write_anndata(ex.out / ResultFiles.ANNDATA, cells, spot_cell, ex.spot_gene, genes,
+                          {"epoch": int(ex.epoch), "datasets_name": meta.datasets_name, "run": ex.run.path.name},
+                          rank_genes_groups_uns(ex.de) if len(ex.de) else None)
 
 
 def _write_xenium_ranger(ex: _Export, instance: np.ndarray, spots: pd.DataFrame, cells: pd.DataFrame) -> None:

@@ -74,12 +74,13 @@ def reach(config: LabelUpdateConfig) -> int:
     """How far (pixels) one :func:`update_labels` call can move a label: the halo of neighbouring labels it must see.
 
     V1 grows by at most ``expand_k`` per application; V2's alternating dilations reach ``expand_k`` and its gap fill
-    as far again, so twice that. Times ``repeats`` applications per call.
+    as far again, so twice that. Times ``repeats`` applications per call. The model rule grows nothing per batch;
+    its halo (``expand_k``) is the context an attribution sees.
 
-    >>> reach(LabelUpdateConfig(expand_k=3)), reach(LabelUpdateConfig(expand_k=3, rule="v2", repeats=2))
+    >>> reach(LabelUpdateConfig(rule="v1", expand_k=3)), reach(LabelUpdateConfig(expand_k=3, rule="v2", repeats=2))
     (3, 12)
     """
-    per_application = config.expand_k if config.rule == "v1" else 2 * config.expand_k
+    per_application = 2 * config.expand_k if config.rule == "v2" else config.expand_k
     return per_application * config.repeats
 
 
@@ -205,7 +206,7 @@ def update_labels(
     >>> inst = torch.zeros(1, 5, 5, dtype=torch.long); inst[0, 2, 2] = 1     # one nucleus of class 1
     >>> logits = torch.zeros(1, 2, 5, 5); logits[:, 1] = 5.0                 # class 1 predicted everywhere
     >>> res = update_labels(inst, inst.clone(), logits, torch.tensor([0, 1]),
-    ...                     config=LabelUpdateConfig(expand_k=1, vote_min=3, territory="mask"))
+    ...                     config=LabelUpdateConfig(rule="v1", expand_k=1, vote_min=3, territory="mask"))
     >>> res.instance[0]
     tensor([[0, 0, 0, 0, 0],
             [0, 0, 1, 0, 0],

@@ -44,9 +44,10 @@ def cell_polygons(instance: np.ndarray, *, scale: float = 1.0) -> dict[int, list
 
 
 def write_geojson(path: str | os.PathLike, instance: np.ndarray, cells: pd.DataFrame, *, scale: float = 1.0,
-                  unit: str = "pixel") -> Path:
-    """FeatureCollection of the cells of ``cells`` (``cell, celltype, n_spots``) outlined in ``instance``."""
-    rings = cell_polygons(instance, scale=scale)
+                  unit: str = "pixel", rings: dict[int, list[list[float]]] | None = None) -> Path:
+    """FeatureCollection of the cells of ``cells`` (``cell, celltype, n_spots``) outlined in ``instance`` (or
+    given as ``rings`` from :func:`cell_polygons` at this ``scale``)."""
+    rings = cell_polygons(instance, scale=scale) if rings is None else rings
     features = []
     for row in cells.itertuples(index=False):
         ring = rings.get(int(row.cell))

@@ -38,6 +38,7 @@ class ResultFiles:
     GENE_RANKING_ATTRIBUTION = "gene_ranking_attribution.csv"  # the attribution's own ranking (CID / IG)
     GENE_SCORES = "gene_celltype_scores.csv"  # the attribution matrix (types x genes)
     GEOJSON = "cells.geojson"  # one polygon per cell (QuPath, napari)
+    SPATIALDATA = "segjointgene.zarr"  # SpatialData store (when spatialdata is installed)
     XENIUM_RANGER = "xenium_ranger"  # folder: the inputs of xeniumranger import-segmentation (Xenium sections)
     BORDER_GENES = "border_genes.csv"  # per pair of touching types, the genes that decide their borders
     RANKING_EVALUATION = "gene_ranking_evaluation.csv"  # written by evaluate on simulated sections

@@ -326,30 +326,42 @@ def _candidate_resp(resp: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.nd
     return (hit * resp[:, None, :k]).sum(2)
 
 
-def territories(model: CellModel, shape: tuple[int, int], *, evidence=None, rows_per_chunk: int = 256,
+def territories(model: CellModel, shape: tuple[int, int], *, evidence=None, chunk: int = 1 << 18,
                 k: int = 6, edge: float | None = _DISC_EDGE) -> np.ndarray:
     """(H, W) uint32 instance mask: each pixel to the fitted cell whose shape is highest there relative to its peak
-    (plus ``evidence(r0, r1, cand)`` -> (rows, W, k) extra log-evidence when given); background outside that cell's
-    ellipse of the same second moment (``edge``: its Mahalanobis radius; 2 = a uniform ellipse's edge)."""
+    (plus ``evidence(py, px, cand)`` -> (n, k) extra log-evidence when given); background outside that cell's
+    ellipse of the same second moment (``edge``: its Mahalanobis radius; 2 = a uniform ellipse's edge). Only the
+    pixels inside some cell's bounding box of that ellipse are evaluated (a section is mostly background)."""
     h, w = shape
     out = np.zeros(shape, np.uint32)
     if model is None or len(model.ids) == 0:
         return out
+    pix = np.flatnonzero(_reachable(model, shape, edge if edge is not None else 3.0))
     tree = cKDTree(model.centre)
     k = min(k, len(model.ids))
-    cols = np.arange(w) + 0.5
-    for r0 in range(0, h, rows_per_chunk):
-        r1 = min(h, r0 + rows_per_chunk)
-        yy, xx = np.meshgrid(np.arange(r0, r1) + 0.5, cols, indexing="ij")
-        py, px = yy.ravel(), xx.ravel()
-        cand = tree.query(np.stack([py, px], 1), k=k)[1].reshape(py.size, k)
+    flat = out.ravel()
+    for c0 in range(0, pix.size, chunk):
+        part = pix[c0:c0 + chunk]
+        py, px = part // w + 0.5, part % w + 0.5
+        cand = tree.query(np.stack([py, px], 1), k=k)[1].reshape(part.size, k)
         score = _membership(model, py, px, cand)
         if evidence is not None:
-            score = score + evidence(r0, r1, cand.reshape(r1 - r0, w, k)).reshape(py.size, k)
-        j = score.argmax(1)
-        win = cand[np.arange(py.size), j]
-        fg = np.ones(py.size, bool)
+            score = score + evidence(py, px, cand)
+        win = cand[np.arange(part.size), score.argmax(1)]
+        fg = np.ones(part.size, bool)
         if edge is not None:  # inside the cell's ellipse of the same second moment (a uniform cell's edge)
             fg &= _mahalanobis2(model, win, py, px) <= edge * edge
-        out[r0:r1] = np.where(fg, model.ids[win], BACKGROUND).reshape(r1 - r0, w)
+        flat[part] = np.where(fg, model.ids[win], BACKGROUND)
     return out
+
+
+def _reachable(model: CellModel, shape: tuple[int, int], edge: float) -> np.ndarray:
+    """(H, W) bool: pixels inside the bounding box of some cell's ``edge`` ellipse."""
+    need = np.zeros(shape, bool)
+    s2 = model.cov * _moment_factor(model.shape_power)
+    half = edge * np.sqrt(np.stack([s2[:, 0, 0], s2[:, 1, 1]], 1)) + 1.0  # (m, 2) half extents in y, x
+    lo = np.floor(model.centre - half).astype(np.int64)
+    hi = np.ceil(model.centre + half).astype(np.int64)
+    for (y0, x0), (y1, x1) in zip(np.maximum(lo, 0), np.minimum(hi, shape)):
+        need[y0:y1, x0:x1] = True
+    return need

@@ -55,7 +55,8 @@ class SimPaths:
 
 
 def make_sim(work_dir: Path, *, name: str = "sim", size: int = 128, patch_size: int = 64, mode: str = "dense",
-             seed: int = 0, n_genes: int = 12, n_celltypes: int = 3, preprocess: bool = True) -> SimPaths:
+             seed: int = 0, n_genes: int = 12, n_celltypes: int = 3, preprocess: bool = True,
+             nucleus_seeds: str = "region") -> SimPaths:
     """Simulate a small section under ``work_dir`` and (optionally) preprocess it."""
     from segjointgene.config import PreprocessConfig, SimulateConfig
     from segjointgene.io import read_section
@@ -68,7 +69,8 @@ def make_sim(work_dir: Path, *, name: str = "sim", size: int = 128, patch_size: 
     truth = write_simulated(sim, raw)
     data = work_dir / "data" / name
     if preprocess:
-        preprocess_section(read_section(raw), data, PreprocessConfig(patch_size=patch_size), progress=False)
+        preprocess_section(read_section(raw), data, PreprocessConfig(patch_size=patch_size, nucleus_seeds=nucleus_seeds),
+                           progress=False)
     return SimPaths(work_dir=work_dir, name=name, raw_dir=raw, truth_dir=truth, data_dir=data)
 
 

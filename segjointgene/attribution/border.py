@@ -8,6 +8,7 @@ score favours type a at the border, a negative one type b; genes are ranked by `
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections.abc import Iterable
 
@@ -53,16 +54,17 @@ def border_genes(model: torch.nn.Module, patches: Iterable[tuple[torch.Tensor, t
                  celltypes: list[str], *, width: int = 3, n_steps: int = 4, max_patches: int = 24) -> pd.DataFrame:
     """Long table :data:`BORDER_COLUMNS` from ``(image (G, P, P), classes (P, P))`` patches (the ``max_patches``
     with the most border pixels are attributed); rank 1 = the gene with the largest ``|score|`` of the pair."""
-    candidates = []
-    for image, classes in patches:
+    candidates: list[tuple[int, int, torch.Tensor, dict]] = []  # a min-heap of the max_patches best: bounded memory
+    for i, (image, classes) in enumerate(patches):
         masks = border_masks(classes, width)
         if masks:
-            candidates.append((sum(int(m.sum()) for m in masks.values()), image, masks))
-    candidates.sort(key=lambda c: -c[0])
+            item = (sum(int(m.sum()) for m in masks.values()), -i, image, masks)
+            (heapq.heappush if len(candidates) < max_patches else heapq.heappushpop)(candidates, item)
+    candidates.sort(key=lambda c: (-c[0], -c[1]))
     sums: dict[tuple[int, int], torch.Tensor] = {}
     counts: dict[tuple[int, int], int] = {}
     model.eval()
-    for _, image, masks in candidates[:max_patches]:
+    for _, _, image, masks in candidates:
         pairs = list(masks.items())
         grads = _pair_gradients(model, image, pairs, n_steps).detach()
         for (pair, mask), g in zip(pairs, grads):

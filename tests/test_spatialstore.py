@@ -1,0 +1,32 @@
+"""The SpatialData store reads back with spatialdata.read_zarr (skipped where spatialdata is not installed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from segjointgene.polygons import cell_polygons
+
+
+def test_store_round_trips(tmp_path):
+    sd = pytest.importorskip("spatialdata")
+    anndata = pytest.importorskip("anndata")
+    from segjointgene.spatialstore import write_spatialdata
+
+    mask = np.zeros((40, 50), np.uint32)
+    mask[5:15, 5:20], mask[20:35, 25:45] = 1, 2
+    spots = pd.DataFrame({"spotX": [6.5, 30.2, 49.0], "spotY": [7.5, 25.1, 2.0], "gene": ["a", "b", "a"],
+                          "cell": [1, 2, 0], "prob": [0.9, 0.8, 0.7]})
+    adata = anndata.AnnData(X=np.array([[1.0, 0.0], [0.0, 1.0]], np.float32),
+                            obs=pd.DataFrame({"celltype": pd.Categorical(["A", "B"])}, index=["1", "2"]),
+                            var=pd.DataFrame(index=["a", "b"]))
+    path = write_spatialdata(tmp_path / "s.zarr", instance=mask, spots=spots, rings=cell_polygons(mask),
+                             adata=adata, um_per_px=0.2125)
+    back = sd.read_zarr(path)
+    assert set(back.points) == {"transcripts"} and set(back.shapes) == {"cells"} and set(back.labels) == {"cell_labels"}
+    table = back.tables["table"]
+    assert table.uns["spatialdata_attrs"]["region"] == "cells" and list(table.obs["cell"]) == [1, 2]
+    assert back.points["transcripts"].compute()["cell"].tolist() == [1, 2, 0]
+    assert np.asarray(back.labels["cell_labels"]).max() == 2
+    assert abs(back.shapes["cells"].geometry.area.loc[1] - 150) < 10  # 10 x 15 px
