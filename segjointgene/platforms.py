@@ -8,7 +8,8 @@ transform recorded (``Section.um_per_px``, ``Section.origin_um``: ``x_um = origi
 
 * control, blank and negative-control probes are dropped (and Xenium transcripts with ``qv`` below ``min_qv``);
 * nuclei: Xenium ``nucleus_boundaries.parquet`` rasterised; otherwise the DAPI (Xenium, MERSCOPE) with the cell
-  centroids as seeds (the preprocess step's seeded watershed); CosMx (no image read): a disc of 3 um (at most 0.3 x
+  centroids as seeds (the preprocess step's seeded watershed); a MERSCOPE folder without ``cell_metadata.csv``
+  (no centroids at all): nuclei found in the DAPI itself (:func:`detect_nuclei`); CosMx (no image read): a disc of 3 um (at most 0.3 x
   the median centre spacing) at each centroid;
 * cell types: a folder has none, so each nucleus is given one - by the highest multinomial likelihood under a
   reference profile (``reference``: cell type x gene means, as pciSeq takes) or, without one, by k-means of its
@@ -33,7 +34,7 @@ from .io import Section
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "derive_celltypes", "detect_format", "read_platform"]
+__all__ = ["FORMATS", "derive_celltypes", "detect_format", "detect_nuclei", "read_platform"]
 
 FORMATS = ("auto", "ca1", "xenium", "merscope", "cosmx")
 #: Probe names that are not genes (prefixes, case-insensitive).
@@ -210,6 +211,39 @@ def _nucleus_counts(spots: pd.DataFrame, cells: pd.DataFrame, nuclei: np.ndarray
     return counts
 
 
+def detect_nuclei(dapi: np.ndarray, *, min_distance: int = 3, min_area: int = 8) -> tuple[np.ndarray, pd.DataFrame]:
+    """Nuclei found in the DAPI image alone (no centroids): a local half-peak foreground above the background noise,
+    holes filled, split by the watershed of its distance transform from its maxima (``min_distance`` apart);
+    pieces under ``min_area`` px dropped. Returns the label image and ``cell, x, y`` (pixel-centre centroids)."""
+    from skimage.feature import peak_local_max
+    from skimage.filters import gaussian, threshold_otsu
+    from skimage.segmentation import watershed
+    from scipy import ndimage
+
+    smooth = gaussian(dapi.astype(np.float32), sigma=1.0, preserve_range=True)
+    otsu = threshold_otsu(smooth)
+    below = smooth[smooth < otsu]
+    bg = float(np.median(below))
+    noise = float(np.median(np.abs(below - bg))) * 1.4826
+    fg = (smooth > 0.5 * otsu) | (smooth > np.maximum(bg + 3.0 * noise, 0.5 * ndimage.maximum_filter(smooth, 11)))
+    fg = ndimage.binary_fill_holes(ndimage.binary_opening(fg))
+    dist = ndimage.distance_transform_edt(fg)
+    peaks = peak_local_max(dist, min_distance=min_distance, labels=ndimage.label(fg)[0], exclude_border=False)
+    markers = np.zeros(dapi.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    labels = watershed(-dist, markers, mask=fg)
+    area = np.bincount(labels.ravel())
+    labels[area[labels] < min_area] = 0
+    ids = np.unique(labels[labels > 0])
+    relabel = np.zeros(int(labels.max()) + 1, np.uint32)
+    relabel[ids] = np.arange(1, ids.size + 1)
+    labels = relabel[labels]
+    idx = np.arange(1, ids.size + 1)
+    cy, cx = (np.asarray(ndimage.mean(g, labels, idx)) for g in np.indices(dapi.shape))
+    log.info("found %d nuclei in the DAPI image (no centroids given)", ids.size)
+    return labels, pd.DataFrame({"cell": idx, "x": cx + 0.5, "y": cy + 0.5})
+
+
 # ------------------------------------------------------------------------------------------------ assembling
 def _assemble(fmt: str, spots: pd.DataFrame, cells: pd.DataFrame, *, shape: tuple[int, int], dapi, nuclei,
               um_per_px: float, origin_um: tuple[float, float], files: dict[str, Path], reference, n_celltypes,
@@ -302,20 +336,26 @@ def _read_merscope(folder: Path, **kw) -> Section:
     to_px = lambda xu, yu: (a[0, 0] * xu + a[0, 1] * yu + a[0, 2], a[1, 0] * xu + a[1, 1] * yu + a[1, 2])  # noqa: E731
     dapi_path = _first(folder, ("images/mosaic_DAPI_z3.tif", "images/mosaic_DAPI_z*.tif"), "DAPI mosaic")
     dapi = _read_dapi(dapi_path)
-    cells_path = _first(folder, ("cell_metadata.csv",), "cell_metadata.csv (cell centroids)")
-    meta = pd.read_csv(cells_path)
-    _need(meta, ("center_x", "center_y"), cells_path, "MERSCOPE's cell metadata has them")
-    key = meta["EntityID"] if "EntityID" in meta.columns else meta.iloc[:, 0]
-    id_of = {k: i + 1 for i, k in enumerate(key.tolist())}
-    cx, cy = to_px(meta["center_x"].to_numpy(), meta["center_y"].to_numpy())
-    cells = pd.DataFrame({"cell": np.arange(1, len(meta) + 1), "x": cx, "y": cy})
+    cells_path = _first(folder, ("cell_metadata.csv",), "cell_metadata.csv (cell centroids)", required=False)
+    nuclei, id_of = None, {}
+    if cells_path is None:  # no centroids at all: the nuclei come from the DAPI image itself
+        nuclei, cells = detect_nuclei(dapi)
+    else:
+        meta = pd.read_csv(cells_path)
+        _need(meta, ("center_x", "center_y"), cells_path, "MERSCOPE's cell metadata has them")
+        key = meta["EntityID"] if "EntityID" in meta.columns else meta.iloc[:, 0]
+        id_of = {k: i + 1 for i, k in enumerate(key.tolist())}
+        cx, cy = to_px(meta["center_x"].to_numpy(), meta["center_y"].to_numpy())
+        cells = pd.DataFrame({"cell": np.arange(1, len(meta) + 1), "x": cx, "y": cy})
     x, y = to_px(tx["global_x"].to_numpy(), tx["global_y"].to_numpy())
-    owner = tx["cell_id"].map(id_of).fillna(0).to_numpy(np.int64) if "cell_id" in tx.columns else np.zeros(len(tx), np.int64)
+    owner = (tx["cell_id"].map(id_of).fillna(0).to_numpy(np.int64) if "cell_id" in tx.columns and id_of
+             else np.zeros(len(tx), np.int64))
     spots = pd.DataFrame({"gene": tx["gene"].astype(str), "x": x, "y": y, "row": np.arange(len(tx)), "owner": owner})
     um_per_px = 1.0 / float(a[0, 0])
     origin = (-a[0, 2] * um_per_px, -a[1, 2] / float(a[1, 1]))
-    return _assemble("merscope", spots, cells, shape=tuple(dapi.shape), dapi=dapi, nuclei=None, um_per_px=um_per_px,
-                     origin_um=origin, files={"spots": tx_path, "cells": cells_path, "dapi": dapi_path}, **kw)
+    files = {"spots": tx_path, "dapi": dapi_path, **({"cells": cells_path} if cells_path else {})}
+    return _assemble("merscope", spots, cells, shape=tuple(dapi.shape), dapi=dapi, nuclei=nuclei, um_per_px=um_per_px,
+                     origin_um=origin, files=files, **kw)
 
 
 #: CosMx: microns per pixel of the global pixel frame (NanoString's flat-file documentation).

@@ -172,3 +172,15 @@ def test_xenium_run_writes_outputs_in_microns_too(sim, tmp_path):
     assert set(assign.loc[assign["cell"] != "", "cell"]) <= {f["id"] for f in json.loads(
         (ranger / "viz_polygons.geojson").read_text())["features"]} | set(assign["cell"])
     assert (assign["is_noise"] == (assign["cell"] == "")).all()
+
+
+def test_without_centroids_the_nuclei_come_from_the_dapi(sim, tmp_path):
+    """A MERSCOPE folder without cell_metadata.csv: nuclei found in the DAPI image alone."""
+    folder = _merscope(sim, tmp_path / "merscope")
+    (folder / "cell_metadata.csv").unlink()
+    sec = read_platform(folder, n_celltypes=3)
+    found = np.unique(sec.nuclei[sec.nuclei > 0]).size
+    assert abs(found - len(sim.cells)) <= 0.15 * len(sim.cells), (found, len(sim.cells))
+    hit = np.unique(sim.nuclei[sec.nuclei > 0])  # true nuclei that some found nucleus overlaps
+    assert (hit > 0).sum() >= 0.9 * len(sim.cells)
+    assert len(sec.cells) == found
