@@ -32,14 +32,15 @@ def sim():
     return simulate_section(SimulateConfig(size_px=SIZE, n_genes=12, n_celltypes=3, markers_per_type=3), rng=4)
 
 
-def _xenium(sim, folder):
+def _xenium(sim, folder, *, low_qv=True):
     folder.mkdir(parents=True)
     n = len(sim.spots)
     cell_key = np.array([f"cell-{c}" if c else "UNASSIGNED" for c in sim.spots["cell"]])
     tx = pd.DataFrame({"transcript_id": np.arange(n, dtype=np.uint64) + 281474976710656,
                        "feature_name": sim.spots["gene"], "x_location": sim.spots["x"] * PX,
                        "y_location": sim.spots["y"] * PX, "qv": np.full(n, 30.0), "cell_id": cell_key})
-    tx.loc[::50, "qv"] = 10.0  # low quality: dropped
+    if low_qv:
+        tx.loc[::50, "qv"] = 10.0  # low quality: dropped
     controls = pd.DataFrame({"transcript_id": np.array([1, 2], np.uint64),
                              "feature_name": ["NegControlProbe_00001", "BLANK_0002"], "x_location": [5.0, 6.0],
                              "y_location": [5.0, 6.0], "qv": [40.0, 40.0], "cell_id": ["UNASSIGNED"] * 2})
@@ -184,3 +185,23 @@ def test_without_centroids_the_nuclei_come_from_the_dapi(sim, tmp_path):
     hit = np.unique(sim.nuclei[sec.nuclei > 0])  # true nuclei that some found nucleus overlaps
     assert (hit > 0).sum() >= 0.9 * len(sim.cells)
     assert len(sec.cells) == found
+
+
+def test_ca1_and_xenium_layouts_give_the_same_patches(sim, tmp_path):
+    """The same section written in the CA1 layout and as a Xenium folder preprocesses to the same patches: the
+    same grid, and density images equal to float32 rounding of the micron round trip."""
+    from segjointgene.io import load_npz
+
+    write_simulated(sim, tmp_path / "data" / "a_raw" / "s")
+    _xenium(sim, tmp_path / "data" / "b_raw" / "s", low_qv=False)
+    for name in ("a", "b"):
+        assert main(["--step_name=preprocess", f"--work_dir={tmp_path}", f"--datasets_name={name}", "--quiet",
+                     f"--raw_dir={tmp_path}/data/{name}_raw/s", "--patch_size=64", "--n_celltypes=3"]) == 0
+    ma, mb = load_metadata(tmp_path / "data" / "a"), load_metadata(tmp_path / "data" / "b")
+    assert ma.crop_offset == mb.crop_offset and ma.grid == mb.grid and ma.genes == mb.genes
+    names = sorted(p.relative_to(tmp_path / "data" / "a") for p in (tmp_path / "data" / "a").glob("*/p_*.npz"))
+    assert names == sorted(p.relative_to(tmp_path / "data" / "b") for p in (tmp_path / "data" / "b").glob("*/p_*.npz"))
+    for name in names:
+        a, b = load_npz(tmp_path / "data" / "a" / name), load_npz(tmp_path / "data" / "b" / name)
+        np.testing.assert_allclose(a["image"], b["image"], atol=1e-4)
+        assert (a["spots"] == b["spots"]).all()
