@@ -26,13 +26,14 @@ from .constants import CELLS_TABLE, METADATA_FILE, SPOTS_TABLE, SPLITS, PatchKey
 from .errors import DataError, InputNotFoundError
 from .io import atomic_path, load_npz, npz_headers, read_json, remove_stale_temps, write_csv, write_tif
 from .metadata import DatasetMetadata, load_metadata, read_metadata
-from .ranking import cell_counts, differential_expression, rank_genes_groups_uns
-from .polygons import cell_polygons, write_geojson, write_xenium_ranger
-from .spatialstore import spatialdata_available, write_spatialdata
+from .metrics import cell_gene_counts
 from .plots import (densest_window, display_factor, downsample_labels, downsample_mean, plot_dotplot,
                     plot_gene_ranking_heatmap, plot_initial_vs_final, plot_section_overview, plot_training_curves,
                     plot_zoom, spot_density)
+from .polygons import cell_polygons, write_geojson, write_xenium_ranger
+from .ranking import differential_expression, rank_genes_groups_uns
 from .runfolder import FigureFiles, Paths, ResultFiles, RunFolder
+from .spatialstore import spatialdata_available, write_spatialdata
 from .stitch import (assign_spots, cell_table, celltype_table, class_map, stitch_label_cache, stitch_patch_channel)
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ def _write_anndata(path: Path, cells: pd.DataFrame, spot_cell: np.ndarray, spot_
         log.warning("anndata is not installed: %s was not written; install it with `pip install anndata` "
                     "(or `pip install segjointgene[dev]`) and run --step_name=export again", path.name)
         return None
-    counts = cell_counts(spot_cell, spot_gene, cells["cell"].to_numpy(), len(genes))
+    counts = cell_gene_counts(spot_cell, spot_gene, len(genes), cell_ids=cells["cell"].to_numpy()).astype(np.float32)
     obs = pd.DataFrame({"celltype": pd.Categorical(cells["celltype"]), "area_px": cells["area_px"].to_numpy(),
                         "n_spots": cells["n_spots"].to_numpy()}, index=cells["cell"].astype(str).to_numpy())
     obs.index.name = "cell"
@@ -456,7 +457,8 @@ def _export_expression(ex: _Export, cells: pd.DataFrame, spot_cell: np.ndarray):
     without anndata)."""
     meta, genes = ex.meta, list(ex.meta.genes)
     t0 = time.perf_counter()
-    ex.de = differential_expression(cell_counts(spot_cell, ex.spot_gene, cells["cell"].to_numpy(), len(genes)),
+    ex.de = differential_expression(cell_gene_counts(spot_cell, ex.spot_gene, len(genes),
+                                                     cell_ids=cells["cell"].to_numpy()),
                                     cells["celltype"].to_numpy(), genes)
     log.info("differential expression of %d cells x %d genes in %.1f s", len(cells), len(genes),
              time.perf_counter() - t0)
@@ -565,16 +567,13 @@ def _export_border_genes(ex: _Export) -> None:
     model = UNet(ex.meta.n_genes, ex.meta.n_classes, base_channels=width)
     model.load_state_dict(strip_module_prefix(state["model"]))
     cache = load_label_cache(ex.run.label_cache(ex.epoch))
-
-    def patches():
-        for split, part in cache.items():
-            ds = ImagePatchDataset(ex.data_dir, split, metadata=ex.meta)
-            index = {n: i for i, n in enumerate(ds.names)}
-            for name, classes in zip(part["names"], part["classes"]):
-                if str(name) in index:
-                    yield ds.read_image(index[str(name)]), torch.as_tensor(classes.astype(np.int64))
-
-    table = border_genes(model, patches(), list(ex.meta.genes), list(ex.meta.celltypes))
+    datasets = {split: ImagePatchDataset(ex.data_dir, split, metadata=ex.meta) for split in cache}
+    index = {(split, n): i for split, ds in datasets.items() for i, n in enumerate(ds.names)}
+    labels = ((key, torch.as_tensor(classes.astype(np.int64))) for split, part in cache.items()
+              for key, classes in (((split, str(n)), c) for n, c in zip(part["names"], part["classes"]))
+              if key in index)
+    table = border_genes(model, labels, lambda key: datasets[key[0]].read_image(index[key]), list(ex.meta.genes),
+                         list(ex.meta.celltypes))
     write_csv(ex.out / ResultFiles.BORDER_GENES, table)
     log.info("border genes of %d type pairs in %.1f s", table[["type_a", "type_b"]].drop_duplicates().shape[0],
              time.perf_counter() - t0)

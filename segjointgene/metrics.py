@@ -668,23 +668,28 @@ def assigned_fraction(spot_cell: np.ndarray) -> float:
     return float((c != BACKGROUND).mean()) if c.size else float("nan")
 
 
-def cell_gene_counts(spot_cell: np.ndarray, spot_gene: np.ndarray, n_genes: int) -> scipy.sparse.csr_matrix:
-    """Cell x gene spot counts of every cell that holds at least one spot.
+def cell_gene_counts(spot_cell: np.ndarray, spot_gene: np.ndarray, n_genes: int, *,
+                     cell_ids: np.ndarray | None = None) -> scipy.sparse.csr_matrix:
+    """Cell x gene spot counts.
 
     Parameters
     ----------
     spot_cell : (n,) integer array, cell of each spot (0 = none; those spots are ignored).
     spot_gene : (n,) integer array, gene channel of each spot in ``0 .. n_genes - 1``.
     n_genes : number of genes G.
+    cell_ids : the rows, in this order (cells without spots give zero rows; spots of other cells are ignored);
+        default: every cell that holds a spot, ids ascending.
 
     Returns
     -------
-    (n_cells, G) int64 CSR matrix; rows are the distinct cell ids > 0 in ascending order.
+    (n_cells, G) int64 CSR matrix.
 
     Examples
     --------
     >>> cell_gene_counts(np.array([2, 2, 0, 7]), np.array([0, 1, 1, 1]), 2).toarray().tolist()
     [[1, 1], [0, 1]]
+    >>> cell_gene_counts(np.array([2, 2, 0, 7]), np.array([0, 1, 1, 1]), 2, cell_ids=np.array([7, 2, 5])).toarray().tolist()
+    [[0, 1], [1, 1], [0, 0]]
     """
     c = np.asarray(spot_cell).astype(np.int64, copy=False).ravel()
     g = np.asarray(spot_gene).astype(np.int64, copy=False).ravel()
@@ -692,8 +697,16 @@ def cell_gene_counts(spot_cell: np.ndarray, spot_gene: np.ndarray, n_genes: int)
         raise ValueError(f"spot_cell has {c.size} spots but spot_gene has {g.size}")
     if g.size and (g.min() < 0 or g.max() >= n_genes):
         raise ValueError(f"spot_gene holds channels {g.min()}..{g.max()} outside 0..{n_genes - 1}")
-    keep = c != BACKGROUND
-    cells, row = np.unique(c[keep], return_inverse=True)
+    if cell_ids is None:
+        keep = c != BACKGROUND
+        cells, row = np.unique(c[keep], return_inverse=True)
+    else:
+        cells = np.asarray(cell_ids, np.int64)
+        row_of = np.full(int(max(cells.max(initial=0), c.max(initial=0))) + 1, -1, np.int64)
+        row_of[cells] = np.arange(cells.size)
+        row = row_of[np.maximum(c, 0)]
+        keep = (c != BACKGROUND) & (row >= 0)
+        row = row[keep]
     data = np.ones(int(keep.sum()), np.int64)
     return scipy.sparse.csr_matrix((data, (row, g[keep])), shape=(cells.size, n_genes))
 
@@ -869,51 +882,3 @@ def border_marker_precision(border: pd.DataFrame, markers: pd.DataFrame) -> pd.D
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "celltype"
     return table
-
-
-def expression_ranking(spot_cell: np.ndarray, spot_gene: np.ndarray, cell_class: dict[int, str] | pd.Series,
-                       genes: list[str], *, pseudocount: float = 0.1) -> pd.DataFrame:
-    """Genes ranked per cell type by differential expression of the segmented cells (a reference for attribution).
-
-    For each type, the log2 fold change of the mean spot count per cell of that type against the mean over all
-    other cells (with a pseudocount).
-
-    Parameters
-    ----------
-    spot_cell : (n,) cell of each spot (0 = none).
-    spot_gene : (n,) gene channel of each spot.
-    cell_class : cell id -> cell-type name (cells without spots count with zeros).
-    genes : gene names in channel order.
-    pseudocount : added to both means before the ratio.
-
-    Returns
-    -------
-    Long table ``celltype, gene, score (log2 fold change), mean_in, mean_out, rank`` (rank 1 = most enriched).
-
-    Examples
-    --------
-    >>> t = expression_ranking(np.array([1, 1, 2]), np.array([0, 0, 1]), {1: "A", 2: "B"}, ["g0", "g1"])
-    >>> t[t.celltype == "A"][["gene", "rank"]].values.tolist()
-    [['g0', 1], ['g1', 2]]
-    """
-    cell_class = pd.Series(cell_class)
-    ids = cell_class.index.to_numpy(np.int64)
-    row_of = {c: i for i, c in enumerate(ids)}
-    keep = np.isin(spot_cell, ids)
-    rows = np.array([row_of[c] for c in np.asarray(spot_cell)[keep]], np.int64)
-    counts = np.zeros((ids.size, len(genes)))
-    np.add.at(counts, (rows, np.asarray(spot_gene)[keep]), 1.0)
-    out = []
-    for celltype in sorted(cell_class.unique()):
-        inside = (cell_class.to_numpy() == celltype)
-        if inside.all() or not inside.any():
-            continue
-        mean_in, mean_out = counts[inside].mean(0), counts[~inside].mean(0)
-        score = np.log2((mean_in + pseudocount) / (mean_out + pseudocount))
-        order = np.argsort(-score, kind="stable")
-        rank = np.empty(len(genes), np.int64)
-        rank[order] = np.arange(1, len(genes) + 1)
-        out.append(pd.DataFrame({"celltype": celltype, "gene": genes, "score": score, "mean_in": mean_in,
-                                 "mean_out": mean_out, "rank": rank}).sort_values("rank"))
-    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(
-        columns=["celltype", "gene", "score", "mean_in", "mean_out", "rank"])

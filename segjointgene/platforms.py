@@ -1,4 +1,4 @@
-"""Instrument output folders as raw sections: 10x Xenium, Vizgen MERSCOPE, NanoString CosMx (layer 1.4).
+"""Instrument output folders as raw sections: 10x Xenium, Vizgen MERSCOPE, NanoString CosMx (layer 1.6).
 
 :func:`detect_format` names the layout of a folder from its files; :func:`read_platform` turns it into the same
 :class:`~segjointgene.io.Section` the CA1 layout gives, in a pixel frame of the platform's image (Xenium: the
@@ -30,11 +30,14 @@ import numpy as np
 import pandas as pd
 
 from .errors import ColumnError, DataError, InputNotFoundError
+from .dapi import detect_nuclei
 from .io import Section
+from .metrics import cell_gene_counts
+from .ranking import normalise_counts
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "derive_celltypes", "detect_format", "detect_nuclei", "read_platform"]
+__all__ = ["FORMATS", "derive_celltypes", "detect_format", "read_platform"]
 
 FORMATS = ("auto", "ca1", "xenium", "merscope", "cosmx")
 #: Probe names that are not genes (prefixes, case-insensitive).
@@ -173,9 +176,7 @@ def derive_celltypes(counts: np.ndarray, genes: list[str], *, reference: pd.Data
     from sklearn.decomposition import PCA
     from sklearn.metrics import silhouette_score
 
-    total = counts.sum(1, keepdims=True)
-    target = float(np.median(total[total > 0])) if (total > 0).any() else 1.0
-    x = np.log1p(np.divide(counts * target, total, out=np.zeros_like(counts), where=total > 0))
+    x = normalise_counts(counts)
     x = PCA(n_components=max(1, min(20, x.shape[1] - 1, x.shape[0] - 1)), random_state=seed).fit_transform(x)
     rng = np.random.default_rng(seed)
     if n_celltypes is None:
@@ -197,51 +198,12 @@ def _nucleus_counts(spots: pd.DataFrame, cells: pd.DataFrame, nuclei: np.ndarray
                     spot_cell: np.ndarray | None) -> np.ndarray:
     """cells x genes counts for typing: the platform's own cell assignment when it made one (whole cells carry more
     spots than nuclei), else the spots on each nucleus."""
-    row_of = pd.Series(np.arange(len(cells)), index=cells["cell"].to_numpy())
     gene_idx = pd.Series(np.arange(len(genes)), index=genes)[spots["gene"].to_numpy()].to_numpy()
     if (spot_cell is None or not (spot_cell > 0).any()) and nuclei is not None:
         iy = np.clip(spots["y"].to_numpy().astype(np.int64), 0, nuclei.shape[0] - 1)
         ix = np.clip(spots["x"].to_numpy().astype(np.int64), 0, nuclei.shape[1] - 1)
-        owner = nuclei[iy, ix]
-    else:
-        owner = spot_cell
-    counts = np.zeros((len(cells), len(genes)))
-    keep = (owner > 0) & np.isin(owner, cells["cell"].to_numpy())
-    np.add.at(counts, (row_of[owner[keep]].to_numpy(), gene_idx[keep]), 1.0)
-    return counts
-
-
-def detect_nuclei(dapi: np.ndarray, *, min_distance: int = 3, min_area: int = 8) -> tuple[np.ndarray, pd.DataFrame]:
-    """Nuclei found in the DAPI image alone (no centroids): a local half-peak foreground above the background noise,
-    holes filled, split by the watershed of its distance transform from its maxima (``min_distance`` apart);
-    pieces under ``min_area`` px dropped. Returns the label image and ``cell, x, y`` (pixel-centre centroids)."""
-    from skimage.feature import peak_local_max
-    from skimage.filters import gaussian, threshold_otsu
-    from skimage.segmentation import watershed
-    from scipy import ndimage
-
-    smooth = gaussian(dapi.astype(np.float32), sigma=1.0, preserve_range=True)
-    otsu = threshold_otsu(smooth)
-    below = smooth[smooth < otsu]
-    bg = float(np.median(below))
-    noise = float(np.median(np.abs(below - bg))) * 1.4826
-    fg = (smooth > 0.5 * otsu) | (smooth > np.maximum(bg + 3.0 * noise, 0.5 * ndimage.maximum_filter(smooth, 11)))
-    fg = ndimage.binary_fill_holes(ndimage.binary_opening(fg))
-    dist = ndimage.distance_transform_edt(fg)
-    peaks = peak_local_max(dist, min_distance=min_distance, labels=ndimage.label(fg)[0], exclude_border=False)
-    markers = np.zeros(dapi.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    labels = watershed(-dist, markers, mask=fg)
-    area = np.bincount(labels.ravel())
-    labels[area[labels] < min_area] = 0
-    ids = np.unique(labels[labels > 0])
-    relabel = np.zeros(int(labels.max()) + 1, np.uint32)
-    relabel[ids] = np.arange(1, ids.size + 1)
-    labels = relabel[labels]
-    idx = np.arange(1, ids.size + 1)
-    cy, cx = (np.asarray(ndimage.mean(g, labels, idx)) for g in np.indices(dapi.shape))
-    log.info("found %d nuclei in the DAPI image (no centroids given)", ids.size)
-    return labels, pd.DataFrame({"cell": idx, "x": cx + 0.5, "y": cy + 0.5})
+        spot_cell = nuclei[iy, ix]
+    return cell_gene_counts(spot_cell, gene_idx, len(genes), cell_ids=cells["cell"].to_numpy()).toarray()
 
 
 # ------------------------------------------------------------------------------------------------ assembling

@@ -44,16 +44,16 @@ def cell_polygons(instance: np.ndarray, *, scale: float = 1.0) -> dict[int, list
 
 
 def write_geojson(path: str | os.PathLike, instance: np.ndarray, cells: pd.DataFrame, *, scale: float = 1.0,
-                  unit: str = "pixel", rings: dict[int, list[list[float]]] | None = None) -> Path:
+                  unit: str = "pixel", rings: dict[int, list[list[float]]] | None = None, id_prefix: str = "") -> Path:
     """FeatureCollection of the cells of ``cells`` (``cell, celltype, n_spots``) outlined in ``instance`` (or
-    given as ``rings`` from :func:`cell_polygons` at this ``scale``)."""
+    given as ``rings`` from :func:`cell_polygons` at this ``scale``); feature ids ``<id_prefix><cell>``."""
     rings = cell_polygons(instance, scale=scale) if rings is None else rings
     features = []
     for row in cells.itertuples(index=False):
         ring = rings.get(int(row.cell))
         if ring is None:
             continue
-        features.append({"type": "Feature", "id": str(row.cell),
+        features.append({"type": "Feature", "id": f"{id_prefix}{row.cell}",
                          "geometry": {"type": "Polygon", "coordinates": [ring]},
                          "properties": {"objectType": "cell", "cell": int(row.cell), "celltype": str(row.celltype),
                                         "n_spots": int(row.n_spots), "classification": {"name": str(row.celltype)}}})
@@ -87,10 +87,6 @@ def write_xenium_ranger(folder: str | os.PathLike, instance: np.ndarray, nuclei:
         "transcript_id": ids, "cell": np.where(cell > 0, "cell-" + cell.astype(str), ""), "is_noise": cell == 0,
         "x": spots["spotX"].to_numpy() * um_per_px, "y": spots["spotY"].to_numpy() * um_per_px,
         "gene": spots["gene"].to_numpy()}))
-    write_geojson(folder / "viz_polygons.geojson", instance, cells.assign(cell=cells["cell"]), scale=um_per_px,
-                  unit="micron")
-    doc = json.loads((folder / "viz_polygons.geojson").read_text())
-    for f in doc["features"]:  # Xenium Ranger matches polygons to the assignment's cell ids
-        f["id"] = f"cell-{f['properties']['cell']}"
-    (folder / "viz_polygons.geojson").write_text(json.dumps(doc))
+    # Xenium Ranger matches the polygons to the assignment's cell ids
+    write_geojson(folder / "viz_polygons.geojson", instance, cells, scale=um_per_px, unit="micron", id_prefix="cell-")
     return folder

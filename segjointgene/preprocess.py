@@ -37,6 +37,7 @@ from scipy import ndimage
 from .config import PreprocessConfig
 from .constants import (BACKGROUND, BACKGROUND_NAME, CELLS_TABLE, METADATA_FILE, PATCH_GLOB, PATCH_NAME, SPLITS,
                         SPOTS_TABLE, PatchKeys)
+from .dapi import half_peak_foreground, smooth_dapi
 from .errors import DataError
 from .geometry import FrameGeometry
 from .io import Section, load_npz, read_json, remove_stale_temps, save_npz, write_csv, write_json
@@ -123,17 +124,15 @@ def seeded_watershed(dapi: np.ndarray, cells: pd.DataFrame, *, seeds: str = "reg
     -------
     (H, W) int32 ndarray, ids = ``cell``, 0 = background.
     """
-    from skimage.filters import gaussian, threshold_otsu
     from skimage.segmentation import watershed
 
-    smooth = gaussian(dapi.astype(np.float32), sigma=1.0, preserve_range=True)
-    otsu = threshold_otsu(smooth)
+    smooth, otsu = smooth_dapi(dapi)
     foreground = smooth > 0.5 * otsu
     yi = np.clip(cells["y"].to_numpy().astype(np.int64), 0, dapi.shape[0] - 1)
     xi = np.clip(cells["x"].to_numpy().astype(np.int64), 0, dapi.shape[1] - 1)
     ids = cells["cell"].to_numpy()
     if seeds == "region":
-        foreground, yi, xi = _robust_foreground(smooth, otsu, foreground, yi, xi)
+        foreground, yi, xi = _robust_foreground(smooth, otsu, yi, xi)
         markers = _seed_discs(dapi.shape, yi, xi, ids, radius=2) * foreground
     else:
         markers = np.zeros(dapi.shape, np.int32)
@@ -158,19 +157,12 @@ def _seed_counts(nuclei: np.ndarray | scipy.sparse.csr_matrix, cells: pd.DataFra
     return counts
 
 
-def _robust_foreground(smooth: np.ndarray, otsu: float, foreground: np.ndarray, yi: np.ndarray, xi: np.ndarray):
-    """Global foreground plus half-of-local-peak pixels above the background noise, holes filled; seeds snapped to
-    the nearest foreground pixel within 6 px."""
-    below = smooth[smooth < otsu]
-    bg = float(np.median(below)) if below.size else 0.0
-    noise = float(np.median(np.abs(below - bg))) * 1.4826 if below.size else 0.0
-    local = smooth > np.maximum(bg + 3.0 * noise, 0.5 * ndimage.maximum_filter(smooth, size=11))
-    fg = ndimage.binary_fill_holes(foreground | local)
+def _robust_foreground(smooth: np.ndarray, otsu: float, yi: np.ndarray, xi: np.ndarray):
+    """The half-peak foreground with holes filled; seeds snapped to the nearest foreground pixel within 6 px."""
+    fg = ndimage.binary_fill_holes(half_peak_foreground(smooth, otsu))
     dist, (ny, nx) = ndimage.distance_transform_edt(~fg, return_indices=True)
     near = dist[yi, xi] <= 6.0
-    yi = np.where(near, ny[yi, xi], yi)
-    xi = np.where(near, nx[yi, xi], xi)
-    return fg, yi, xi
+    return fg, np.where(near, ny[yi, xi], yi), np.where(near, nx[yi, xi], xi)
 
 
 def _seed_discs(shape: tuple[int, int], yi: np.ndarray, xi: np.ndarray, ids: np.ndarray, radius: int) -> np.ndarray:

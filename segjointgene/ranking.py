@@ -19,28 +19,10 @@ import pandas as pd
 import scipy.sparse
 from scipy import stats
 
-__all__ = ["DE_COLUMNS", "benjamini_hochberg", "cell_counts", "differential_expression", "rank_genes_groups_uns"]
+__all__ = ["DE_COLUMNS", "benjamini_hochberg", "differential_expression", "normalise_counts", "rank_genes_groups_uns"]
 
 DE_COLUMNS = ["celltype", "gene", "rank", "score", "logfoldchange", "pval", "pval_adj", "pct_in", "pct_out",
               "mean_in", "mean_out", "n_cells"]
-
-
-def cell_counts(spot_cell: np.ndarray, spot_gene: np.ndarray, cell_ids: np.ndarray, n_genes: int) -> scipy.sparse.csr_matrix:
-    """(len(cell_ids), n_genes) spot counts, rows in ``cell_ids`` order (cells without spots: zero rows).
-
-    >>> cell_counts(np.array([2, 2, 0, 7]), np.array([0, 1, 1, 1]), np.array([7, 2, 5]), 2).toarray().tolist()
-    [[0.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
-    """
-    cell_ids = np.asarray(cell_ids, np.int64)
-    spot_cell = np.asarray(spot_cell, np.int64)
-    row_of = np.full(int(max(cell_ids.max(initial=0), spot_cell.max(initial=0))) + 1, -1, np.int64)
-    row_of[cell_ids] = np.arange(cell_ids.size)
-    rows = row_of[spot_cell]
-    keep = (spot_cell > 0) & (rows >= 0)
-    out = scipy.sparse.coo_matrix((np.ones(int(keep.sum()), np.float32), (rows[keep], np.asarray(spot_gene)[keep])),
-                                  shape=(cell_ids.size, n_genes)).tocsr()
-    out.sum_duplicates()
-    return out
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
@@ -61,7 +43,7 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     return out
 
 
-def _normalise(counts: np.ndarray) -> np.ndarray:
+def normalise_counts(counts: np.ndarray) -> np.ndarray:
     """Counts scaled to the median total of the cells with counts, then log1p (scanpy's normalize_total + log1p)."""
     total = counts.sum(1, keepdims=True)
     target = float(np.median(total[total > 0])) if (total > 0).any() else 1.0
@@ -72,7 +54,7 @@ def _wilcoxon(x: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray
     """(z, two-sided p) of the rank-sum test of every column of ``x`` (cells x genes), ``inside`` vs the rest."""
     n1, n = int(inside.sum()), x.shape[0]
     n2 = n - n1
-    ranks = np.apply_along_axis(stats.rankdata, 0, x)
+    ranks = stats.rankdata(x, axis=0)
     rank_sum = ranks[inside].sum(0)
     expected = n1 * (n + 1) / 2.0
     _, tie_counts = zip(*(np.unique(col, return_counts=True) for col in x.T)) if x.shape[1] else ((), ())
@@ -96,7 +78,7 @@ def differential_expression(counts: np.ndarray | scipy.sparse.spmatrix, groups: 
     dense = counts.toarray() if scipy.sparse.issparse(counts) else np.asarray(counts, np.float64)
     dense = dense.astype(np.float64)
     groups = np.asarray(groups, dtype=object)
-    x = _normalise(dense)
+    x = normalise_counts(dense)
     expressed = dense > 0
     parts = []
     for celltype in sorted(pd.unique(groups)):

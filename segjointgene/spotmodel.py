@@ -6,11 +6,12 @@ Every cell ``c`` (one per nucleus, of known type ``t_c``) emits spots as a Poiss
 ``p_t`` the type's gene profile (first from the spots on the type's nuclei, then from the assigned spots, or
 fixed by a reference). Background emits ``rho_0 * p_0(g)`` everywhere. EM alternates the posterior of each spot
 over its ``k`` nearest cells and the background (E) with the cell parameters (M); a mean-field neighbour term
-(each spot leans towards the cells its neighbouring spots belong to) makes territories contiguous.
+(each spot leans towards the cells its neighbouring spots belong to; off by default) makes territories contiguous.
+Extra per-spot log-evidence (e.g. a UNet's type posterior) can enter the E-step.
 
 :func:`fit_spot_model` returns each spot's cell and posterior probability, and :func:`territories` rasterises the
-fitted cells into an instance mask (each pixel to the cell of highest intensity there, background where the
-background intensity wins), optionally with a per-pixel evidence term (e.g. a UNet's type posterior).
+fitted cells into an instance mask (each pixel to the cell whose shape is highest there relative to its peak,
+background outside that cell's ellipse).
 """
 
 from __future__ import annotations
@@ -100,16 +101,24 @@ def _log_norm(power: float) -> float:
     return float(np.log(2 * np.pi * np.trapezoid(g * r, r)))
 
 
-def _log_shape(dy: np.ndarray, dx: np.ndarray, cov: np.ndarray, power: float) -> np.ndarray:
-    """log f_c at offsets (dy, dx) (any shape (..., )) from cells with covariances ``cov`` (..., 2, 2)."""
+def _mahalanobis(dy: np.ndarray, dx: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(squared Mahalanobis distance, determinant) of offsets (dy, dx) under covariances ``cov`` (..., 2, 2)."""
     a, b, d = cov[..., 0, 0], cov[..., 0, 1], cov[..., 1, 1]
     det = np.maximum(a * d - b * b, 1e-9)
-    m2 = (d * dy * dy - 2 * b * dy * dx + a * dx * dx) / det
+    return (d * dy * dy - 2 * b * dy * dx + a * dx * dx) / det, det
+
+
+def _shape_core(m2: np.ndarray, power: float) -> np.ndarray:
+    """log of the shape relative to its peak at squared Mahalanobis distance ``m2``."""
     if power > 0:
-        core = -(0.5 * m2) ** (power / 2.0)
-    else:
-        core = -np.logaddexp(0.0, (np.sqrt(m2) - _DISC_EDGE) / -power)
-    return -0.5 * np.log(det) + core - _log_norm(power)
+        return -(0.5 * m2) ** (power / 2.0)
+    return -np.logaddexp(0.0, (np.sqrt(m2) - _DISC_EDGE) / -power)
+
+
+def _log_shape(dy: np.ndarray, dx: np.ndarray, cov: np.ndarray, power: float) -> np.ndarray:
+    """log f_c at offsets (dy, dx) (any shape (..., )) from cells with covariances ``cov`` (..., 2, 2)."""
+    m2, det = _mahalanobis(dy, dx, cov)
+    return -0.5 * np.log(det) + _shape_core(m2, power) - _log_norm(power)
 
 
 def _nucleus_stats(nuclei: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,8 +175,7 @@ def _membership(model: CellModel, py: np.ndarray, px: np.ndarray, cand: np.ndarr
     """(n, k) log of each candidate's shape at the points relative to its peak: -(m^2 / 2)^(power / 2). Unlike the
     spot intensity it ignores the expected count, so a cell that expresses more does not claim more pixels."""
     dy, dx = py[:, None] - model.centre[cand, 0], px[:, None] - model.centre[cand, 1]
-    norm = 0.5 * np.log(np.maximum(np.linalg.det(model.cov[cand]), 1e-9)) + _log_norm(model.shape_power)
-    return _log_shape(dy, dx, model.cov[cand], model.shape_power) + norm
+    return _shape_core(_mahalanobis(dy, dx, model.cov[cand])[0], model.shape_power)
 
 
 def _neighbour_graph(sy: np.ndarray, sx: np.ndarray, k: int) -> sp.csr_matrix:
@@ -235,7 +243,8 @@ def _m_step(model: CellModel, resp: np.ndarray, sy, sx, gene, cand, nucleus_cent
         model.profile = _normalise_profile(counts, model.background_profile, cfg.profile_pseudo)
     bg = resp[:, k]
     model.background_rate = max(float(bg.sum()) / area, 1e-9)
-    model.background_profile = (np.bincount(gene, bg, minlength=model.profile.shape[1]) + 1.0) / (bg.sum() + gene.max() + 1)
+    n_genes = model.profile.shape[1]
+    model.background_profile = (np.bincount(gene, bg, minlength=n_genes) + 1.0) / (bg.sum() + n_genes)
 
 
 def _typical_cov(model: CellModel, n_types: int) -> np.ndarray:
@@ -314,9 +323,7 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
 def _mahalanobis2(model: CellModel, row: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
     """Squared Mahalanobis distance of points to cells ``row`` in units of the cells' second moments."""
     dy, dx = py - model.centre[row, 0], px - model.centre[row, 1]
-    s2 = model.cov[row] * _moment_factor(model.shape_power)
-    a, b, d = s2[:, 0, 0], s2[:, 0, 1], s2[:, 1, 1]
-    return (d * dy * dy - 2 * b * dy * dx + a * dx * dx) / np.maximum(a * d - b * b, 1e-9)
+    return _mahalanobis(dy, dx, model.cov[row] * _moment_factor(model.shape_power))[0]
 
 
 def _candidate_resp(resp: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -326,11 +333,10 @@ def _candidate_resp(resp: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.nd
     return (hit * resp[:, None, :k]).sum(2)
 
 
-def territories(model: CellModel, shape: tuple[int, int], *, evidence=None, chunk: int = 1 << 18,
-                k: int = 6, edge: float | None = _DISC_EDGE) -> np.ndarray:
-    """(H, W) uint32 instance mask: each pixel to the fitted cell whose shape is highest there relative to its peak
-    (plus ``evidence(py, px, cand)`` -> (n, k) extra log-evidence when given); background outside that cell's
-    ellipse of the same second moment (``edge``: its Mahalanobis radius; 2 = a uniform ellipse's edge). Only the
+def territories(model: CellModel, shape: tuple[int, int], *, chunk: int = 1 << 18, k: int = 6,
+                edge: float | None = _DISC_EDGE) -> np.ndarray:
+    """(H, W) uint32 instance mask: each pixel to the fitted cell whose shape is highest there relative to its peak;
+    background outside that cell's ellipse of the same second moment (``edge``: its Mahalanobis radius; 2 = a uniform ellipse's edge). Only the
     pixels inside some cell's bounding box of that ellipse are evaluated (a section is mostly background)."""
     h, w = shape
     out = np.zeros(shape, np.uint32)
@@ -345,8 +351,6 @@ def territories(model: CellModel, shape: tuple[int, int], *, evidence=None, chun
         py, px = part // w + 0.5, part % w + 0.5
         cand = tree.query(np.stack([py, px], 1), k=k)[1].reshape(part.size, k)
         score = _membership(model, py, px, cand)
-        if evidence is not None:
-            score = score + evidence(py, px, cand)
         win = cand[np.arange(part.size), score.argmax(1)]
         fg = np.ones(part.size, bool)
         if edge is not None:  # inside the cell's ellipse of the same second moment (a uniform cell's edge)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from segjointgene.ranking import _normalise, benjamini_hochberg, differential_expression, rank_genes_groups_uns
+from segjointgene.ranking import benjamini_hochberg, differential_expression, normalise_counts, rank_genes_groups_uns
 
 
 def _counts(seed=0):
@@ -20,7 +20,7 @@ def _counts(seed=0):
 def test_wilcoxon_matches_scipy_mannwhitneyu_with_tie_correction():
     counts, groups, genes = _counts()
     de = differential_expression(counts, groups, genes)
-    x = _normalise(counts)
+    x = normalise_counts(counts)
     inside = np.array(groups) == "A"
     a = de[de.celltype == "A"].set_index("gene")
     for j, g in enumerate(genes):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -50,23 +51,25 @@ def _pair_gradients(model: torch.nn.Module, image: torch.Tensor, pairs: list[tup
     return torch.stack(out)
 
 
-def border_genes(model: torch.nn.Module, patches: Iterable[tuple[torch.Tensor, torch.Tensor]], genes: list[str],
-                 celltypes: list[str], *, width: int = 3, n_steps: int = 4, max_patches: int = 24) -> pd.DataFrame:
-    """Long table :data:`BORDER_COLUMNS` from ``(image (G, P, P), classes (P, P))`` patches (the ``max_patches``
-    with the most border pixels are attributed); rank 1 = the gene with the largest ``|score|`` of the pair."""
-    candidates: list[tuple[int, int, torch.Tensor, dict]] = []  # a min-heap of the max_patches best: bounded memory
-    for i, (image, classes) in enumerate(patches):
+def border_genes(model: torch.nn.Module, labels: Iterable[tuple[Any, torch.Tensor]],
+                 image_of: Callable[[Any], torch.Tensor], genes: list[str], celltypes: list[str], *, width: int = 3,
+                 n_steps: int = 4, max_patches: int = 24) -> pd.DataFrame:
+    """Long table :data:`BORDER_COLUMNS` from ``(key, classes (P, P))`` label maps; the ``max_patches`` with the most
+    border pixels are attributed, their ``image_of(key)`` (G, P, P) read only then. Rank 1 = the gene with the
+    largest ``|score|`` of the pair."""
+    candidates: list[tuple[int, int, Any, dict]] = []  # a min-heap of the max_patches best: bounded memory
+    for i, (key, classes) in enumerate(labels):
         masks = border_masks(classes, width)
         if masks:
-            item = (sum(int(m.sum()) for m in masks.values()), -i, image, masks)
+            item = (sum(int(m.sum()) for m in masks.values()), -i, key, masks)
             (heapq.heappush if len(candidates) < max_patches else heapq.heappushpop)(candidates, item)
     candidates.sort(key=lambda c: (-c[0], -c[1]))
     sums: dict[tuple[int, int], torch.Tensor] = {}
     counts: dict[tuple[int, int], int] = {}
     model.eval()
-    for _, _, image, masks in candidates:
+    for _, _, key, masks in candidates:
         pairs = list(masks.items())
-        grads = _pair_gradients(model, image, pairs, n_steps).detach()
+        grads = _pair_gradients(model, image_of(key), pairs, n_steps).detach()
         for (pair, mask), g in zip(pairs, grads):
             sums[pair] = sums.get(pair, 0) + g
             counts[pair] = counts.get(pair, 0) + int(mask.sum())

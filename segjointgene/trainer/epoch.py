@@ -200,8 +200,6 @@ class EpochRunner:
         update = epoch >= max(1, cfg.warmup_epochs)
         if self.rc.spots is not None:  # the model rule refits once, with the trained network
             update = epoch == cfg.net_epoch and epoch >= 1
-            if update:
-                self.rc.spots.start_evidence()
         return EpochPlan(epoch=epoch, step=epoch > 0, update=update, attribute=attribute,
                          passes=cfg.passes_per_epoch if epoch > 0 else 1, weights=weights)
 
@@ -267,13 +265,14 @@ class EpochRunner:
             part = batch if own == len(batch["index"]) else _first_samples(batch, own)
             images = self.rc.images_of(part)
             logits = self.predict(images)
-            window = self.label_window(part)
+            grow = plan.update and self.rc.spots is None
+            window = self.label_window(part) if plan.attribute or grow else None
             summary = self.attribute(images, part, window, tally) if plan.attribute else None
-            if plan.update and self.rc.spots is not None:
-                self.rc.spots.add_evidence(part["origin"], logits)
-            elif plan.update:
+            if grow:
                 new = self.grow_labels(part, self.state.stores[split], logits, window, summary, tally)
-        if plan.update and self.rc.spots is None:
+            elif plan.update:  # the model rule: the network's posterior at the spots, for the refit
+                self.rc.spots.add_evidence(part["origin"], logits)
+        if plan.update and self.rc.spots is None:  # the model rule's refit writes every rank's labels itself
             _share_label_updates(self.state.stores[split], batch["index"][:own], new, self.rc.meta.patch_size, ctx,
                                  capacity=self.rc.train_cfg.net_batch_size)
 

@@ -33,8 +33,8 @@ from ..metadata import DatasetMetadata, load_metadata
 from ..model import UNet, check_patch_size
 from ..runfolder import Paths, RunFolder
 from .epoch import EpochRunner, RunContext, ignore_sigterm
-from .spots import SpotEngine
 from .section import SectionLabels, nucleus_seeds, spot_positions
+from .spots import SpotEngine
 from .state import AttributionState, TrainingState, make_generators
 
 log = logging.getLogger(__name__)
@@ -197,11 +197,10 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
         start, rows = state.restore(run, resume_epoch, meta=meta, device=device, ctx=ctx)
     net = distributed.wrap_model(state.model, device, ctx)
     rc = _run_context(data_dir, meta, run, splits, state, train_cfg, label_cfg, attr_cfg, runtime, device, ctx)
-    if rc.spots is not None and resume_epoch is None:  # the model rule starts from the spot model's territories
+    if rc.spots is not None:  # the model rule: the spot model's fit (deterministic; redone on resume for the saves)
         rc.spots.run_fit()
-        rc.spots.write_labels()
-    elif rc.spots is not None:
-        rc.spots.restore(run, resume_epoch)
+        if resume_epoch is None:  # a new run starts from its territories; a resumed one has them in its label cache
+            rc.spots.write_labels()
     saved = run.saved_epochs()
     if ctx.is_main:  # everything checked: the run starts
         run.path.mkdir(parents=True, exist_ok=True)

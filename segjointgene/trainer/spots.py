@@ -22,7 +22,7 @@ from .. import distributed
 from ..config import LabelUpdateConfig
 from ..constants import SPOTS_TABLE
 from ..dataset import ImagePatchDataset, LabelStore
-from ..io import atomic_path, load_npz
+from ..io import load_npz, save_npz
 from ..metadata import DatasetMetadata
 from ..runfolder import RunFolder
 from ..spotmodel import SpotModelConfig, SpotModelFit, fit_spot_model, territories
@@ -51,6 +51,21 @@ class SpotEngine:
         self.n_classes = meta.n_classes
         self.evidence = np.zeros((self.x.size, self.n_classes), np.float64)
         self.fit: SpotModelFit | None = None
+        # the spots of each patch, found once: spots sorted by the (row, col) of the patch they fall in
+        self._cols = self.shape[1] // self.p
+        key = self._patch_key(self.y, self.x)
+        self._order = np.argsort(key, kind="stable")
+        self._sorted_key = key[self._order]
+
+    def _patch_key(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        row = np.floor(y / self.p).astype(np.int64)
+        col = np.floor(x / self.p).astype(np.int64)
+        return np.where((row >= 0) & (col >= 0) & (col < self._cols), row * self._cols + col, -1)
+
+    def _spots_of(self, y0: int, x0: int) -> np.ndarray:
+        k = (y0 // self.p) * self._cols + x0 // self.p
+        lo, hi = np.searchsorted(self._sorted_key, [k, k + 1])
+        return self._order[lo:hi]
 
     def _canvas(self, part) -> np.ndarray:
         out = np.zeros(self.shape, np.int64)
@@ -86,14 +101,11 @@ class SpotEngine:
         return changed
 
     # ------------------------------------------------------------------------------------------ the network's side
-    def start_evidence(self) -> None:
-        self.evidence[:] = 0.0
-
     def add_evidence(self, origins: torch.Tensor, logits: torch.Tensor) -> None:
         """Gather the (B, K, P, P) log posterior at the spots of these patches (each spot lies in one patch)."""
         logp = torch.log_softmax(logits.float(), 1).cpu().numpy()
         for (y0, x0), lp in zip(origins.tolist(), logp):
-            sel = np.flatnonzero((self.y >= y0) & (self.y < y0 + self.p) & (self.x >= x0) & (self.x < x0 + self.p))
+            sel = self._spots_of(y0, x0)
             r, c = (self.y[sel] - y0).astype(np.int64), (self.x[sel] - x0).astype(np.int64)
             self.evidence[sel] = lp[:, r, c].T
 
@@ -110,13 +122,6 @@ class SpotEngine:
         self.run_fit(self.net_weight * ratio)
         return self.write_labels()
 
-    def restore(self, run: RunFolder, epoch: int) -> None:
-        """On resume: the labels come from the label cache; the fit (deterministic) is redone for later saves."""
-        del run, epoch
-        self.run_fit()
-
     def save(self, run: RunFolder, epoch: int) -> None:
         """The spot assignment of the latest fit, as ``spot_assignment_<epoch>.npz`` (spots.npz order)."""
-        with atomic_path(run.spot_assignment(epoch)) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, cell=self.fit.cell, prob=self.fit.prob)
+        save_npz(run.spot_assignment(epoch), {"cell": self.fit.cell, "prob": self.fit.prob})
