@@ -32,6 +32,7 @@ from scipy.spatial import cKDTree
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from segjointgene.evaluation import Spots, load_truth, markdown_table, score_assignment  # noqa: E402
+from segjointgene.metrics import calibration_error, reliability  # noqa: E402
 from segjointgene.io import load_npz  # noqa: E402
 from segjointgene.metadata import load_metadata  # noqa: E402
 
@@ -87,6 +88,28 @@ def run_section(out: Path, mode: str, noise: float, seed: int, size: int, env_di
     return table
 
 
+def _section_truth(out: Path, name: str):
+    """The section's spots (spots.npz order), their rows in the raw spots file and the truth."""
+    raw = out / "data" / f"{name}_raw" / "3_1_left"
+    data_dir = out / "data" / name
+    meta = load_metadata(data_dir)
+    table = load_npz(data_dir / "spots.npz", ("gene", "x", "y", "row_in_file"))
+    spots = Spots(x=table["x"].astype(float), y=table["y"].astype(float), gene=table["gene"].astype(np.int32),
+                  genes=meta.genes)
+    rows = table["row_in_file"].astype(np.int64)
+    truth = load_truth(raw.with_name(raw.name + "_truth"), shape=meta.raw_shape, celltypes=list(meta.celltypes),
+                       rows_in_file=rows, genes=list(meta.genes), spot_gene=spots.gene)
+    return spots, rows, truth
+
+
+def our_probabilities(out: Path, name: str, results: Path) -> pd.DataFrame:
+    """Our per-spot ``prob`` and whether the spot's assignment (a cell or background) is right."""
+    table = pd.read_csv(results / "spots_assigned.csv", usecols=["cell", "prob"])
+    truth = _section_truth(out, name)[2]
+    return pd.DataFrame({"prob": table["prob"].to_numpy(float),
+                         "right": table["cell"].to_numpy(np.int64) == truth.spot_cell})
+
+
 def _run_peer(peer: str, out: Path, name: str, results: Path, env_dir: Path) -> pd.Series:
     raw = out / "data" / f"{name}_raw" / "3_1_left"
     truth_dir = raw.with_name(raw.name + "_truth")
@@ -98,14 +121,7 @@ def _run_peer(peer: str, out: Path, name: str, results: Path, env_dir: Path) -> 
     cpu = cpu_run([str(peer_python(env_dir, peer)), str(Path(__file__).with_name(PEERS[peer][1])),
                    str(next(raw.glob("spots_*.csv"))), str(results / "initial_instance_mask.tif"), *reference,
                    str(radius), str(target)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    data_dir = out / "data" / name
-    meta = load_metadata(data_dir)
-    table = load_npz(data_dir / "spots.npz", ("gene", "x", "y", "row_in_file"))
-    spots = Spots(x=table["x"].astype(float), y=table["y"].astype(float), gene=table["gene"].astype(np.int32),
-                  genes=meta.genes)
-    rows = table["row_in_file"].astype(np.int64)
-    truth = load_truth(truth_dir, shape=meta.raw_shape, celltypes=list(meta.celltypes), rows_in_file=rows,
-                       genes=list(meta.genes), spot_gene=spots.gene)
+    spots, rows, truth = _section_truth(out, name)
     cell = pd.read_csv(target)["cell"].to_numpy(np.int64)[rows]
     row = score_assignment(cell, spots, truth=truth)
     return pd.Series({**row, "cpu_s": cpu})
@@ -153,16 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env_dir = args.env_dir or args.out / "envs"
     reuse = pd.read_csv(args.out / "peers.csv") if args.peers_only else None
-    tables = []
+    tables, sections = [], []
     for mode in args.modes:
         for noise in args.noise:
             for seed in args.seeds:
                 t = run_section(args.out, mode, noise, seed, args.size, env_dir, args.preset, reuse)
                 tables.append(t)
+                name = t["section"].iloc[0]
+                sections.append((name, args.out / "checkpoints" / name / "SegJointGene_CID" / "results"))
                 cols = [c for c in METRICS if c in t.columns]
                 print(f"\n### {t['section'].iloc[0]}\n\n{markdown_table(t[cols], transpose=False)}", flush=True)
     table = pd.concat(tables)
     table.to_csv(args.out / "peers.csv")
+    probs = pd.concat([our_probabilities(args.out, *section) for section in sections])
+    print(f"\n### our per-spot prob over {len(sections)} sections (calibration error "
+          f"{calibration_error(probs['prob'], probs['right']):.3f})\n\n"
+          + markdown_table(reliability(probs["prob"], probs["right"]), transpose=False))
     print(summary(table))
     m = margins(table)
     print("\n### margins (targets: acc_vs_best_peer >= 0.03, acc_vs_best_mask >= 0.08, mIoU_vs_best_mask >= 0.10, "

@@ -143,6 +143,11 @@ class LabelUpdateConfig:
                     flag="--label_update", choices=("model", "v1", "v2"))
     model_net_weight: float = opt(1.0, "model: weight of the network's log type posterior (over its mean) in the "
                                        "refit of the last epoch (0 = the spot model alone)")
+    model_background_weight: float = opt(0.25, "model: weight of the network's cell-versus-background evidence "
+                                               "relative to its type evidence (1 = its full posterior)")
+    model_temperature: float = opt(1.6, "model: the per-spot probability (spots_assigned.csv prob) is the spot "
+                                        "model's posterior at this temperature (> 1 softens an overconfident "
+                                        "posterior; the assignment does not depend on it)")
     model_shape_power: float = opt(2.0, "model: cell shape - generalised-Gaussian exponent (2 = Gaussian); <= 0: a "
                                         "uniform ellipse with a logistic edge that wide")
     model_neighbours: float = opt(0.0, "model: weight of the neighbouring spots' assignments (mean field; 0 = off)")
@@ -164,6 +169,10 @@ class LabelUpdateConfig:
         c = LabelUpdateConfig
         _check(self.repeats >= 1, c, "repeats", self.repeats, "must be >= 1")
         _check(self.expand_k >= 1, c, "expand_k", self.expand_k, "must be >= 1")
+        _check(self.model_net_weight >= 0, c, "model_net_weight", self.model_net_weight, "must be >= 0")
+        _check(self.model_background_weight >= 0, c, "model_background_weight", self.model_background_weight,
+               "must be >= 0")
+        _check(self.model_temperature > 0, c, "model_temperature", self.model_temperature, "must be > 0")
         _check(0.0 <= self.prediction_threshold < 1.0, c, "prediction_threshold", self.prediction_threshold, "must be in [0, 1)")
         _check(1 <= self.vote_min <= 9, c, "vote_min", self.vote_min, "must be in 1..9")
         _check(0.0 < self.top_ratio <= 1.0, c, "top_ratio", self.top_ratio, "must be in (0, 1]")

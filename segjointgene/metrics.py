@@ -42,6 +42,7 @@ __all__ = [
     "Matching",
     "SpotAccuracy",
     "assigned_fraction",
+    "calibration_error",
     "cell_calling_score",
     "cell_gene_counts",
     "cells_at_spots",
@@ -55,6 +56,7 @@ __all__ = [
     "label_areas",
     "match_instances",
     "mecr",
+    "reliability",
     "spot_accuracy",
 ]
 
@@ -649,6 +651,43 @@ def noise_left_out(pred_cell: np.ndarray, true_cell: np.ndarray, true_cell_at_pi
     """
     sel = (np.asarray(true_cell) == BACKGROUND) & (np.asarray(true_cell_at_pixel) == BACKGROUND)
     return float((np.asarray(pred_cell)[sel] == BACKGROUND).mean()) if sel.any() else float("nan")
+
+
+def reliability(prob: np.ndarray, right: np.ndarray, edges=(0.0, 0.5, 0.7, 0.9, 0.97, 1.0)) -> pd.DataFrame:
+    """Reliability table of per-spot probabilities: per bin ``[edges[i], edges[i+1])`` (the last one closed), the
+    spots, their mean probability and the fraction of them that is right.
+
+    >>> p, right = np.array([.6, .6, .95, .99]), np.array([1, 0, 1, 1])
+    >>> reliability(p, right, edges=(.5, .9, 1))  # doctest: +NORMALIZE_WHITESPACE
+                spots  mean_prob  fraction_right
+    bin
+    [0.5, 0.9)      2       0.60             0.5
+    [0.9, 1]        2       0.97             1.0
+    """
+    prob, right = np.asarray(prob, np.float64), np.asarray(right, bool)
+    edges = np.asarray(edges, np.float64)
+    which = np.clip(np.searchsorted(edges, prob, side="right") - 1, 0, edges.size - 2)
+    rows = {}
+    for i in range(edges.size - 1):
+        sel = which == i
+        name = f"[{edges[i]:g}, {edges[i + 1]:g}{']' if i == edges.size - 2 else ')'}"
+        rows[name] = {"spots": int(sel.sum()), "mean_prob": float(prob[sel].mean()) if sel.any() else float("nan"),
+                      "fraction_right": float(right[sel].mean()) if sel.any() else float("nan")}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("bin")
+
+
+def calibration_error(prob: np.ndarray, right: np.ndarray, n_bins: int = 10) -> float:
+    """Expected calibration error of per-spot probabilities: over ``n_bins`` equal-width bins, the spot-weighted
+    mean of ``|fraction right - mean probability|``.
+
+    >>> round(calibration_error(np.array([0.9, 0.9, 0.6, 0.6]), np.array([1, 0, 1, 0])), 3)  # (0.4 + 0.1) / 2
+    0.25
+    """
+    prob, right = np.asarray(prob, np.float64), np.asarray(right, np.float64)
+    which = np.minimum((prob * n_bins).astype(np.int64), n_bins - 1)
+    n = np.bincount(which, minlength=n_bins)
+    gap = np.abs(np.bincount(which, right, n_bins) - np.bincount(which, prob, n_bins))
+    return float(gap.sum() / max(n.sum(), 1))
 
 
 def assigned_fraction(spot_cell: np.ndarray) -> float:

@@ -25,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import ndimage
 from scipy.spatial import cKDTree
+from scipy.special import softmax
 
 from .constants import BACKGROUND
 
@@ -48,6 +49,9 @@ class SpotModelConfig:
     profile_pseudo: float = 1.0  # pseudo-count per gene (times the gene's section frequency x n_genes)
     tol: float = 1e-3  # stop when fewer than this fraction of spots change cell
     spot_edge: float | None = 2.2  # a spot beyond this Mahalanobis radius of its cell is background (None = keep)
+    temperature: float = 1.0  # the reported probability is the posterior with every log-likelihood divided by this
+    # (> 1 softens it: the cells' shapes are fitted to the very spots they are scored on, so the raw posterior is
+    # overconfident); the assignment itself does not depend on it
 
 
 @dataclass
@@ -203,7 +207,8 @@ def _neighbour_support(graph: sp.csr_matrix, resp: np.ndarray, cand: np.ndarray)
 
 def _e_step(model: CellModel, sy, sx, gene, cand, support, cfg: SpotModelConfig,
             evidence: np.ndarray | None) -> np.ndarray:
-    """(n, k + 1) posterior over the candidate cells and the background (last column)."""
+    """(n, k + 1) log-likelihood (unnormalised log posterior) of the candidate cells and the background (last
+    column)."""
     logit = _log_intensity(model, sy, sx, cand, gene)
     if support is not None:
         logit = logit + cfg.neighbour_weight * support
@@ -211,10 +216,8 @@ def _e_step(model: CellModel, sy, sx, gene, cand, support, cfg: SpotModelConfig,
     if evidence is not None:  # (n, 1 + T) log-evidence of background and of each type at the spot
         logit = logit + np.take_along_axis(evidence[:, 1:], model.cls[cand], 1)
         bg = bg + evidence[:, :1]
-    logit = np.concatenate([logit, bg], 1)
-    logit -= logit.max(1, keepdims=True)
-    resp = np.exp(logit)
-    return resp / resp.sum(1, keepdims=True)
+    return np.concatenate([logit, bg], 1)
+
 
 
 def _m_step(model: CellModel, resp: np.ndarray, sy, sx, gene, cand, nucleus_centre, typical_cov,
@@ -301,7 +304,8 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
         typical = _typical_cov(model, n_types)
         if resp is not None and graph is not None:
             support = _neighbour_support(graph, _candidate_resp(resp, prev_cand, cand), cand)
-        resp = _e_step(model, sy, sx, gene, cand, support, cfg, evidence)
+        logit = _e_step(model, sy, sx, gene, cand, support, cfg, evidence)
+        resp = softmax(logit, axis=1)
         _m_step(model, resp, sy, sx, gene, cand, nucleus_centre, typical, cfg, reference is not None, float(h * w))
         prev_cand = cand
         new_best = resp.argmax(1)
@@ -310,7 +314,7 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
         best = new_best
         if changed < cfg.tol:
             break
-    prob = resp.max(1)
+    prob = softmax(logit / cfg.temperature, axis=1).max(1)  # the argmax is the assignment's at any temperature
     if cfg.spot_edge is not None:  # beyond its cell's edge a spot is background, as its pixel is in the mask
         row = np.maximum(best, 0)
         out = (best >= 0) & (_mahalanobis2(model, row, sy, sx) > cfg.spot_edge ** 2)

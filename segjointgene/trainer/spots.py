@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import logsumexp
 
 from .. import distributed
 from ..config import LabelUpdateConfig
@@ -30,6 +31,25 @@ from ..spotmodel import SpotModelConfig, SpotModelFit, fit_spot_model, territori
 log = logging.getLogger(__name__)
 
 
+def network_evidence(log_post: np.ndarray, background_weight: float) -> np.ndarray:
+    """(n, K) log-evidence for the spot model from the network's (n, K) log posterior at the spots (column 0 =
+    background; rows of zeros = spots no patch predicted, which get no evidence).
+
+    The posterior is split into which type, given a cell (``log p(t | cell)``), and cell versus background
+    (``log p(bg) - log p(cell)``), each as a likelihood ratio against its mean over the spots; the second is
+    weighted by ``background_weight``. With 1 this is the full posterior's ratio (up to a constant per spot); less
+    trusts the network's call of where cells end less than its call of their types.
+    """
+    seen = log_post.any(1)
+    cell = logsumexp(log_post[:, 1:], axis=1, keepdims=True)
+    parts = np.concatenate([log_post[:, :1] - cell, log_post[:, 1:] - cell], 1)
+    mean = logsumexp(parts[seen], axis=0) - np.log(max(int(seen.sum()), 1))
+    out = parts - mean
+    out[:, 0] *= background_weight
+    out[~seen] = 0.0
+    return out
+
+
 class SpotEngine:
     """The section's spots, its nucleus canvas and the latest fit, in the padded patch frame."""
 
@@ -39,8 +59,9 @@ class SpotEngine:
         self.p = meta.patch_size
         self.x, self.y = np.asarray(spot_x, np.float64), np.asarray(spot_y, np.float64)
         self.gene = load_npz(data_dir / SPOTS_TABLE, ("gene",))["gene"].astype(np.int64)
-        self.net_weight = config.model_net_weight
-        self.config = SpotModelConfig(shape_power=config.model_shape_power, neighbour_weight=config.model_neighbours)
+        self.net_weight, self.background_weight = config.model_net_weight, config.model_background_weight
+        self.config = SpotModelConfig(shape_power=config.model_shape_power, neighbour_weight=config.model_neighbours,
+                                      temperature=config.model_temperature)
         top = torch.cat([ds.origins for ds in splits.values()]).amax(0)
         self.shape = (int(top[0]) + self.p, int(top[1]) + self.p)
         self.nuclei = self._canvas(lambda ds: ds.core)
@@ -116,9 +137,7 @@ class SpotEngine:
             total = torch.from_numpy(self.evidence)
             torch.distributed.all_reduce(total)
             self.evidence = total.numpy()
-        seen = self.evidence.any(1)
-        ratio = self.evidence - np.log(np.exp(self.evidence[seen]).mean(0) + 1e-12)
-        ratio[~seen] = 0.0
+        ratio = network_evidence(self.evidence, self.background_weight)
         self.run_fit(self.net_weight * ratio)
         return self.write_labels()
 
