@@ -113,6 +113,9 @@ class PreprocessConfig:
     density_sigma: float = opt(5.0, "Gaussian sigma (pixels) of the per-gene spot density; 0 keeps raw counts")
     test_fraction: float = opt(0.2, "fraction of patches in the test split (transductive: their labels grow too)")
     split_seed: int = opt(42, "seed of the train/test split (recorded in metadata.json)")
+    store_density: bool = opt(True, "write each patch's per-gene density image (false: patch files without it, "
+                                    "rebuilt from the spots whenever a patch is read - for large panels and "
+                                    "sections, where the images would fill the disk)")
     keep_empty: bool = opt(False, "also write patches with neither spots nor nuclei (they carry no information)")
     input_format: str = opt("auto", "layout of --raw_dir: auto (from its files), ca1 (the original CSV layout), xenium, "
                                     "merscope, cosmx", choices=("auto", "ca1", "xenium", "merscope", "cosmx"))

@@ -28,7 +28,7 @@ from .errors import DataError, InputNotFoundError
 from .geometry import parse_patch_name
 from .io import load_npz, npz_headers, save_npz
 from .metadata import DatasetMetadata, load_metadata
-from .preprocess import DENSITY_TRUNCATE
+from .preprocess import DENSITY_TRUNCATE, gene_density, stored_keys
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +173,14 @@ class ImagePatchDataset(Dataset):
         self.density_halo = self.metadata.density_halo
         self._spot_offsets: torch.Tensor | None = None
         self._spot_rows: torch.Tensor | None = None
-        if self.spot_lists:
+        if self.spot_lists or not self.metadata.density_stored:  # without stored images they come from the spots
             self._spot_offsets, self._spot_rows = self._load_spot_lists()
 
     def _check_headers(self, path: Path) -> None:
         if not path.is_file():
             raise InputNotFoundError(f"{path}: listed in {METADATA_FILE} but missing; re-run preprocessing")
         headers = npz_headers(path)
-        missing = [k for k in PatchKeys.ALL if k not in headers]
+        missing = [k for k in stored_keys(self.metadata.density_stored) if k not in headers]
         if missing:
             raise DataError(f"{path}: missing array(s) {', '.join(missing)}; re-run preprocessing")
         p, g = self.patch_size, self.n_genes
@@ -196,11 +196,17 @@ class ImagePatchDataset(Dataset):
         return len(self.paths)
 
     def read_image(self, index: int) -> torch.Tensor:
-        """(G, P, P) float32 density image of a patch (from the cache when enabled)."""
+        """(G, P, P) float32 density image of a patch (from the cache when enabled; built from its spots as
+        preprocessing builds it when the dataset stores none)."""
         if self._cache is not None and bool(self._cached[index]):
             return self._cache[index]
         path = self.paths[index]
-        image = load_npz(path, (PatchKeys.IMAGE,))[PatchKeys.IMAGE]
+        if not self.metadata.density_stored:
+            gene, row, col = self.spot_list(index).numpy().astype(np.int64).T
+            image = gene_density(row, col, gene, self.n_genes, self.patch_size, self.density_sigma,
+                                 halo=self.density_halo)
+        else:
+            image = load_npz(path, (PatchKeys.IMAGE,))[PatchKeys.IMAGE]
         if not np.isfinite(image).all():
             raise DataError(f"{path}: the density image contains NaN or infinite values; re-run preprocessing")
         tensor = torch.from_numpy(image)
@@ -270,7 +276,7 @@ class ImagePatchDataset(Dataset):
         """(n, 3) int32 spots of patch ``index``: rows ``(gene, row, col)``, pixel relative to the patch's top-left,
         including the spots up to ``density_halo`` px outside it (they spill into its density). Spot-list mode only."""
         if self._spot_offsets is None:
-            raise ValueError("spot_list() needs the dataset opened with spot_lists=True")
+            raise ValueError("spot_list() needs the dataset opened with spot_lists=True (or without stored images)")
         return self._spot_rows[self._spot_offsets[index]:self._spot_offsets[index + 1]]
 
 

@@ -40,6 +40,7 @@ class DatasetMetadata:
     grid : (rows, cols) of the patch grid.
     split : ``train`` / ``test`` -> patch file names; ``split_seed``, ``test_fraction``: how it was drawn.
     density_sigma, density_halo, density_truncate : the Gaussian of the density images (px, px, sigmas).
+    density_stored : whether the patch files hold the density images (else they are rebuilt from ``spots.npz``).
     has_dapi : whether the ``dapi`` channel holds a DAPI image (else the binary nucleus mask).
     nucleus_source : ``label_image`` or ``dapi_watershed``.
     nuclear_density_median : median total density at nucleus pixels (spots / px).
@@ -61,6 +62,7 @@ class DatasetMetadata:
     density_sigma: float = 5.0
     density_halo: int = 15
     density_truncate: float = 3.0
+    density_stored: bool = True
     has_dapi: bool = False
     nucleus_source: str = ""
     nuclear_density_median: float = 0.0
@@ -130,6 +132,7 @@ class DatasetMetadata:
 _TUPLE_STR = {"genes", "celltypes"}
 _TUPLE_INT = {"raw_shape", "crop_offset", "crop_shape", "grid", "padded_shape"}
 _CASTS = {"patch_size": int, "density_sigma": float, "density_halo": int, "density_truncate": float,
+          "density_stored": bool,
           "has_dapi": bool, "nucleus_source": str, "nuclear_density_median": float, "n_spots_outside": int,
           "datasets_name": str, "raw_dir": str, "complete": bool}
 

@@ -33,7 +33,9 @@ from .errors import ColumnError, DataError, InputNotFoundError
 from .dapi import detect_nuclei
 from .io import Section
 from .metrics import cell_gene_counts
+from .polygons import PolygonLabels
 from .ranking import normalise_counts
+from .windows import TiffWindows, frame_values_at
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +141,17 @@ def _first(folder: Path, patterns: tuple[str, ...], what: str, *, required: bool
     return None
 
 
-def _read_dapi(path: Path | None) -> np.ndarray | None:
+def _read_dapi(path: Path | None):
+    """The DAPI as a frame read window by window (a 2-D plane, zarr installed), else whole (a z-stack: its maximum
+    projection)."""
     if path is None:
         return None
+    try:
+        return TiffWindows(path)
+    except ImportError:
+        log.info("%s: zarr is not installed (pip install segjointgene[platforms]); reading the image whole", path)
+    except ValueError:  # a z-stack or channels
+        pass
     import tifffile
 
     image = tifffile.imread(path)
@@ -202,7 +212,7 @@ def _nucleus_counts(spots: pd.DataFrame, cells: pd.DataFrame, nuclei: np.ndarray
     if (spot_cell is None or not (spot_cell > 0).any()) and nuclei is not None:
         iy = np.clip(spots["y"].to_numpy().astype(np.int64), 0, nuclei.shape[0] - 1)
         ix = np.clip(spots["x"].to_numpy().astype(np.int64), 0, nuclei.shape[1] - 1)
-        spot_cell = nuclei[iy, ix]
+        spot_cell = frame_values_at(nuclei, iy, ix)
     return cell_gene_counts(spot_cell, gene_idx, len(genes), cell_ids=cells["cell"].to_numpy()).toarray()
 
 
@@ -229,17 +239,16 @@ def _assemble(fmt: str, spots: pd.DataFrame, cells: pd.DataFrame, *, shape: tupl
                    n_spots_outside=n_out, um_per_px=um_per_px, origin_um=origin_um, celltype_source=how, format=fmt)
 
 
-def _rasterise(boundaries: pd.DataFrame, id_of: dict, shape: tuple[int, int], um_per_px: float) -> np.ndarray:
-    """Nucleus label image from polygon vertices (``cell_id, vertex_x, vertex_y`` in um)."""
-    from skimage.draw import polygon
-
-    out = np.zeros(shape, np.uint32)
-    for cell, part in boundaries.groupby("cell_id", sort=False):
-        if cell not in id_of:
-            continue
-        rr, cc = polygon(part["vertex_y"].to_numpy() / um_per_px, part["vertex_x"].to_numpy() / um_per_px, shape)
-        out[rr, cc] = id_of[cell]
-    return out
+def _nucleus_polygons(boundaries: pd.DataFrame, id_of: dict, shape: tuple[int, int], um_per_px: float) -> PolygonLabels:
+    """Nucleus labels from polygon vertices (``cell_id, vertex_x, vertex_y`` in um, a polygon's rows together),
+    drawn a window at a time."""
+    known = boundaries["cell_id"].isin(id_of).to_numpy()
+    b = boundaries[known]
+    codes, cells = pd.factorize(b["cell_id"])  # painting order: first appearance, as the file lists them
+    order = np.argsort(codes, kind="stable")
+    starts = np.searchsorted(codes[order], np.arange(len(cells) + 1))
+    return PolygonLabels(b["vertex_y"].to_numpy(float)[order] / um_per_px, b["vertex_x"].to_numpy(float)[order] / um_per_px,
+                         starts, np.array([id_of[c] for c in cells], np.uint32), shape)
 
 
 # ------------------------------------------------------------------------------------------------ readers
@@ -263,7 +272,7 @@ def _read_xenium(folder: Path, *, min_qv: float, **kw) -> Section:
     spots = _xenium_transcripts(tx_path, min_qv=min_qv, px=px, id_of=id_of)
     shape = dapi.shape if dapi is not None else (int(np.ceil(spots["y"].max())) + 1, int(np.ceil(spots["x"].max())) + 1)
     bounds = _first(folder, ("nucleus_boundaries.parquet", "nucleus_boundaries.csv.gz"), "nuclei", required=False)
-    nuclei = _rasterise(_read_table(bounds), id_of, shape, px) if bounds is not None else None
+    nuclei = _nucleus_polygons(_read_table(bounds), id_of, shape, px) if bounds is not None else None
     files = {"spots": tx_path, "cells": cells_path, **({"dapi": dapi_path} if dapi_path else {}),
              **({"nuclei": bounds} if bounds else {})}
     return _assemble("xenium", spots, cells, shape=tuple(shape), dapi=dapi, nuclei=nuclei, um_per_px=px,
@@ -301,7 +310,7 @@ def _read_merscope(folder: Path, **kw) -> Section:
     cells_path = _first(folder, ("cell_metadata.csv",), "cell_metadata.csv (cell centroids)", required=False)
     nuclei, id_of = None, {}
     if cells_path is None:  # no centroids at all: the nuclei come from the DAPI image itself
-        nuclei, cells = detect_nuclei(dapi)
+        nuclei, cells = detect_nuclei(np.asarray(dapi))  # held whole
     else:
         meta = pd.read_csv(cells_path)
         _need(meta, ("center_x", "center_y"), cells_path, "MERSCOPE's cell metadata has them")

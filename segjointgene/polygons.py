@@ -19,7 +19,69 @@ from scipy import ndimage
 
 from .io import atomic_path
 
-__all__ = ["cell_polygons", "write_geojson"]
+__all__ = ["PolygonLabels", "cell_polygons", "write_geojson"]
+
+
+class PolygonLabels:
+    """A label image drawn from polygons only where a window of it is read, so a section-sized frame is never held
+    whole (a frame in the sense of :mod:`segjointgene.windows`).
+
+    A pixel takes the id of a polygon that contains its centre (``skimage.draw.polygon``); where polygons overlap,
+    the later one wins - the image that painting them in order would give.
+
+    Parameters
+    ----------
+    ys, xs : vertex rows and columns (pixels) of all polygons, one after the other.
+    starts : (m + 1,) offsets: polygon ``i`` has vertices ``starts[i]:starts[i + 1]``.
+    ids : (m,) label of each polygon (> 0).
+    shape : (H, W) of the frame.
+    bucket : edge (pixels) of the grid that indexes which polygons reach a window.
+    """
+
+    def __init__(self, ys: np.ndarray, xs: np.ndarray, starts: np.ndarray, ids: np.ndarray, shape: tuple[int, int],
+                 *, bucket: int = 256):
+        self.ys, self.xs = np.asarray(ys, np.float64), np.asarray(xs, np.float64)
+        self.starts, self.ids = np.asarray(starts, np.int64), np.asarray(ids, np.uint32)
+        self.shape, self.dtype, self.ndim, self.bucket = (int(shape[0]), int(shape[1])), np.dtype(np.uint32), 2, bucket
+        m = self.ids.size
+        keep = np.diff(self.starts) >= 3  # a polygon needs three vertices
+        first = self.starts[:-1][keep]
+        b = [np.floor(np.clip(f.reduceat(v, first), 0, lim - 1) / bucket).astype(np.int64)
+             for f, v, lim in ((np.minimum, self.ys, shape[0]), (np.maximum, self.ys, shape[0]),
+                               (np.minimum, self.xs, shape[1]), (np.maximum, self.xs, shape[1]))] if first.size else []
+        self._cols = -(-self.shape[1] // bucket)
+        pairs = [(r * self._cols + c, i) for i, r0, r1, c0, c1 in zip(np.flatnonzero(keep), *b)
+                 for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)] if m else []
+        pairs = np.array(sorted(pairs), np.int64).reshape(-1, 2)
+        self._key, self._poly = pairs[:, 0], pairs[:, 1]
+
+    def _polygons_near(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Indices (in painting order) of the polygons whose bounding boxes reach the window."""
+        parts = []
+        for br in range(r0 // self.bucket, (r1 - 1) // self.bucket + 1):
+            lo, hi = np.searchsorted(self._key, [br * self._cols + c0 // self.bucket,
+                                                 br * self._cols + (c1 - 1) // self.bucket + 1])
+            parts.append(self._poly[lo:hi])
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+    def __getitem__(self, key) -> np.ndarray:
+        from skimage.draw import polygon
+
+        key = key if isinstance(key, tuple) else (key, slice(None))
+        (r0, r1, _), (c0, c1, _) = (k.indices(n) for k, n in zip(key, self.shape))
+        out = np.zeros((max(r1 - r0, 0), max(c1 - c0, 0)), np.uint32)
+        if out.size == 0:
+            return out
+        for i in self._polygons_near(r0, r1, c0, c1):
+            s, e = self.starts[i], self.starts[i + 1]
+            rr, cc = polygon(self.ys[s:e], self.xs[s:e], self.shape)
+            ok = (rr >= r0) & (rr < r1) & (cc >= c0) & (cc < c1)
+            out[rr[ok] - r0, cc[ok] - c0] = self.ids[i]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:, :]
+        return whole if dtype is None else whole.astype(dtype)
 
 
 def cell_polygons(instance: np.ndarray, *, scale: float = 1.0) -> dict[int, list[list[float]]]:

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse
 from scipy import ndimage
 
 from .config import PreprocessConfig
@@ -42,6 +41,7 @@ from .errors import DataError
 from .geometry import FrameGeometry
 from .io import Section, load_npz, read_json, remove_stale_temps, save_npz, write_csv, write_json
 from .metadata import DatasetMetadata
+from .windows import Frame, frame_bands, frame_block
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +146,14 @@ def seeded_watershed(dapi: np.ndarray, cells: pd.DataFrame, *, seeds: str = "reg
     return labels
 
 
-def _seed_counts(nuclei: np.ndarray | scipy.sparse.csr_matrix, cells: pd.DataFrame) -> dict[str, int]:
+def _seed_counts(nuclei: Frame, cells: pd.DataFrame) -> dict[str, int]:
     """How many cells got a nucleus of fewer than 20 pixels (or none): recorded in metadata.json."""
-    values = nuclei.data if scipy.sparse.issparse(nuclei) else nuclei.ravel()
     ids = cells["cell"].to_numpy()
-    area = np.bincount(values.astype(np.int64), minlength=int(ids.max(initial=0)) + 1)[ids]
+    area = np.zeros(int(ids.max(initial=0)) + 1, np.int64)
+    for _, band in frame_bands(nuclei):
+        values = band[band != BACKGROUND].astype(np.int64)
+        area += np.bincount(values[values < area.size], minlength=area.size)
+    area = area[ids]
     counts = {"n_seeds": int(ids.size), "n_seeds_under_20px": int((area < 20).sum()), "n_seeds_empty": int((area == 0).sum())}
     log.info("nuclei: %d of %d cells have < 20 pixels (%d none)", counts["n_seeds_under_20px"], ids.size,
              counts["n_seeds_empty"])
@@ -173,21 +176,21 @@ def _seed_discs(shape: tuple[int, int], yi: np.ndarray, xi: np.ndarray, ids: np.
     return np.where(dist <= radius, point[ny, nx], 0).astype(np.int32)
 
 
-def _nucleus_bbox(nuclei: np.ndarray | scipy.sparse.csr_matrix) -> tuple[int, int, int, int] | None:
-    if scipy.sparse.issparse(nuclei):
-        coo = nuclei.tocoo()
-        nz = coo.data != BACKGROUND
-        if not nz.any():
-            return None
-        return int(coo.row[nz].min()), int(coo.col[nz].min()), int(coo.row[nz].max()), int(coo.col[nz].max())
-    rows = np.flatnonzero(nuclei.any(axis=1))
-    cols = np.flatnonzero(nuclei.any(axis=0))
+def _nucleus_bbox(nuclei: Frame) -> tuple[int, int, int, int] | None:
+    """(y0, x0, y1, x1) of the nucleus pixels (inclusive), None without any; for any frame, band by band."""
+    rows, cols = [], np.zeros(nuclei.shape[1], bool)
+    for r0, band in frame_bands(nuclei):
+        hit = band != BACKGROUND
+        rows.append(r0 + np.flatnonzero(hit.any(axis=1)))
+        cols |= hit.any(axis=0)
+    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     if rows.size == 0:
         return None
+    cols = np.flatnonzero(cols)
     return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
 
 
-def frame_geometry(section: Section, nuclei: np.ndarray | scipy.sparse.csr_matrix, patch_size: int) -> FrameGeometry:
+def frame_geometry(section: Section, nuclei: Frame, patch_size: int) -> FrameGeometry:
     """Crop box over spots, centroids and nucleus pixels, with a margin, clipped to the raw frame."""
     h, w = section.shape
     ys = np.concatenate([section.spots["y"].to_numpy(), section.cells["y"].to_numpy()])
@@ -213,12 +216,13 @@ class _Job:
     spot_gene: np.ndarray  # (n,) int64 channel
     bucket_start: np.ndarray  # (n_rows * n_cols + 1,) spots sorted by the patch that holds them
     spot_order: np.ndarray
-    nuclei: np.ndarray | scipy.sparse.csr_matrix  # raw frame
-    dapi: np.ndarray | None  # raw frame
+    nuclei: Frame  # raw frame (read a window at a time)
+    dapi: Frame | None
     class_lut: np.ndarray  # cell id -> class id
     n_genes: int
     sigma: float
     halo: int
+    store_density: bool = True  # False: patch files without the density image (rebuilt from the spots when read)
 
 
 _JOB: _Job | None = None
@@ -243,8 +247,7 @@ def _raw_window(image, geo: FrameGeometry, r0: int, c0: int) -> np.ndarray:
     y0, x0 = geo.y0 + r0, geo.x0 + c0
     y1, x1 = geo.y0 + min(r0 + p, geo.height), geo.x0 + min(c0 + p, geo.width)
     out = np.zeros((p, p), np.float64 if not np.issubdtype(image.dtype, np.integer) else np.int64)
-    block = image[y0:y1, x0:x1]
-    out[:y1 - y0, :x1 - x0] = block.toarray() if scipy.sparse.issparse(block) else block
+    out[:y1 - y0, :x1 - x0] = frame_block(image, y0, y1, x0, x1)
     return out
 
 
@@ -261,29 +264,40 @@ def _spots_near(job: _Job, row: int, col: int) -> np.ndarray:
 
 
 def make_patch(job: _Job, row: int, col: int) -> dict[str, np.ndarray]:
-    """The arrays of patch (row, col) (see ``PatchKeys``)."""
+    """The arrays of patch (row, col) (see ``PatchKeys``; no density image when the job does not store it)."""
     p = job.geometry.patch_size
     r0, c0 = row * p, col * p
     near = _spots_near(job, row, col)
     rr, cc, gg = job.spot_row[near] - r0, job.spot_col[near] - c0, job.spot_gene[near]
-    image = gene_density(rr, cc, gg, job.n_genes, p, job.sigma, halo=job.halo)
     inside = (rr >= 0) & (rr < p) & (cc >= 0) & (cc < p)
     counts = np.zeros((p, p), np.float32)
     np.add.at(counts, (rr[inside], cc[inside]), 1.0)
     instance = _raw_window(job.nuclei, job.geometry, r0, c0).astype(np.int32)
     label = job.class_lut[instance].astype(np.int32)
     dapi = (_raw_window(job.dapi, job.geometry, r0, c0) if job.dapi is not None else instance > 0).astype(np.float32)
-    return {PatchKeys.IMAGE: image, PatchKeys.LABEL: label, PatchKeys.INSTANCE: instance,
-            PatchKeys.SPOTS: counts, PatchKeys.DAPI: dapi}
+    arrays = {PatchKeys.LABEL: label, PatchKeys.INSTANCE: instance, PatchKeys.SPOTS: counts, PatchKeys.DAPI: dapi}
+    if job.store_density:
+        arrays = {PatchKeys.IMAGE: gene_density(rr, cc, gg, job.n_genes, p, job.sigma, halo=job.halo), **arrays}
+    return arrays
+
+
+def stored_keys(store_density: bool) -> tuple[str, ...]:
+    """The arrays of a patch file."""
+    return PatchKeys.ALL if store_density else tuple(k for k in PatchKeys.ALL if k != PatchKeys.IMAGE)
 
 
 #: Log-spaced bins (spots per pixel) of the histogram of total density at nucleus pixels.
 _DENSITY_BINS = np.logspace(-7, 2, 901)
 
 
-def _nuclear_density_hist(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """Histogram (over ``_DENSITY_BINS``) of the total gene density at the patch's nucleus pixels."""
-    values = arrays[PatchKeys.IMAGE].sum(0)[arrays[PatchKeys.INSTANCE] > 0]
+def _nuclear_density_hist(job: _Job, row: int, col: int, instance: np.ndarray) -> np.ndarray:
+    """Histogram (over ``_DENSITY_BINS``) of the total spot density (all genes as one) at the patch's nucleus
+    pixels."""
+    p = job.geometry.patch_size
+    near = _spots_near(job, row, col)
+    total = gene_density(job.spot_row[near] - row * p, job.spot_col[near] - col * p, np.zeros(near.size, np.int64), 1,
+                         p, job.sigma, halo=job.halo)[0]
+    values = total[instance > 0]
     return np.histogram(np.clip(values, _DENSITY_BINS[0], _DENSITY_BINS[-1]), _DENSITY_BINS)[0]
 
 
@@ -294,7 +308,7 @@ def _write_patch(task: tuple[int, int, str]) -> np.ndarray:
     row, col, path = task
     arrays = make_patch(_JOB, row, col)
     save_npz(path, arrays)
-    return _nuclear_density_hist(arrays)
+    return _nuclear_density_hist(_JOB, row, col, arrays[PatchKeys.INSTANCE])
 
 
 def _hist_median(hist: np.ndarray) -> float:
@@ -306,12 +320,13 @@ def _hist_median(hist: np.ndarray) -> float:
     return float(np.sqrt(_DENSITY_BINS[i] * _DENSITY_BINS[i + 1]))
 
 
-def verify_patch(path: str | os.PathLike, n_genes: int, patch_size: int) -> dict[str, np.ndarray]:
+def verify_patch(path: str | os.PathLike, n_genes: int, patch_size: int, *,
+                 store_density: bool = True) -> dict[str, np.ndarray]:
     """Load a patch file and check its keys, shapes, dtypes and finiteness; raise :class:`DataError` naming it.
 
     Returns the arrays.
     """
-    arrays = load_npz(path, PatchKeys.ALL)
+    arrays = load_npz(path, stored_keys(store_density))
     expect = {PatchKeys.IMAGE: (n_genes, patch_size, patch_size)}
     for key, arr in arrays.items():
         shape = expect.get(key, (patch_size, patch_size))
@@ -345,15 +360,11 @@ def _occupied(job: _Job) -> np.ndarray:
             c = (job.spot_col + dc) // p
             ok = (r >= 0) & (r < n_rows) & (c >= 0) & (c < n_cols)
             occ[r[ok], c[ok]] = True
-    if scipy.sparse.issparse(job.nuclei):
-        coo = job.nuclei.tocoo()
-        nz = coo.data != BACKGROUND
-        r, c = coo.row[nz] - geo.y0, coo.col[nz] - geo.x0
-    else:
-        r, c = np.nonzero(job.nuclei)
-        r, c = r - geo.y0, c - geo.x0
-    ok = (r >= 0) & (r < geo.height) & (c >= 0) & (c < geo.width)
-    occ[r[ok] // p, c[ok] // p] = True
+    for r0, band in frame_bands(job.nuclei):
+        r, c = np.nonzero(band != BACKGROUND)
+        r, c = r + r0 - geo.y0, c - geo.x0
+        ok = (r >= 0) & (r < geo.height) & (c >= 0) & (c < geo.width)
+        occ[r[ok] // p, c[ok] // p] = True
     return occ
 
 
@@ -415,7 +426,8 @@ def preprocess_section(section: Section, out_dir: str | os.PathLike, config: Pre
         nuclei, nucleus_source = section.nuclei, "label_image"
     else:
         log.info("no nucleus label image: seeded watershed of the DAPI image")
-        nuclei, nucleus_source = seeded_watershed(section.dapi, section.cells, seeds=config.nucleus_seeds), "dapi_watershed"
+        nuclei = seeded_watershed(np.asarray(section.dapi), section.cells, seeds=config.nucleus_seeds)  # held whole
+        nucleus_source = "dapi_watershed"
     extra_metadata = {**(extra_metadata or {}), **_seed_counts(nuclei, section.cells)}
     job = _make_job(section, nuclei, config)
     cells_rc = _patches_to_write(job, config)
@@ -428,7 +440,7 @@ def preprocess_section(section: Section, out_dir: str | os.PathLike, config: Pre
     _write_dataset_tables(out_dir, section, job, metadata)
     split_of = {n: s for s in SPLITS for n in split[s]}
     paths = [(r, c, out_dir / split_of[name] / name) for (r, c), name in zip(cells_rc, names)]
-    tasks, hist = _pending_patches(paths, len(section.genes), job.geometry.patch_size)
+    tasks, hist = _pending_patches(job, paths)
     hist += _run_tasks(job, tasks, num_workers, progress, tqdm)
     metadata["nuclear_density_median"] = _hist_median(hist)
     metadata["complete"] = True
@@ -436,7 +448,7 @@ def preprocess_section(section: Section, out_dir: str | os.PathLike, config: Pre
     return DatasetMetadata.from_dict(metadata, source=str(out_dir / METADATA_FILE))
 
 
-def _make_job(section: Section, nuclei: np.ndarray | scipy.sparse.csr_matrix, config: PreprocessConfig) -> _Job:
+def _make_job(section: Section, nuclei: Frame, config: PreprocessConfig) -> _Job:
     """The patch frame and the spots sorted by the patch that holds them (what every worker needs)."""
     geo = frame_geometry(section, nuclei, config.patch_size)
     n_rows, n_cols = geo.grid
@@ -453,7 +465,7 @@ def _make_job(section: Section, nuclei: np.ndarray | scipy.sparse.csr_matrix, co
     start = np.searchsorted(bucket[order], np.arange(n_rows * n_cols + 1))
     return _Job(geometry=geo, spot_row=spot_row, spot_col=spot_col, spot_gene=spot_gene, bucket_start=start,
                 spot_order=order, nuclei=nuclei, dapi=section.dapi, class_lut=class_lut, n_genes=len(section.genes),
-                sigma=config.density_sigma, halo=density_halo(config.density_sigma))
+                sigma=config.density_sigma, halo=density_halo(config.density_sigma), store_density=config.store_density)
 
 
 def _patches_to_write(job: _Job, config: PreprocessConfig) -> list[tuple[int, int]]:
@@ -477,6 +489,7 @@ def _metadata(section: Section, job: _Job, config: PreprocessConfig, fingerprint
         "raw_shape": list(geo.raw_shape), "crop_offset": [geo.y0, geo.x0], "crop_shape": [geo.height, geo.width],
         "padded_shape": list(geo.padded), "patch_size": geo.patch_size, "grid": [n_rows, n_cols],
         "density_sigma": config.density_sigma, "density_halo": job.halo, "density_truncate": DENSITY_TRUNCATE,
+        "density_stored": config.store_density,
         "has_dapi": section.dapi is not None, "nucleus_source": nucleus_source,
         "n_cells": int(len(section.cells)), "n_spots": int(len(section.spots)),
         "n_spots_outside": section.n_spots_outside, "n_patches": n_patches,
@@ -501,15 +514,15 @@ def _write_dataset_tables(out_dir: Path, section: Section, job: _Job, metadata: 
                                      "row_in_file": np.asarray(section.spot_rows_in_file, np.int64)})
 
 
-def _pending_patches(paths: list[tuple[int, int, Path]], n_genes: int,
-                     patch_size: int) -> tuple[list[tuple[int, int, str]], np.ndarray]:
+def _pending_patches(job: _Job, paths: list[tuple[int, int, Path]]) -> tuple[list[tuple[int, int, str]], np.ndarray]:
     """The patches still to write, and the nuclear-density histogram of the ones already complete (resume)."""
     tasks, n_kept = [], 0
     hist = np.zeros(len(_DENSITY_BINS) - 1, np.int64)
     for r, c, path in paths:
         if path.is_file():
             try:
-                hist += _nuclear_density_hist(verify_patch(path, n_genes, patch_size))
+                arrays = verify_patch(path, job.n_genes, job.geometry.patch_size, store_density=job.store_density)
+                hist += _nuclear_density_hist(job, r, c, arrays[PatchKeys.INSTANCE])
                 n_kept += 1
                 continue
             except DataError as err:

@@ -116,3 +116,19 @@ def test_image_cache_returns_the_same_images(sim128):
     for i in range(len(plain)):
         assert torch.equal(plain[i]["image"], cached[i]["image"])
         assert torch.equal(plain[i]["image"], cached[i]["image"])  # second read from the cache
+
+
+def test_patches_without_stored_density_read_the_same_images(sim128, tmp_path):
+    from segjointgene.config import PreprocessConfig
+    from segjointgene.io import npz_headers, read_section
+    from segjointgene.preprocess import preprocess_section
+
+    meta = preprocess_section(read_section(sim128.raw_dir), tmp_path / "lean",
+                              PreprocessConfig(patch_size=64, store_density=False), progress=False)
+    assert not meta.density_stored
+    stored, lean = ImagePatchDataset(sim128.data_dir, "train"), ImagePatchDataset(tmp_path / "lean", "train")
+    assert lean.names == stored.names and PatchKeys.IMAGE not in npz_headers(lean.paths[0])
+    for i in range(len(stored)):  # rebuilt from the spots exactly as preprocessing builds them
+        torch.testing.assert_close(lean[i]["image"], stored[i]["image"], rtol=0, atol=0)
+        torch.testing.assert_close(lean[i]["core"], stored[i]["core"])
+    assert meta.nuclear_density_median == load_metadata(sim128.data_dir).nuclear_density_median

@@ -17,8 +17,9 @@ from segjointgene.config import SimulateConfig
 from segjointgene.io import read_section
 from segjointgene.metadata import load_metadata
 from segjointgene.platforms import derive_celltypes, detect_format, read_platform
-from segjointgene.polygons import cell_polygons
+from segjointgene.polygons import PolygonLabels, cell_polygons
 from segjointgene.simulate import simulate_section, write_simulated
+from segjointgene.windows import TiffWindows
 
 pq = pytest.importorskip("pyarrow.parquet")
 import pyarrow as pa  # noqa: E402
@@ -92,8 +93,12 @@ def test_xenium_folder_gives_the_section_of_the_ca1_layout(sim, tmp_path):
     kept[::50] = False  # the low-qv rows
     np.testing.assert_allclose(sec.spots["x"].to_numpy(), sim.spots["x"].to_numpy()[kept], atol=1e-6)
     assert (sec.spot_rows_in_file == np.flatnonzero(kept)).all()
-    inter = ((sec.nuclei > 0) & (sim.nuclei > 0)).sum()
-    assert inter / ((sec.nuclei > 0) | (sim.nuclei > 0)).sum() > 0.8  # rasterised polygons = the nuclei
+    assert isinstance(sec.nuclei, PolygonLabels)  # drawn a window at a time, never held whole
+    assert isinstance(sec.dapi, TiffWindows) and np.array_equal(sec.dapi[5:40, 7:9], sim.dapi[5:40, 7:9])
+    nuclei = np.asarray(sec.nuclei)
+    np.testing.assert_array_equal(sec.nuclei[20:70, 33:90], nuclei[20:70, 33:90])
+    inter = ((nuclei > 0) & (sim.nuclei > 0)).sum()
+    assert inter / ((nuclei > 0) | (sim.nuclei > 0)).sum() > 0.8  # rasterised polygons = the nuclei
     truth = sim.cells["celltype"].to_numpy()
     agree = pd.crosstab(truth, np.asarray(sec.cells["celltype"])).max(1).sum() / len(truth)
     assert agree > 0.8, agree  # k-means of the nuclei's counts finds the simulated types
