@@ -146,14 +146,10 @@ def seeded_watershed(dapi: np.ndarray, cells: pd.DataFrame, *, seeds: str = "reg
     return labels
 
 
-def _seed_counts(nuclei: Frame, cells: pd.DataFrame) -> dict[str, int]:
+def _seed_counts(area: np.ndarray, cells: pd.DataFrame) -> dict[str, int]:
     """How many cells got a nucleus of fewer than 20 pixels (or none): recorded in metadata.json."""
     ids = cells["cell"].to_numpy()
-    area = np.zeros(int(ids.max(initial=0)) + 1, np.int64)
-    for _, band in frame_bands(nuclei):
-        values = band[band != BACKGROUND].astype(np.int64)
-        area += np.bincount(values[values < area.size], minlength=area.size)
-    area = area[ids]
+    area = np.append(area, np.zeros(max(0, int(ids.max(initial=0)) + 1 - area.size), np.int64))[ids]
     counts = {"n_seeds": int(ids.size), "n_seeds_under_20px": int((area < 20).sum()), "n_seeds_empty": int((area == 0).sum())}
     log.info("nuclei: %d of %d cells have < 20 pixels (%d none)", counts["n_seeds_under_20px"], ids.size,
              counts["n_seeds_empty"])
@@ -176,28 +172,32 @@ def _seed_discs(shape: tuple[int, int], yi: np.ndarray, xi: np.ndarray, ids: np.
     return np.where(dist <= radius, point[ny, nx], 0).astype(np.int32)
 
 
-def _nucleus_bbox(nuclei: Frame) -> tuple[int, int, int, int] | None:
-    """(y0, x0, y1, x1) of the nucleus pixels (inclusive), None without any; for any frame, band by band."""
-    rows, cols = [], np.zeros(nuclei.shape[1], bool)
+def _nucleus_extent(nuclei: Frame) -> tuple[tuple[int, int, int, int] | None, np.ndarray]:
+    """The (y0, x0, y1, x1) box of the nucleus pixels (inclusive; None without any) and the pixels of every label
+    id (index = id), in one pass over the frame's row bands."""
+    rows, cols, area = [], np.zeros(nuclei.shape[1], bool), np.zeros(1, np.int64)
     for r0, band in frame_bands(nuclei):
         hit = band != BACKGROUND
         rows.append(r0 + np.flatnonzero(hit.any(axis=1)))
         cols |= hit.any(axis=0)
+        counts = np.bincount(band[hit].astype(np.int64))
+        area = np.append(area, np.zeros(max(0, counts.size - area.size), np.int64))
+        area[:counts.size] += counts
     rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     if rows.size == 0:
-        return None
+        return None, area
     cols = np.flatnonzero(cols)
-    return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
+    return (int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])), area
 
 
-def frame_geometry(section: Section, nuclei: Frame, patch_size: int) -> FrameGeometry:
-    """Crop box over spots, centroids and nucleus pixels, with a margin, clipped to the raw frame."""
+def frame_geometry(section: Section, box: tuple[int, int, int, int] | None, patch_size: int) -> FrameGeometry:
+    """Crop box over spots, centroids and the nucleus pixels' ``box`` (:func:`_nucleus_extent`), with a margin,
+    clipped to the raw frame."""
     h, w = section.shape
     ys = np.concatenate([section.spots["y"].to_numpy(), section.cells["y"].to_numpy()])
     xs = np.concatenate([section.spots["x"].to_numpy(), section.cells["x"].to_numpy()])
     y0, x0 = int(np.floor(ys.min())), int(np.floor(xs.min()))
     y1, x1 = int(np.floor(ys.max())), int(np.floor(xs.max()))
-    box = _nucleus_bbox(nuclei)
     if box is not None:
         y0, x0, y1, x1 = min(y0, box[0]), min(x0, box[1]), max(y1, box[2]), max(x1, box[3])
     y0, x0 = max(0, y0 - CROP_MARGIN_PX), max(0, x0 - CROP_MARGIN_PX)
@@ -428,8 +428,9 @@ def preprocess_section(section: Section, out_dir: str | os.PathLike, config: Pre
         log.info("no nucleus label image: seeded watershed of the DAPI image")
         nuclei = seeded_watershed(np.asarray(section.dapi), section.cells, seeds=config.nucleus_seeds)  # held whole
         nucleus_source = "dapi_watershed"
-    extra_metadata = {**(extra_metadata or {}), **_seed_counts(nuclei, section.cells)}
-    job = _make_job(section, nuclei, config)
+    box, area = _nucleus_extent(nuclei)
+    extra_metadata = {**(extra_metadata or {}), **_seed_counts(area, section.cells)}
+    job = _make_job(section, nuclei, box, config)
     cells_rc = _patches_to_write(job, config)
     names = [PATCH_NAME.format(row=r, col=c) for r, c in cells_rc]
     if not names:
@@ -448,9 +449,10 @@ def preprocess_section(section: Section, out_dir: str | os.PathLike, config: Pre
     return DatasetMetadata.from_dict(metadata, source=str(out_dir / METADATA_FILE))
 
 
-def _make_job(section: Section, nuclei: Frame, config: PreprocessConfig) -> _Job:
+def _make_job(section: Section, nuclei: Frame, box: tuple[int, int, int, int] | None,
+              config: PreprocessConfig) -> _Job:
     """The patch frame and the spots sorted by the patch that holds them (what every worker needs)."""
-    geo = frame_geometry(section, nuclei, config.patch_size)
+    geo = frame_geometry(section, box, config.patch_size)
     n_rows, n_cols = geo.grid
     gene_index = {g: i for i, g in enumerate(section.genes)}
     type_index = {t: i for i, t in enumerate([BACKGROUND_NAME, *section.celltypes])}
