@@ -11,7 +11,7 @@ over sections, with CPU seconds (user + system of the child processes) and our t
     python benchmarks/peers.py --out /tmp/peers --modes dense sparse --noise 0.1 0.3 --seeds 0 1 2
 
 ComSeg (``pip install comseg``, which pins pandas 2.3.3) runs in its own venv too, with the same nuclei as its
-prior, ``mean_cell_diameter`` and ``max_cell_radius`` = 2 x that radius.
+prior and ``mean_cell_diameter`` = ``max_cell_radius`` = 6 x that radius (see ``PEERS``).
 """
 
 from __future__ import annotations
@@ -37,9 +37,13 @@ from segjointgene.io import load_npz  # noqa: E402
 from segjointgene.metadata import load_metadata  # noqa: E402
 
 METRICS = ["spot_acc_cell", "gene_mIoU", "F1@0.5", "F1@0.75", "noise_out", "cpu_s"]
-#: peer -> (pip requirements of its own venv, runner script, whether the runner takes the class-mean reference)
-PEERS = {"pciseq": (["pciSeq==0.0.61"], "_pciseq_runner.py", True),
-         "comseg": (["comseg==1.8.5"], "_comseg_runner.py", False)}
+#: peer -> (pip requirements of its own venv, runner script, whether the runner takes the class-mean reference,
+#: the factor on the radius from the data that the runner gets). ComSeg's factor 3 (mean_cell_diameter =
+#: max_cell_radius = 6 x that radius) was the best of 1, 1.5, 2, 3 on one dense and one sparse section (spot accuracy
+#: 0.36 / 0.67 at 1, 0.71 / 0.94 at 3): its spot graph links spots within half the diameter, and with the
+#: physical diameter the graph of ~8 spots per cell falls apart (half the spots end unassigned)
+PEERS = {"pciseq": (["pciSeq==0.0.61"], "_pciseq_runner.py", True, 1.0),
+         "comseg": (["comseg==1.8.5"], "_comseg_runner.py", False, 3.0)}
 
 
 def cpu_run(cmd: list[str], **kw) -> float:
@@ -120,7 +124,7 @@ def _run_peer(peer: str, out: Path, name: str, results: Path, env_dir: Path) -> 
     reference = [str(truth_dir / "markers.csv")] if PEERS[peer][2] else []
     cpu = cpu_run([str(peer_python(env_dir, peer)), str(Path(__file__).with_name(PEERS[peer][1])),
                    str(next(raw.glob("spots_*.csv"))), str(results / "initial_instance_mask.tif"), *reference,
-                   str(radius), str(target)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   str(PEERS[peer][3] * radius), str(target)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     spots, rows, truth = _section_truth(out, name)
     cell = pd.read_csv(target)["cell"].to_numpy(np.int64)[rows]
     row = score_assignment(cell, spots, truth=truth)

@@ -61,8 +61,15 @@ def detect_format(folder: str | os.PathLike) -> str:
 
 
 def _is_control(genes: pd.Series) -> np.ndarray:
-    low = genes.astype(str).str.lower()
-    return np.asarray(low.str.startswith(CONTROL_PREFIXES))
+    """Per row: a control / blank probe (judged once per distinct name: 20 M rows stay cheap)."""
+    codes, names = pd.factorize(genes)
+    return np.asarray(pd.Index(names).astype(str).str.lower().str.startswith(CONTROL_PREFIXES))[codes]
+
+
+def _gene_index(genes: pd.Series, order: list[str]) -> np.ndarray:
+    """Per row: the index of its gene in ``order`` (every gene listed there), through the distinct names."""
+    codes, names = pd.factorize(genes)
+    return pd.Series(np.arange(len(order)), index=order)[np.asarray(names, str)].to_numpy()[codes]
 
 
 def _need(table: pd.DataFrame, columns: tuple[str, ...], path: Path, fix: str) -> None:
@@ -208,7 +215,7 @@ def _nucleus_counts(spots: pd.DataFrame, cells: pd.DataFrame, nuclei: np.ndarray
                     spot_cell: np.ndarray | None) -> np.ndarray:
     """cells x genes counts for typing: the platform's own cell assignment when it made one (whole cells carry more
     spots than nuclei), else the spots on each nucleus."""
-    gene_idx = pd.Series(np.arange(len(genes)), index=genes)[spots["gene"].to_numpy()].to_numpy()
+    gene_idx = _gene_index(spots["gene"], genes)
     if (spot_cell is None or not (spot_cell > 0).any()) and nuclei is not None:
         iy = np.clip(spots["y"].to_numpy().astype(np.int64), 0, nuclei.shape[0] - 1)
         ix = np.clip(spots["x"].to_numpy().astype(np.int64), 0, nuclei.shape[1] - 1)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse
 from scipy import ndimage
 
 from .config import PreprocessConfig
@@ -41,7 +42,7 @@ from .errors import DataError
 from .geometry import FrameGeometry
 from .io import Section, load_npz, read_json, remove_stale_temps, save_npz, write_csv, write_json
 from .metadata import DatasetMetadata
-from .windows import Frame, frame_bands, frame_block
+from .windows import BandCache, Frame, frame_bands, frame_block
 
 log = logging.getLogger(__name__)
 
@@ -466,8 +467,16 @@ def _make_job(section: Section, nuclei: Frame, box: tuple[int, int, int, int] | 
     order = np.argsort(bucket, kind="stable")
     start = np.searchsorted(bucket[order], np.arange(n_rows * n_cols + 1))
     return _Job(geometry=geo, spot_row=spot_row, spot_col=spot_col, spot_gene=spot_gene, bucket_start=start,
-                spot_order=order, nuclei=nuclei, dapi=section.dapi, class_lut=class_lut, n_genes=len(section.genes),
+                spot_order=order, nuclei=_cached(nuclei, config.patch_size),
+                dapi=_cached(section.dapi, config.patch_size), class_lut=class_lut, n_genes=len(section.genes),
                 sigma=config.density_sigma, halo=density_halo(config.density_sigma), store_density=config.store_density)
+
+
+def _cached(frame: Frame | None, patch_size: int) -> Frame | None:
+    """Window readers (not arrays) behind a band of 4 patch rows (see :class:`~segjointgene.windows.BandCache`)."""
+    if frame is None or isinstance(frame, np.ndarray) or scipy.sparse.issparse(frame):
+        return frame
+    return BandCache(frame, rows=4 * patch_size)
 
 
 def _patches_to_write(job: _Job, config: PreprocessConfig) -> list[tuple[int, int]]:

@@ -19,7 +19,7 @@ import scipy.sparse
 
 from .errors import DataError
 
-__all__ = ["Frame", "TiffWindows", "frame_bands", "frame_block", "frame_values_at"]
+__all__ = ["BandCache", "Frame", "TiffWindows", "frame_bands", "frame_block", "frame_values_at"]
 
 #: An image of a section's frame: an ndarray, a CSR matrix or a window reader (see the module docstring).
 Frame = Any
@@ -100,3 +100,27 @@ class TiffWindows:
 
     def __getstate__(self) -> dict:  # pickled to spawned workers: they reopen the file
         return {**self.__dict__, "_pid": None, "_array": None}
+
+
+class BandCache:
+    """A frame whose windows are served from one cached band of ``rows`` full-width rows: patches read in row-major
+    order then decode each TIFF tile and draw each polygon about once instead of once per patch that touches it.
+    Memory: one band (``rows`` x width pixels). Per process (a forked worker fills its own)."""
+
+    def __init__(self, frame: Frame, rows: int = 512):
+        self.frame, self.rows = frame, rows
+        self.shape, self.dtype, self.ndim = frame.shape, frame.dtype, 2
+        self._r0, self._band = 0, None
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key, slice(None))
+        (r0, r1, _), (c0, c1, _) = (k.indices(n) for k, n in zip(key, self.shape))
+        if r1 - r0 > self.rows:
+            return frame_block(self.frame, r0, r1, c0, c1)
+        if self._band is None or r0 < self._r0 or r1 > self._r0 + self._band.shape[0]:
+            self._r0 = r0
+            self._band = frame_block(self.frame, r0, min(r0 + self.rows, self.shape[0]))
+        return self._band[r0 - self._r0:r1 - self._r0, c0:c1]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_band": None}

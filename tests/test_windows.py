@@ -73,3 +73,15 @@ def test_tiff_windows_refuse_a_stack(tmp_path):
     tifffile.imwrite(path, np.zeros((3, 20, 20), np.uint16), photometric="minisblack")
     with pytest.raises(ValueError, match="not a single 2-D plane"):
         TiffWindows(path)
+
+
+def test_band_cache_serves_the_same_windows():
+    from segjointgene.windows import BandCache
+
+    shape = (200, 150)
+    ys, xs, starts, ids, painted = _random_polygons(np.random.default_rng(3), shape, 60)
+    cached = BandCache(PolygonLabels(ys, xs, starts, ids, shape), rows=64)
+    for r0 in range(3, 200, 16):  # row-major patches, bands reused and refilled
+        for c0 in range(0, 150, 16):
+            np.testing.assert_array_equal(cached[r0:r0 + 16, c0:c0 + 16], painted[r0:r0 + 16, c0:c0 + 16])
+    np.testing.assert_array_equal(cached[0:100, 0:150], painted[:100])  # taller than a band: read directly
