@@ -219,7 +219,6 @@ def _e_step(model: CellModel, sy, sx, gene, cand, support, cfg: SpotModelConfig,
     return np.concatenate([logit, bg], 1)
 
 
-
 def _m_step(model: CellModel, resp: np.ndarray, sy, sx, gene, cand, nucleus_centre, typical_cov,
             cfg: SpotModelConfig, fixed_profile: bool, area: float) -> None:
     m, k = len(model.ids), cand.shape[1]
