@@ -3,8 +3,8 @@
     python _comseg_runner.py SPOTS_CSV NUCLEI_TIF RADIUS OUT_CSV
 
 SPOTS_CSV: ``gene,spotX,spotY`` (raw file order); NUCLEI_TIF: nucleus label image (the nuclei every method gets);
-RADIUS: half the mean_cell_diameter ComSeg gets, also its max_cell_radius / 2 (pixels; ComSeg works in pixels here: scale 1). Writes OUT_CSV ``cell`` in
-the spots' order (0 = not assigned).
+RADIUS: half the mean_cell_diameter ComSeg gets, also half its max_cell_radius (pixels; ComSeg works in pixels here:
+scale 1). Writes OUT_CSV ``cell`` in the spots' order (0 = not assigned).
 """
 
 import shutil

@@ -254,8 +254,8 @@ def _nucleus_polygons(boundaries: pd.DataFrame, id_of: dict, shape: tuple[int, i
     codes, cells = pd.factorize(b["cell_id"])  # painting order: first appearance, as the file lists them
     order = np.argsort(codes, kind="stable")
     starts = np.searchsorted(codes[order], np.arange(len(cells) + 1))
-    return PolygonLabels(b["vertex_y"].to_numpy(float)[order] / um_per_px, b["vertex_x"].to_numpy(float)[order] / um_per_px,
-                         starts, np.array([id_of[c] for c in cells], np.uint32), shape)
+    ys, xs = (b[v].to_numpy(float)[order] / um_per_px for v in ("vertex_y", "vertex_x"))
+    return PolygonLabels(ys, xs, starts, np.array([id_of[c] for c in cells], np.uint32), shape)
 
 
 # ------------------------------------------------------------------------------------------------ readers

@@ -18,11 +18,12 @@ import pandas as pd
 from scipy import ndimage
 
 from .io import atomic_path
+from .windows import WindowReader
 
 __all__ = ["PolygonLabels", "cell_polygons", "write_geojson"]
 
 
-class PolygonLabels:
+class PolygonLabels(WindowReader):
     """A label image drawn from polygons only where a window of it is read, so a section-sized frame is never held
     whole (a frame in the sense of :mod:`segjointgene.windows`).
 
@@ -64,12 +65,10 @@ class PolygonLabels:
             parts.append(self._poly[lo:hi])
         return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
-    def __getitem__(self, key) -> np.ndarray:
+    def window(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         from skimage.draw import polygon
 
-        key = key if isinstance(key, tuple) else (key, slice(None))
-        (r0, r1, _), (c0, c1, _) = (k.indices(n) for k, n in zip(key, self.shape))
-        out = np.zeros((max(r1 - r0, 0), max(c1 - c0, 0)), np.uint32)
+        out = np.zeros((r1 - r0, c1 - c0), np.uint32)
         if out.size == 0:
             return out
         for i in self._polygons_near(r0, r1, c0, c1):
@@ -78,10 +77,6 @@ class PolygonLabels:
             rr, cc = polygon(self.ys[s:e] - r0, self.xs[s:e] - c0, out.shape)
             out[rr, cc] = self.ids[i]
         return out
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        whole = self[:, :]
-        return whole if dtype is None else whole.astype(dtype)
 
 
 def cell_polygons(instance: np.ndarray, *, scale: float = 1.0) -> dict[int, list[list[float]]]:

@@ -150,7 +150,7 @@ def seeded_watershed(dapi: np.ndarray, cells: pd.DataFrame, *, seeds: str = "reg
 def _seed_counts(area: np.ndarray, cells: pd.DataFrame) -> dict[str, int]:
     """How many cells got a nucleus of fewer than 20 pixels (or none): recorded in metadata.json."""
     ids = cells["cell"].to_numpy()
-    area = np.append(area, np.zeros(max(0, int(ids.max(initial=0)) + 1 - area.size), np.int64))[ids]
+    area = np.pad(area, (0, max(0, int(ids.max(initial=0)) + 1 - area.size)))[ids]
     counts = {"n_seeds": int(ids.size), "n_seeds_under_20px": int((area < 20).sum()), "n_seeds_empty": int((area == 0).sum())}
     log.info("nuclei: %d of %d cells have < 20 pixels (%d none)", counts["n_seeds_under_20px"], ids.size,
              counts["n_seeds_empty"])
@@ -182,7 +182,7 @@ def _nucleus_extent(nuclei: Frame) -> tuple[tuple[int, int, int, int] | None, np
         rows.append(r0 + np.flatnonzero(hit.any(axis=1)))
         cols |= hit.any(axis=0)
         counts = np.bincount(band[hit].astype(np.int64))
-        area = np.append(area, np.zeros(max(0, counts.size - area.size), np.int64))
+        area = np.pad(area, (0, max(0, counts.size - area.size)))
         area[:counts.size] += counts
     rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     if rows.size == 0:

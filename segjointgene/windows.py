@@ -19,7 +19,7 @@ import scipy.sparse
 
 from .errors import DataError
 
-__all__ = ["BandCache", "Frame", "TiffWindows", "frame_bands", "frame_block", "frame_values_at"]
+__all__ = ["BandCache", "Frame", "TiffWindows", "WindowReader", "frame_bands", "frame_block", "frame_values_at"]
 
 #: An image of a section's frame: an ndarray, a CSR matrix or a window reader (see the module docstring).
 Frame = Any
@@ -55,7 +55,26 @@ def frame_values_at(frame, rows: np.ndarray, cols: np.ndarray, band_rows: int = 
     return out
 
 
-class TiffWindows:
+class WindowReader:
+    """Base of the frames that compute a window when it is read: 2-D slicing via :meth:`window`, ``np.asarray``
+    reads the whole frame."""
+
+    shape: tuple[int, int]
+
+    def window(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key, slice(None))
+        (r0, r1, _), (c0, c1, _) = (k.indices(n) for k, n in zip(key, self.shape))
+        return self.window(r0, max(r0, r1), c0, max(c0, c1))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:, :]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+class TiffWindows(WindowReader):
     """A 2-D image in a TIFF (plain, tiled or an OME pyramid's full resolution) read window by window through
     tifffile's zarr store; ``np.asarray`` reads it whole.
 
@@ -90,19 +109,14 @@ class TiffWindows:
             self._pid = os.getpid()
         return self._array
 
-    def __getitem__(self, key) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key,)
-        return np.asarray(self._open()[(*self._lead, *key)])
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        whole = self[:, :]
-        return whole if dtype is None else whole.astype(dtype)
+    def window(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        return np.asarray(self._open()[(*self._lead, slice(r0, r1), slice(c0, c1))])
 
     def __getstate__(self) -> dict:  # pickled to spawned workers: they reopen the file
         return {**self.__dict__, "_pid": None, "_array": None}
 
 
-class BandCache:
+class BandCache(WindowReader):
     """A frame whose windows are served from one cached band of ``rows`` full-width rows: patches read in row-major
     order then decode each TIFF tile and draw each polygon about once instead of once per patch that touches it.
     Memory: one band (``rows`` x width pixels). Per process (a forked worker fills its own)."""
@@ -112,9 +126,7 @@ class BandCache:
         self.shape, self.dtype, self.ndim = frame.shape, frame.dtype, 2
         self._r0, self._band = 0, None
 
-    def __getitem__(self, key) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key, slice(None))
-        (r0, r1, _), (c0, c1, _) = (k.indices(n) for k, n in zip(key, self.shape))
+    def window(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         if r1 - r0 > self.rows:
             return frame_block(self.frame, r0, r1, c0, c1)
         if self._band is None or r0 < self._r0 or r1 > self._r0 + self._band.shape[0]:
