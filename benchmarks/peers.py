@@ -69,7 +69,8 @@ def main_cmd(*args: str) -> list[str]:
 
 
 def run_section(out: Path, mode: str, noise: float, seed: int, size: int, env_dir: Path,
-                preset: str = "hard", reuse: pd.DataFrame | None = None) -> pd.DataFrame:
+                preset: str = "hard", reuse: pd.DataFrame | None = None,
+                reuse_peers: pd.DataFrame | None = None) -> pd.DataFrame:
     name = f"{preset}_{mode}_n{int(noise * 100)}_s{seed}"
     common = [f"--work_dir={out}", f"--datasets_name={name}", "--quiet", f"--random_seed={seed}"]
     if not (out / "data" / name / "metadata.json").is_file():
@@ -86,7 +87,7 @@ def run_section(out: Path, mode: str, noise: float, seed: int, size: int, env_di
     table = pd.read_csv(results / "evaluation.csv", index_col=0)
     table.loc["ours", "cpu_s"] = ours_cpu
     for peer in PEERS:
-        table.loc[peer] = _run_peer(peer, out, name, results, env_dir)
+        table.loc[peer] = _run_peer(peer, out, name, results, env_dir, reuse_peers)
     table.insert(0, "section", name)
     table.index.name = "method"
     return table
@@ -114,7 +115,9 @@ def our_probabilities(out: Path, name: str, results: Path) -> pd.DataFrame:
                          "right": table["cell"].to_numpy(np.int64) == truth.spot_cell})
 
 
-def _run_peer(peer: str, out: Path, name: str, results: Path, env_dir: Path) -> pd.Series:
+def _run_peer(peer: str, out: Path, name: str, results: Path, env_dir: Path,
+              reuse: pd.DataFrame | None = None) -> pd.Series:
+    """Run a peer on the section and score it (``reuse``: its assignment file and CPU time from an earlier run)."""
     raw = out / "data" / f"{name}_raw" / "3_1_left"
     truth_dir = raw.with_name(raw.name + "_truth")
     cells = pd.read_csv(next(raw.glob("cells_*.csv")))
@@ -122,9 +125,13 @@ def _run_peer(peer: str, out: Path, name: str, results: Path, env_dir: Path) -> 
     radius = 0.5 * float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))
     target = out / f"{name}_{peer}.csv"
     reference = [str(truth_dir / "markers.csv")] if PEERS[peer][2] else []
-    cpu = cpu_run([str(peer_python(env_dir, peer)), str(Path(__file__).with_name(PEERS[peer][1])),
-                   str(next(raw.glob("spots_*.csv"))), str(results / "initial_instance_mask.tif"), *reference,
-                   str(PEERS[peer][3] * radius), str(target)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    earlier = None if reuse is None else reuse[(reuse["section"] == name) & (reuse["method"] == peer)]
+    if earlier is not None and len(earlier) and target.is_file():
+        cpu = float(earlier["cpu_s"].iloc[0])
+    else:
+        cpu = cpu_run([str(peer_python(env_dir, peer)), str(Path(__file__).with_name(PEERS[peer][1])),
+                       str(next(raw.glob("spots_*.csv"))), str(results / "initial_instance_mask.tif"), *reference,
+                       str(PEERS[peer][3] * radius), str(target)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     spots, rows, truth = _section_truth(out, name)
     cell = pd.read_csv(target)["cell"].to_numpy(np.int64)[rows]
     row = score_assignment(cell, spots, truth=truth)
@@ -170,14 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env_dir", type=Path, default=None, help="peer virtual environments (default OUT/envs)")
     parser.add_argument("--peers_only", action="store_true",
                         help="rerun the peers only; our runs and their times come from OUT/peers.csv")
+    parser.add_argument("--ours_only", action="store_true",
+                        help="rerun ours only; the peers' assignments and times come from OUT/peers.csv")
     args = parser.parse_args(argv)
     env_dir = args.env_dir or args.out / "envs"
     reuse = pd.read_csv(args.out / "peers.csv") if args.peers_only else None
+    reuse_peers = pd.read_csv(args.out / "peers.csv") if args.ours_only else None
     tables, sections = [], []
     for mode in args.modes:
         for noise in args.noise:
             for seed in args.seeds:
-                t = run_section(args.out, mode, noise, seed, args.size, env_dir, args.preset, reuse)
+                t = run_section(args.out, mode, noise, seed, args.size, env_dir, args.preset, reuse, reuse_peers)
                 tables.append(t)
                 name = t["section"].iloc[0]
                 sections.append((name, args.out / "checkpoints" / name / "SegJointGene_CID" / "results"))

@@ -144,8 +144,9 @@ class LabelUpdateConfig:
                              "v1: the reference's rule - territory + prediction + votes + dominant attributed type; "
                              "v2: balanced dilation, attribution top-ratio, island and hole clean-up",
                     flag="--label_update", choices=("model", "v1", "v2"))
-    model_net_weight: float = opt(1.0, "model: weight of the network's log type posterior (over its mean) in the "
-                                       "refit of the last epoch (0 = the spot model alone)")
+    model_net_weight: float = opt(0.5, "model: weight of the network's log type posterior (over its mean) in the "
+                                       "refit of the last epoch (0 = the spot model alone; < 1 because the network "
+                                       "learnt the spot model's own territories, so its evidence repeats their shapes)")
     model_background_weight: float = opt(0.25, "model: weight of the network's cell-versus-background evidence "
                                                "relative to its type evidence (1 = its full posterior)")
     model_temperature: float = opt(1.6, "model: the per-spot probability (spots_assigned.csv prob) is the spot "
@@ -154,6 +155,12 @@ class LabelUpdateConfig:
     model_shape_power: float = opt(2.0, "model: cell shape - generalised-Gaussian exponent (2 = Gaussian); <= 0: a "
                                         "uniform ellipse with a logistic edge that wide")
     model_neighbours: float = opt(0.0, "model: weight of the neighbouring spots' assignments (mean field; 0 = off)")
+    model_cell_profile: float = opt(-1.0, "model: pseudo-spots of its type's profile in each cell's own gene profile "
+                                          "(a spot leans to the cell that holds its gene, as under negative-binomial "
+                                          "counts); < 0 = fitted to the nuclei's spots (0 when they show no "
+                                          "over-dispersion); 0 = every cell has its type's profile")
+    model_tissue_bin: float = opt(4.0, "model: the background rate is per pixel of tissue, the square bins this many "
+                                       "typical cell radii wide that hold a spot (0 = per pixel of the whole frame)")
     expand_k: int = opt(3, "growth radius per update (pixels): a pixel can only join a cell within this distance")
     prediction_threshold: float = opt(0.3, "minimum 3x3-smoothed softmax confidence of a pixel joining a cell "
                                            "(--territory nucleus: of it not being background)")
@@ -176,6 +183,7 @@ class LabelUpdateConfig:
         _check(self.model_background_weight >= 0, c, "model_background_weight", self.model_background_weight,
                "must be >= 0")
         _check(self.model_temperature > 0, c, "model_temperature", self.model_temperature, "must be > 0")
+        _check(self.model_tissue_bin >= 0, c, "model_tissue_bin", self.model_tissue_bin, "must be >= 0")
         _check(0.0 <= self.prediction_threshold < 1.0, c, "prediction_threshold", self.prediction_threshold, "must be in [0, 1)")
         _check(1 <= self.vote_min <= 9, c, "vote_min", self.vote_min, "must be in 1..9")
         _check(0.0 < self.top_ratio <= 1.0, c, "top_ratio", self.top_ratio, "must be in (0, 1]")

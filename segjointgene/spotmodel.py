@@ -4,7 +4,10 @@ Every cell ``c`` (one per nucleus, of known type ``t_c``) emits spots as a Poiss
 ``N_c * f_c(x) * p_{t_c}(g)``: ``N_c`` its expected count (per-cell scale), ``f_c`` a generalised-Gaussian shape
 (centre and covariance per cell, shrunk towards its type's typical shape: size and elongation from the data) and
 ``p_t`` the type's gene profile (first from the spots on the type's nuclei, then from the assigned spots, or
-fixed by a reference). Background emits ``rho_0 * p_0(g)`` everywhere. EM alternates the posterior of each spot
+fixed by a reference). With a concentration ``a`` (fitted to the nuclei's spots, :func:`nucleus_concentration`)
+each cell has its own profile, the Dirichlet posterior mean ``(n_cg + a p_t(g)) / (n_c + a)`` of its spots: real
+cells' counts are over-dispersed, so a spot leans to the cell that already holds its gene. Background emits
+``rho_0 * p_0(g)`` per pixel of tissue (the bins that hold spots; a section's frame is mostly slide). EM alternates the posterior of each spot
 over its ``k`` nearest cells and the background (E) with the cell parameters (M); a mean-field neighbour term
 (each spot leans towards the cells its neighbouring spots belong to; off by default) makes territories contiguous.
 Extra per-spot log-evidence (e.g. a UNet's type posterior) can enter the E-step.
@@ -25,13 +28,14 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import ndimage
 from scipy.spatial import cKDTree
-from scipy.special import softmax
+from scipy.special import gammaln, softmax
 
 from .constants import BACKGROUND
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CellModel", "SpotModelConfig", "SpotModelFit", "fit_spot_model", "territories"]
+__all__ = ["CellGeneCounts", "CellModel", "SpotModelConfig", "SpotModelFit", "fit_spot_model", "nucleus_concentration",
+           "territories", "tissue_area"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,12 @@ class SpotModelConfig:
     profile_pseudo: float = 1.0  # pseudo-count per gene (times the gene's section frequency x n_genes)
     tol: float = 1e-3  # stop when fewer than this fraction of spots change cell
     spot_edge: float | None = 2.2  # a spot beyond this Mahalanobis radius of its cell is background (None = keep)
+    cell_profile: float = -1.0  # > 0: each cell's own gene profile, a Dirichlet posterior of its assigned spots with
+    # this many pseudo-spots of its type's profile (a spot then leans to the cell that already holds its gene, as
+    # in a negative-binomial count model); 0 = every cell of a type has the type's profile; < 0 = the concentration
+    # that best explains the nuclei's spots (Dirichlet-multinomial maximum likelihood; 0 when they are multinomial)
+    tissue_bin: float = 4.0  # > 0: the background rate is per pixel of tissue = the square bins (this many typical
+    # cell radii wide) that hold a spot; 0 = per pixel of the whole frame (a real section's frame is mostly slide)
     temperature: float = 1.0  # the reported probability is the posterior with every log-likelihood divided by this
     # (> 1 softens it: the cells' shapes are fitted to the very spots they are scored on, so the raw posterior is
     # overconfident); the assignment itself does not depend on it
@@ -67,6 +77,32 @@ class CellModel:
     background_rate: float  # spots per pixel
     background_profile: np.ndarray  # (G,)
     shape_power: float
+    radius: float = 0.0  # a typical cell's radius (pixels), from the nuclei's spacing
+    concentration: float = 0.0  # pseudo-spots of the type profile in each cell's own profile (0 = type profiles)
+    gene_counts: "CellGeneCounts | None" = None  # the cells' expected spots per gene (with a concentration)
+
+
+@dataclass(frozen=True)
+class CellGeneCounts:
+    """Sparse expected spot counts per (cell, gene): sorted keys ``cell * n_genes + gene`` and their values."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    n_genes: int
+
+    @classmethod
+    def from_resp(cls, cand: np.ndarray, gene: np.ndarray, w: np.ndarray, n_genes: int) -> "CellGeneCounts":
+        key = (cand * n_genes + gene[:, None]).ravel()
+        keys, inverse = np.unique(key, return_inverse=True)
+        return cls(keys, np.bincount(inverse, w.ravel(), minlength=keys.size), n_genes)
+
+    def lookup(self, cell: np.ndarray, gene: np.ndarray) -> np.ndarray:
+        """Counts at (cell, gene) (broadcast shapes); 0 where the cell holds none of the gene."""
+        q = cell * self.n_genes + gene
+        if self.keys.size == 0:
+            return np.zeros(q.shape)
+        i = np.minimum(np.searchsorted(self.keys, q), self.keys.size - 1)
+        return np.where(self.keys[i] == q, self.values[i], 0.0)
 
 
 @dataclass(frozen=True)
@@ -137,12 +173,7 @@ def _initial_model(nuclei: np.ndarray, ids: np.ndarray, cls: np.ndarray, n_types
                    spot_nucleus: np.ndarray, n_genes: int, cfg: SpotModelConfig,
                    reference: np.ndarray | None) -> CellModel:
     centre, area = _nucleus_stats(nuclei, ids)
-    # typical cell: half the distance to the nearest other nucleus (a touching tissue's cell radius)
-    if len(ids) > 1:
-        nn = cKDTree(centre).query(centre, k=2)[0][:, 1]
-        radius = 0.5 * float(np.median(nn))
-    else:
-        radius = float(np.sqrt(area.max(initial=1.0) / np.pi) * 2.0)
+    radius = _typical_radius(centre, area)
     var = radius * radius / 4.0 / _moment_factor(cfg.shape_power)  # a uniform disc's second moment
     cov = np.tile(np.eye(2) * var, (len(ids), 1, 1))
     freq = (np.bincount(gene, minlength=n_genes) + 1.0) / (gene.size + n_genes)
@@ -156,8 +187,46 @@ def _initial_model(nuclei: np.ndarray, ids: np.ndarray, cls: np.ndarray, n_types
         counts = np.zeros((n_types, n_genes))
         np.add.at(counts, (cls[spot_nucleus[on_nucleus]], gene[on_nucleus]), 1.0)
         profile = _normalise_profile(counts, freq, cfg.profile_pseudo)
+    concentration = cfg.cell_profile if cfg.cell_profile >= 0 else nucleus_concentration(
+        spot_nucleus[on_nucleus], gene[on_nucleus], cls, n_types, freq, cfg.profile_pseudo)
     return CellModel(ids=ids, cls=cls, centre=centre, cov=cov, count=count, profile=profile,
-                     background_rate=0.1 * density, background_profile=freq, shape_power=cfg.shape_power)
+                     background_rate=0.1 * density, background_profile=freq, shape_power=cfg.shape_power,
+                     radius=radius, concentration=concentration)
+
+
+def _typical_radius(centre: np.ndarray, area: np.ndarray) -> float:
+    """A typical cell's radius: half the median distance to the nearest other nucleus (a touching tissue's)."""
+    if len(centre) > 1:
+        return 0.5 * float(np.median(cKDTree(centre).query(centre, k=2)[0][:, 1]))
+    return float(np.sqrt(area.max(initial=1.0) / np.pi) * 2.0)
+
+
+def nucleus_concentration(cell: np.ndarray, gene: np.ndarray, cls: np.ndarray, n_types: int, freq: np.ndarray,
+                          pseudo: float, *, grid: np.ndarray = 2.0 ** np.arange(-1, 13)) -> float:
+    """The Dirichlet-multinomial concentration (on ``grid``) that best explains the genes of spots ``(cell, gene)``
+    (cell = row 0..m-1 of ``cls``) around their types' profiles, or 0 when the multinomial (infinite concentration)
+    explains them as well. Each cell is compared with its type's profile from the other cells of the type
+    (with :func:`_normalise_profile`'s pseudo-counts; a cell's own spots would make it look typical), so only
+    types of 3 or more cells and cells of 2 or more spots take part."""
+    n_genes = freq.size
+    keys, c = np.unique(cell * n_genes + gene, return_counts=True)  # the nonzero (cell, gene) counts
+    row, g, c = keys // n_genes, keys % n_genes, c.astype(np.float64)
+    n = np.bincount(row, c, minlength=cls.size)
+    type_counts = np.zeros((n_types, n_genes))
+    np.add.at(type_counts, (cls[row], g), c)
+    cells_of_type = np.bincount(cls, minlength=n_types)
+    ok = (n[row] >= 2) & (cells_of_type[cls[row]] >= 3)
+    row, g, c = row[ok], g[ok], c[ok]
+    if row.size == 0:
+        return 0.0
+    prior = pseudo * freq * n_genes
+    t = cls[row]
+    p = (type_counts[t, g] - c + prior[g]) / (type_counts.sum(1)[t] - n[row] + prior.sum())
+    n = n[np.unique(row)]
+    multinomial = float((c * np.log(p)).sum())
+    ll = [float((gammaln(a) - gammaln(n + a)).sum() + (gammaln(c + a * p) - gammaln(a * p)).sum()) for a in grid]
+    best = int(np.argmax(ll))
+    return float(grid[best]) if ll[best] > multinomial and best < len(grid) - 1 else 0.0
 
 
 def _normalise_profile(counts: np.ndarray, freq: np.ndarray, pseudo: float) -> np.ndarray:
@@ -205,11 +274,26 @@ def _neighbour_support(graph: sp.csr_matrix, resp: np.ndarray, cand: np.ndarray)
     return out
 
 
+def _cell_log_profile(model: CellModel, gene: np.ndarray, cand: np.ndarray, own: np.ndarray,
+                      prior: float) -> np.ndarray:
+    """(n, k) log p_c(g) of each candidate cell's own profile: the Dirichlet posterior mean of its spots (minus
+    this spot's own share ``own``, so that a spot does not vote for itself) with ``prior`` pseudo-spots of its
+    type's profile."""
+    n_cg = np.maximum(model.gene_counts.lookup(cand, gene[:, None]) - own, 0.0)
+    n_c = np.maximum(model.count[cand] - own, 0.0)
+    type_p = model.profile[model.cls[cand], gene[:, None]]
+    return np.log((n_cg + prior * type_p) / (n_c + prior))
+
+
 def _e_step(model: CellModel, sy, sx, gene, cand, support, cfg: SpotModelConfig,
-            evidence: np.ndarray | None) -> np.ndarray:
+            evidence: np.ndarray | None, own: np.ndarray | None = None) -> np.ndarray:
     """(n, k + 1) log-likelihood (unnormalised log posterior) of the candidate cells and the background (last
-    column)."""
-    logit = _log_intensity(model, sy, sx, cand, gene)
+    column). ``own``: each spot's share in its candidates' gene counts (with ``cell_profile``)."""
+    if model.concentration > 0 and model.gene_counts is not None:
+        logit = _log_intensity(model, sy, sx, cand, None)
+        logit += _cell_log_profile(model, gene, cand, own if own is not None else 0.0, model.concentration)
+    else:
+        logit = _log_intensity(model, sy, sx, cand, gene)
     if support is not None:
         logit = logit + cfg.neighbour_weight * support
     bg = np.log(model.background_rate * model.background_profile[gene])[:, None]
@@ -239,6 +323,8 @@ def _m_step(model: CellModel, resp: np.ndarray, sy, sx, gene, cand, nucleus_cent
     ks = cfg.shape_prior
     model.cov = (own + ks * typical_cov[model.cls]) / (mass + ks)[:, None, None]
     model.count = np.maximum(mass, 0.5)
+    if model.concentration > 0:
+        model.gene_counts = CellGeneCounts.from_resp(cand, gene, w, model.profile.shape[1])
     if not fixed_profile:
         counts = np.zeros_like(model.profile)
         np.add.at(counts, (model.cls[flat_c], np.repeat(gene, k)), flat_w)
@@ -294,8 +380,10 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
     model = _initial_model(nuclei, ids, cls, n_types, gene, spot_nucleus, n_genes, cfg := config, reference)
     nucleus_centre = model.centre.copy()
     if start is not None and np.array_equal(start.ids, ids):
-        model = dataclasses.replace(start)
+        model = dataclasses.replace(start, gene_counts=None)  # the first E-step without the spots' own votes
     graph = _neighbour_graph(sy, sx, cfg.neighbour_k) if cfg.neighbour_weight else None
+    side = cfg.tissue_bin * model.radius
+    area = tissue_area(sy, sx, nuclei.shape, max(int(round(side)), 1)) if side > 0 else float(h * w)
     k = min(cfg.n_neighbours, ids.size)
     best, resp, support, it, prev_cand = np.full(sy.size, -2), None, None, 0, None
     for it in range(1, cfg.n_iter + 1):
@@ -303,9 +391,10 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
         typical = _typical_cov(model, n_types)
         if resp is not None and graph is not None:
             support = _neighbour_support(graph, _candidate_resp(resp, prev_cand, cand), cand)
-        logit = _e_step(model, sy, sx, gene, cand, support, cfg, evidence)
+        own = _candidate_resp(resp, prev_cand, cand) if resp is not None and model.concentration > 0 else None
+        logit = _e_step(model, sy, sx, gene, cand, support, cfg, evidence, own)
         resp = softmax(logit, axis=1)
-        _m_step(model, resp, sy, sx, gene, cand, nucleus_centre, typical, cfg, reference is not None, float(h * w))
+        _m_step(model, resp, sy, sx, gene, cand, nucleus_centre, typical, cfg, reference is not None, area)
         prev_cand = cand
         new_best = resp.argmax(1)
         new_best = np.where(new_best < k, cand[np.arange(sy.size), np.minimum(new_best, k - 1)], -1)
@@ -321,6 +410,18 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
         prob = np.where(out, 1.0 - prob, prob)
     cell = np.where(best >= 0, ids[np.maximum(best, 0)], BACKGROUND).astype(np.int64)
     return SpotModelFit(cell=cell, prob=prob.astype(np.float32), model=model, n_iter=it)
+
+
+def tissue_area(y: np.ndarray, x: np.ndarray, shape: tuple[int, int], side: int) -> float:
+    """Pixels of the tissue: the frame's pixels in the ``side`` x ``side`` bins that hold at least one spot (a
+    section's frame is mostly empty slide, where no background spot can fall)."""
+    rows, cols = -(-shape[0] // side), -(-shape[1] // side)
+    iy = np.clip((y // side).astype(np.int64), 0, rows - 1)
+    ix = np.clip((x // side).astype(np.int64), 0, cols - 1)
+    occupied = np.unique(iy * cols + ix)
+    height = np.minimum(side, shape[0] - occupied // cols * side)  # the last row and column of bins are cut
+    width = np.minimum(side, shape[1] - occupied % cols * side)
+    return float((height * width).sum())
 
 
 def _mahalanobis2(model: CellModel, row: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:

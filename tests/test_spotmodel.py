@@ -8,7 +8,8 @@ import pytest
 from segjointgene.config import SimulateConfig
 from segjointgene.metrics import calibration_error
 from segjointgene.simulate import simulate_section
-from segjointgene.spotmodel import SpotModelConfig, _moment_factor, fit_spot_model, territories
+from segjointgene.spotmodel import (CellGeneCounts, SpotModelConfig, _moment_factor, fit_spot_model,
+                                    nucleus_concentration, territories, tissue_area)
 
 
 def _two_cells(rng):
@@ -109,3 +110,62 @@ def test_hard_preset_is_deterministic_and_differs_from_basic():
     assert a.spots.equals(b.spots) and np.array_equal(a.instance, b.instance)
     assert not np.array_equal(a.instance, c.instance)
     assert ((a.nuclei > 0) <= (a.instance == a.nuclei)).all()
+
+
+def test_tissue_area_counts_the_frame_pixels_of_occupied_bins():
+    # 10 x 10 frame, bins of 4: bin (0, 0) is whole (16 px), bin (2, 2) is cut by the frame to 2 x 2; (0, 0) twice
+    y, x = np.array([0.5, 1.5, 9.5]), np.array([0.5, 3.9, 9.5])
+    assert tissue_area(y, x, (10, 10), 4) == 16 + 4
+    assert tissue_area(np.arange(10) + 0.5, np.arange(10) + 0.5, (10, 10), 1) == 10  # the diagonal
+
+
+def test_cell_gene_counts_sum_the_shares_of_each_cell_and_gene():
+    cand = np.array([[0, 1], [1, 0], [0, 1]])
+    w = np.array([[0.75, 0.25], [0.5, 0.5], [1.0, 0.0]])
+    counts = CellGeneCounts.from_resp(cand, np.array([2, 2, 0]), w, n_genes=3)
+    # cell 0: gene 2 from spots 0 (0.75) and 1 (0.5), gene 0 from spot 2 (1.0); cell 1: gene 2 0.25 + 0.5, gene 0 0
+    assert np.allclose(counts.lookup(np.array([0, 0, 1, 1, 1]), np.array([2, 0, 2, 0, 1])), [1.25, 1.0, 0.75, 0, 0])
+
+
+def _cells_of_type(rng, profiles, per_type, spots, alpha):
+    """Spots of ``per_type`` cells of each type: each cell's profile ~ Dirichlet(alpha * type profile), or the type
+    profile itself when alpha is None."""
+    cell, gene, cls = [], [], []
+    for t, p in enumerate(profiles):
+        for _ in range(per_type):
+            own = p if alpha is None else rng.dirichlet(alpha * p)
+            gene.append(rng.choice(p.size, spots, p=own))
+            cell.append(np.full(spots, len(cls)))
+            cls.append(t)
+    return np.concatenate(cell), np.concatenate(gene), np.array(cls)
+
+
+@pytest.mark.parametrize("alpha", [None, 4.0])
+def test_nucleus_concentration_recovers_the_dispersion_of_cells(alpha):
+    rng = np.random.default_rng(0)
+    profiles = rng.dirichlet(np.ones(20), size=3)
+    cell, gene, cls = _cells_of_type(rng, profiles, per_type=60, spots=30, alpha=alpha)
+    freq = np.bincount(gene, minlength=20) / gene.size
+    found = nucleus_concentration(cell, gene, cls, 3, freq, pseudo=0.05)
+    if alpha is None:  # multinomial cells: no over-dispersion, the type profiles are kept
+        assert found == 0.0 or found >= 256
+    else:  # on the grid of powers of 2, within a factor 2
+        assert alpha / 2 <= found <= alpha * 2
+
+
+def test_a_cell_profile_sends_a_spot_to_the_cell_that_holds_its_gene():
+    """Two cells of one type (genes 0 and 1 equally likely for the type), one holding gene 0, the other gene 1: a
+    spot of gene 1 halfway between them goes to the second cell with cell profiles; without, the two cells split it
+    and the background wins."""
+    nuclei, x, y, gene = _two_cells(np.random.default_rng(1))
+    x, y, gene = np.append(x, 48.5), np.append(y, 32.5), np.append(gene, 1)
+    kw = dict(n_genes=2, n_types=1)
+    same_type = np.array([0, 0])
+    own = fit_spot_model(x, y, gene, nuclei, np.array([1, 2]), same_type, **kw,
+                         config=SpotModelConfig(spot_edge=None, cell_profile=2.0))
+    typed = fit_spot_model(x, y, gene, nuclei, np.array([1, 2]), same_type, **kw,
+                           config=SpotModelConfig(spot_edge=None, cell_profile=0.0))
+    assert own.cell[-1] == 2 and own.model.concentration == 2.0
+    assert typed.cell[-1] == 0 and typed.model.concentration == 0.0
+    # the far noise spot stays background and the cells keep their spots
+    assert own.cell[120] == 0 and (own.cell[:60] == 1).mean() > 0.95 and (own.cell[60:120] == 2).mean() > 0.95

@@ -62,7 +62,8 @@ class SpotEngine:
         self.gene = load_npz(data_dir / SPOTS_TABLE, ("gene",))["gene"].astype(np.int64)
         self.net_weight, self.background_weight = config.model_net_weight, config.model_background_weight
         self.config = SpotModelConfig(shape_power=config.model_shape_power, neighbour_weight=config.model_neighbours,
-                                      temperature=config.model_temperature)
+                                      temperature=config.model_temperature, cell_profile=config.model_cell_profile,
+                                      tissue_bin=config.model_tissue_bin)
         top = torch.cat([ds.origins for ds in splits.values()]).amax(0)
         self.shape = (int(top[0]) + self.p, int(top[1]) + self.p)
         self.nuclei = self._canvas(lambda ds: ds.core)
@@ -107,8 +108,9 @@ class SpotEngine:
         prob = np.ones(self.x.size, np.float32)
         cell[inside], prob[inside] = fit.cell, fit.prob
         self.fit = SpotModelFit(cell=cell, prob=prob, model=fit.model, n_iter=fit.n_iter)
-        log.debug("spot model: %d cells, %d spots, %.1f%% assigned, %d EM iterations, %.1f s%s", self.ids.size,
-                 self.x.size, 100 * float((cell > 0).mean()) if cell.size else 0.0, fit.n_iter,
+        log.debug("spot model: %d cells, %d spots, %.1f%% assigned, concentration %g, %d EM iterations, %.1f s%s",
+                  self.ids.size, self.x.size, 100 * float((cell > 0).mean()) if cell.size else 0.0,
+                  fit.model.concentration if fit.model is not None else 0.0, fit.n_iter,
                  time.perf_counter() - t0, " (with the network's evidence)" if evidence is not None else "")
         return self.fit
 
