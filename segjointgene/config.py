@@ -159,6 +159,9 @@ class LabelUpdateConfig:
                                           "(a spot leans to the cell that holds its gene, as under negative-binomial "
                                           "counts); < 0 = fitted to the nuclei's spots (0 when they show no "
                                           "over-dispersion); 0 = every cell has its type's profile")
+    model_nucleus_size: bool = opt(True, "model: scale each cell's prior size with its nucleus's area (the exponent, "
+                                         "0-1, regressed from the cells' own spots; 0 where nuclei say nothing of "
+                                         "cell size)")
     model_tissue_bin: float = opt(4.0, "model: the background rate is per pixel of tissue, the square bins this many "
                                        "typical cell radii wide that hold a spot (0 = per pixel of the whole frame)")
     expand_k: int = opt(3, "growth radius per update (pixels): a pixel can only join a cell within this distance")

@@ -2,13 +2,14 @@
 
 Every cell ``c`` (one per nucleus, of known type ``t_c``) emits spots as a Poisson process of intensity
 ``N_c * f_c(x) * p_{t_c}(g)``: ``N_c`` its expected count (per-cell scale), ``f_c`` a generalised-Gaussian shape
-(centre and covariance per cell, shrunk towards its type's typical shape: size and elongation from the data) and
+(centre and covariance per cell, shrunk towards its type's typical shape - size and elongation from the data, the
+size scaled with the cell's nucleus as far as the cells' own spots show that they scale together) and
 ``p_t`` the type's gene profile (first from the spots on the type's nuclei, then from the assigned spots, or
 fixed by a reference). With a concentration ``a`` (fitted to the nuclei's spots, :func:`nucleus_concentration`)
 each cell has its own profile, the Dirichlet posterior mean ``(n_cg + a p_t(g)) / (n_c + a)`` of its spots: real
 cells' counts are over-dispersed, so a spot leans to the cell that already holds its gene. Background emits
-``rho_0 * p_0(g)`` per pixel of tissue (the bins that hold spots; a section's frame is mostly slide). EM alternates the posterior of each spot
-over its ``k`` nearest cells and the background (E) with the cell parameters (M); a mean-field neighbour term
+``rho_0 * p_0(g)`` per pixel of tissue (the bins that hold spots; a section's frame is mostly slide). EM alternates
+the posterior of each spot over its ``k`` nearest cells and the background (E) with the cell parameters (M); a mean-field neighbour term
 (each spot leans towards the cells its neighbouring spots belong to; off by default) makes territories contiguous.
 Extra per-spot log-evidence (e.g. a UNet's type posterior) can enter the E-step.
 
@@ -48,6 +49,8 @@ class SpotModelConfig:
     # logistic edge is -shape_power wide (Mahalanobis units)
     shape_prior: float = 8.0  # pseudo-spots pulling a cell's covariance towards its type's typical one
     centre_prior: float = 8.0  # pseudo-spots pulling a cell's centre towards its nucleus
+    size_from_nucleus: bool = True  # scale each cell's prior covariance with its nucleus's area (the exponent
+    # regressed from the fitted cells)
     neighbour_weight: float = 0.0  # mean-field weight of the neighbouring spots' assignments (0 = off)
     neighbour_k: int = 6  # neighbouring spots of each spot for that term
     profile_pseudo: float = 1.0  # pseudo-count per gene (times the gene's section frequency x n_genes)
@@ -78,6 +81,7 @@ class CellModel:
     background_profile: np.ndarray  # (G,)
     shape_power: float
     radius: float = 0.0  # a typical cell's radius (pixels), from the nuclei's spacing
+    spread: np.ndarray | None = None  # (m,) trace of the second moment of each cell's own spots (no prior)
     concentration: float = 0.0  # pseudo-spots of the type profile in each cell's own profile (0 = type profiles)
     gene_counts: "CellGeneCounts | None" = None  # the cells' expected spots per gene (with a concentration)
 
@@ -320,8 +324,9 @@ def _m_step(model: CellModel, resp: np.ndarray, sy, sx, gene, cand, nucleus_cent
         second[:, i, j] = np.bincount(flat_c, (w * v).ravel(), minlength=m)
     second[:, 1, 0] = second[:, 0, 1]
     own = second / _moment_factor(model.shape_power)
+    model.spread = np.trace(own, axis1=1, axis2=2) / np.maximum(mass, 1e-9)
     ks = cfg.shape_prior
-    model.cov = (own + ks * typical_cov[model.cls]) / (mass + ks)[:, None, None]
+    model.cov = (own + ks * typical_cov) / (mass + ks)[:, None, None]
     model.count = np.maximum(mass, 0.5)
     if model.concentration > 0:
         model.gene_counts = CellGeneCounts.from_resp(cand, gene, w, model.profile.shape[1])
@@ -335,14 +340,30 @@ def _m_step(model: CellModel, resp: np.ndarray, sy, sx, gene, cand, nucleus_cent
     model.background_profile = (np.bincount(gene, bg, minlength=n_genes) + 1.0) / (bg.sum() + n_genes)
 
 
-def _typical_cov(model: CellModel, n_types: int) -> np.ndarray:
-    """Per type, the median cell covariance (elementwise; a shape prior from the data)."""
+def _typical_cov(model: CellModel, n_types: int, nucleus_area: np.ndarray | None = None) -> np.ndarray:
+    """(m, 2, 2) each cell's prior covariance: its type's median cell covariance (elementwise; a shape prior from
+    the data), scaled by ``(nucleus area / the type's median) ** beta`` with ``beta`` in [0, 1] regressed from the
+    spread of the cells' own spots on their nuclei's areas (0 where nucleus size says nothing of cell size)."""
     out = np.tile(np.median(model.cov, 0), (n_types, 1, 1))
     for t in range(n_types):
         sel = model.cls == t
         if sel.sum() >= 3:
             out[t] = np.median(model.cov[sel], 0)
-    return out
+    prior = out[model.cls]
+    if nucleus_area is None:
+        return prior
+    log_a = np.log(np.maximum(nucleus_area, 1.0))
+    rel_a = log_a - np.array([np.median(log_a[model.cls == t]) if (model.cls == t).any() else 0.0
+                              for t in range(n_types)])[model.cls]
+    if model.spread is None:  # no spots assigned yet
+        return prior
+    # the cells' sizes from their own spots only (the fitted covariances hold the prior, which would feed back)
+    size = np.log(np.maximum(model.spread, 1e-9))
+    rel_size = size - np.log(np.maximum(np.trace(prior, axis1=1, axis2=2), 1e-9))
+    fit = model.count >= 5  # cells with spots enough to have a size of their own
+    var = float(np.var(rel_a[fit])) if fit.sum() >= 10 else 0.0
+    beta = float(np.clip(np.cov(rel_a[fit], rel_size[fit])[0, 1] / var, 0.0, 1.0)) if var > 1e-6 else 0.0
+    return prior * np.exp(beta * rel_a)[:, None, None]
 
 
 def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.ndarray, cell_ids: np.ndarray,
@@ -379,6 +400,7 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
     spot_nucleus = row_of[nuclei[iy, ix]]
     model = _initial_model(nuclei, ids, cls, n_types, gene, spot_nucleus, n_genes, cfg := config, reference)
     nucleus_centre = model.centre.copy()
+    nucleus_area = _nucleus_stats(nuclei, ids)[1] if cfg.size_from_nucleus else None
     if start is not None and np.array_equal(start.ids, ids):
         model = dataclasses.replace(start, gene_counts=None)  # the first E-step without the spots' own votes
     graph = _neighbour_graph(sy, sx, cfg.neighbour_k) if cfg.neighbour_weight else None
@@ -388,7 +410,7 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
     best, resp, support, it, prev_cand = np.full(sy.size, -2), None, None, 0, None
     for it in range(1, cfg.n_iter + 1):
         cand = cKDTree(model.centre).query(np.stack([sy, sx], 1), k=k)[1].reshape(sy.size, k)
-        typical = _typical_cov(model, n_types)
+        typical = _typical_cov(model, n_types, nucleus_area if cfg.size_from_nucleus else None)
         if resp is not None and graph is not None:
             support = _neighbour_support(graph, _candidate_resp(resp, prev_cand, cand), cand)
         own = _candidate_resp(resp, prev_cand, cand) if resp is not None and model.concentration > 0 else None

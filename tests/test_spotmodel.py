@@ -8,8 +8,8 @@ import pytest
 from segjointgene.config import SimulateConfig
 from segjointgene.metrics import calibration_error
 from segjointgene.simulate import simulate_section
-from segjointgene.spotmodel import (CellGeneCounts, SpotModelConfig, _moment_factor, fit_spot_model,
-                                    nucleus_concentration, territories, tissue_area)
+from segjointgene.spotmodel import (CellGeneCounts, CellModel, SpotModelConfig, _moment_factor, _typical_cov,
+                                    fit_spot_model, nucleus_concentration, territories, tissue_area)
 
 
 def _two_cells(rng):
@@ -169,3 +169,25 @@ def test_a_cell_profile_sends_a_spot_to_the_cell_that_holds_its_gene():
     assert typed.cell[-1] == 0 and typed.model.concentration == 0.0
     # the far noise spot stays background and the cells keep their spots
     assert own.cell[120] == 0 and (own.cell[:60] == 1).mean() > 0.95 and (own.cell[60:120] == 2).mean() > 0.95
+
+
+def _model_of_sizes(spread: np.ndarray) -> CellModel:
+    m = spread.size
+    return CellModel(ids=np.arange(1, m + 1), cls=np.zeros(m, np.int64), centre=np.zeros((m, 2)),
+                     cov=np.tile(np.eye(2) * 25.0, (m, 1, 1)), count=np.full(m, 20.0), profile=np.ones((1, 2)) / 2,
+                     background_rate=0.01, background_profile=np.ones(2) / 2, shape_power=2.0, spread=spread)
+
+
+def test_prior_size_follows_the_nuclei_only_as_far_as_the_cells_spots_do():
+    rng = np.random.default_rng(0)
+    area = rng.uniform(20, 80, 200)
+    # cells whose spots spread with their nucleus's area (cell area ~ nucleus area): exponent ~1, the prior of a
+    # nucleus 4x the median's is ~4x the type's median covariance
+    prop = _typical_cov(_model_of_sizes(50.0 * area / np.median(area)), 1, area)
+    ratio = prop[:, 0, 0] / 25.0
+    assert np.allclose(ratio, area / np.median(area), rtol=0.05)
+    # spread unrelated to the nuclei: the exponent is ~0 and every cell keeps the type's median
+    flat = _typical_cov(_model_of_sizes(50.0 * rng.lognormal(0, 0.3, 200)), 1, area)
+    assert np.allclose(flat[:, 0, 0], 25.0, rtol=0.1)
+    # without areas (the option off) the type's median itself
+    assert np.allclose(_typical_cov(_model_of_sizes(50.0 * area), 1, None), np.eye(2) * 25.0)

@@ -63,7 +63,7 @@ class SpotEngine:
         self.net_weight, self.background_weight = config.model_net_weight, config.model_background_weight
         self.config = SpotModelConfig(shape_power=config.model_shape_power, neighbour_weight=config.model_neighbours,
                                       temperature=config.model_temperature, cell_profile=config.model_cell_profile,
-                                      tissue_bin=config.model_tissue_bin)
+                                      tissue_bin=config.model_tissue_bin, size_from_nucleus=config.model_nucleus_size)
         top = torch.cat([ds.origins for ds in splits.values()]).amax(0)
         self.shape = (int(top[0]) + self.p, int(top[1]) + self.p)
         self.nuclei = self._canvas(lambda ds: ds.core)
