@@ -9,8 +9,9 @@ fixed by a reference). With a concentration ``a`` (fitted to the nuclei's spots,
 each cell has its own profile, the Dirichlet posterior mean ``(n_cg + a p_t(g)) / (n_c + a)`` of its spots: real
 cells' counts are over-dispersed, so a spot leans to the cell that already holds its gene. Background emits
 ``rho_0 * p_0(g)`` per pixel of tissue (the bins that hold spots; a section's frame is mostly slide). EM alternates
-the posterior of each spot over its ``k`` nearest cells and the background (E) with the cell parameters (M); a mean-field neighbour term
-(each spot leans towards the cells its neighbouring spots belong to; off by default) makes territories contiguous.
+the posterior of each spot over its ``k`` nearest cells and the background (E) with the cell parameters (M); a
+mean-field neighbour term (each spot leans towards the cells its neighbouring spots belong to; off by default)
+makes territories contiguous.
 Extra per-spot log-evidence (e.g. a UNet's type posterior) can enter the E-step.
 
 :func:`fit_spot_model` returns each spot's cell and posterior probability, and :func:`territories` rasterises the
@@ -50,7 +51,7 @@ class SpotModelConfig:
     shape_prior: float = 8.0  # pseudo-spots pulling a cell's covariance towards its type's typical one
     centre_prior: float = 8.0  # pseudo-spots pulling a cell's centre towards its nucleus
     size_from_nucleus: bool = True  # scale each cell's prior covariance with its nucleus's area (the exponent
-    # regressed from the fitted cells)
+    # regressed from the spread of the cells' own spots)
     neighbour_weight: float = 0.0  # mean-field weight of the neighbouring spots' assignments (0 = off)
     neighbour_k: int = 6  # neighbouring spots of each spot for that term
     profile_pseudo: float = 1.0  # pseudo-count per gene (times the gene's section frequency x n_genes)
@@ -173,10 +174,10 @@ def _nucleus_stats(nuclei: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.
     return np.stack([cy + 0.5, cx + 0.5], 1), np.asarray(area, np.float64)
 
 
-def _initial_model(nuclei: np.ndarray, ids: np.ndarray, cls: np.ndarray, n_types: int, gene: np.ndarray,
-                   spot_nucleus: np.ndarray, n_genes: int, cfg: SpotModelConfig,
+def _initial_model(centre: np.ndarray, area: np.ndarray, ids: np.ndarray, cls: np.ndarray, n_types: int,
+                   gene: np.ndarray, spot_nucleus: np.ndarray, n_genes: int, cfg: SpotModelConfig,
                    reference: np.ndarray | None) -> CellModel:
-    centre, area = _nucleus_stats(nuclei, ids)
+    """The cells at their nuclei (``centre``, ``area``), typical discs, profiles from the nuclei's spots."""
     radius = _typical_radius(centre, area)
     var = radius * radius / 4.0 / _moment_factor(cfg.shape_power)  # a uniform disc's second moment
     cov = np.tile(np.eye(2) * var, (len(ids), 1, 1))
@@ -193,7 +194,7 @@ def _initial_model(nuclei: np.ndarray, ids: np.ndarray, cls: np.ndarray, n_types
         profile = _normalise_profile(counts, freq, cfg.profile_pseudo)
     concentration = cfg.cell_profile if cfg.cell_profile >= 0 else nucleus_concentration(
         spot_nucleus[on_nucleus], gene[on_nucleus], cls, n_types, freq, cfg.profile_pseudo)
-    return CellModel(ids=ids, cls=cls, centre=centre, cov=cov, count=count, profile=profile,
+    return CellModel(ids=ids, cls=cls, centre=centre.copy(), cov=cov, count=count, profile=profile,
                      background_rate=0.1 * density, background_profile=freq, shape_power=cfg.shape_power,
                      radius=radius, concentration=concentration)
 
@@ -292,7 +293,7 @@ def _cell_log_profile(model: CellModel, gene: np.ndarray, cand: np.ndarray, own:
 def _e_step(model: CellModel, sy, sx, gene, cand, support, cfg: SpotModelConfig,
             evidence: np.ndarray | None, own: np.ndarray | None = None) -> np.ndarray:
     """(n, k + 1) log-likelihood (unnormalised log posterior) of the candidate cells and the background (last
-    column). ``own``: each spot's share in its candidates' gene counts (with ``cell_profile``)."""
+    column). ``own``: each spot's share in its candidates' gene counts (with a concentration)."""
     if model.concentration > 0 and model.gene_counts is not None:
         logit = _log_intensity(model, sy, sx, cand, None)
         logit += _cell_log_profile(model, gene, cand, own if own is not None else 0.0, model.concentration)
@@ -350,13 +351,11 @@ def _typical_cov(model: CellModel, n_types: int, nucleus_area: np.ndarray | None
         if sel.sum() >= 3:
             out[t] = np.median(model.cov[sel], 0)
     prior = out[model.cls]
-    if nucleus_area is None:
+    if nucleus_area is None or model.spread is None:  # off, or no spots assigned yet
         return prior
     log_a = np.log(np.maximum(nucleus_area, 1.0))
     rel_a = log_a - np.array([np.median(log_a[model.cls == t]) if (model.cls == t).any() else 0.0
                               for t in range(n_types)])[model.cls]
-    if model.spread is None:  # no spots assigned yet
-        return prior
     # the cells' sizes from their own spots only (the fitted covariances hold the prior, which would feed back)
     size = np.log(np.maximum(model.spread, 1e-9))
     rel_size = size - np.log(np.maximum(np.trace(prior, axis1=1, axis2=2), 1e-9))
@@ -398,25 +397,26 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
     h, w = nuclei.shape
     iy, ix = np.clip(sy.astype(np.int64), 0, h - 1), np.clip(sx.astype(np.int64), 0, w - 1)
     spot_nucleus = row_of[nuclei[iy, ix]]
-    model = _initial_model(nuclei, ids, cls, n_types, gene, spot_nucleus, n_genes, cfg := config, reference)
-    nucleus_centre = model.centre.copy()
-    nucleus_area = _nucleus_stats(nuclei, ids)[1] if cfg.size_from_nucleus else None
+    nucleus_centre, area = _nucleus_stats(nuclei, ids)
+    model = _initial_model(nucleus_centre, area, ids, cls, n_types, gene, spot_nucleus, n_genes, cfg := config,
+                           reference)
+    nucleus_area = area if cfg.size_from_nucleus else None
     if start is not None and np.array_equal(start.ids, ids):
         model = dataclasses.replace(start, gene_counts=None)  # the first E-step without the spots' own votes
     graph = _neighbour_graph(sy, sx, cfg.neighbour_k) if cfg.neighbour_weight else None
     side = cfg.tissue_bin * model.radius
-    area = tissue_area(sy, sx, nuclei.shape, max(int(round(side)), 1)) if side > 0 else float(h * w)
+    tissue = tissue_area(sy, sx, nuclei.shape, max(int(round(side)), 1)) if side > 0 else float(h * w)
     k = min(cfg.n_neighbours, ids.size)
     best, resp, support, it, prev_cand = np.full(sy.size, -2), None, None, 0, None
     for it in range(1, cfg.n_iter + 1):
         cand = cKDTree(model.centre).query(np.stack([sy, sx], 1), k=k)[1].reshape(sy.size, k)
-        typical = _typical_cov(model, n_types, nucleus_area if cfg.size_from_nucleus else None)
+        typical = _typical_cov(model, n_types, nucleus_area)
         if resp is not None and graph is not None:
             support = _neighbour_support(graph, _candidate_resp(resp, prev_cand, cand), cand)
         own = _candidate_resp(resp, prev_cand, cand) if resp is not None and model.concentration > 0 else None
         logit = _e_step(model, sy, sx, gene, cand, support, cfg, evidence, own)
         resp = softmax(logit, axis=1)
-        _m_step(model, resp, sy, sx, gene, cand, nucleus_centre, typical, cfg, reference is not None, area)
+        _m_step(model, resp, sy, sx, gene, cand, nucleus_centre, typical, cfg, reference is not None, tissue)
         prev_cand = cand
         new_best = resp.argmax(1)
         new_best = np.where(new_best < k, cand[np.arange(sy.size), np.minimum(new_best, k - 1)], -1)
