@@ -89,21 +89,30 @@ class CellModel:
 
 @dataclass(frozen=True)
 class CellGeneCounts:
-    """Sparse expected spot counts per (cell, gene): sorted keys ``cell * n_genes + gene`` and their values."""
+    """Expected spot counts per (cell, gene), by key ``cell * n_genes + gene``: a dense array of every key when
+    there are at most ``DENSE_KEYS`` of them (no sort), else the sorted keys that occur and their values."""
 
-    keys: np.ndarray
+    keys: np.ndarray | None  # None = dense
     values: np.ndarray
     n_genes: int
 
+    #: the largest cells x genes table held dense (16 M float64 = 128 MB)
+    DENSE_KEYS = 1 << 24
+
     @classmethod
-    def from_resp(cls, cand: np.ndarray, gene: np.ndarray, w: np.ndarray, n_genes: int) -> "CellGeneCounts":
+    def from_resp(cls, cand: np.ndarray, gene: np.ndarray, w: np.ndarray, n_cells: int,
+                  n_genes: int) -> "CellGeneCounts":
         key = (cand * n_genes + gene[:, None]).ravel()
+        if n_cells * n_genes <= cls.DENSE_KEYS:
+            return cls(None, np.bincount(key, w.ravel(), minlength=n_cells * n_genes), n_genes)
         keys, inverse = np.unique(key, return_inverse=True)
         return cls(keys, np.bincount(inverse, w.ravel(), minlength=keys.size), n_genes)
 
     def lookup(self, cell: np.ndarray, gene: np.ndarray) -> np.ndarray:
         """Counts at (cell, gene) (broadcast shapes); 0 where the cell holds none of the gene."""
         q = cell * self.n_genes + gene
+        if self.keys is None:
+            return self.values[q]
         if self.keys.size == 0:
             return np.zeros(q.shape)
         i = np.minimum(np.searchsorted(self.keys, q), self.keys.size - 1)
@@ -330,7 +339,7 @@ def _m_step(model: CellModel, resp: np.ndarray, sy, sx, gene, cand, nucleus_cent
     model.cov = (own + ks * typical_cov) / (mass + ks)[:, None, None]
     model.count = np.maximum(mass, 0.5)
     if model.concentration > 0:
-        model.gene_counts = CellGeneCounts.from_resp(cand, gene, w, model.profile.shape[1])
+        model.gene_counts = CellGeneCounts.from_resp(cand, gene, w, m, model.profile.shape[1])
     if not fixed_profile:
         counts = np.zeros_like(model.profile)
         np.add.at(counts, (model.cls[flat_c], np.repeat(gene, k)), flat_w)

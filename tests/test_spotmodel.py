@@ -119,12 +119,17 @@ def test_tissue_area_counts_the_frame_pixels_of_occupied_bins():
     assert tissue_area(np.arange(10) + 0.5, np.arange(10) + 0.5, (10, 10), 1) == 10  # the diagonal
 
 
-def test_cell_gene_counts_sum_the_shares_of_each_cell_and_gene():
+def test_cell_gene_counts_sum_the_shares_of_each_cell_and_gene(monkeypatch):
     cand = np.array([[0, 1], [1, 0], [0, 1]])
     w = np.array([[0.75, 0.25], [0.5, 0.5], [1.0, 0.0]])
-    counts = CellGeneCounts.from_resp(cand, np.array([2, 2, 0]), w, n_genes=3)
+    dense = CellGeneCounts.from_resp(cand, np.array([2, 2, 0]), w, n_cells=2, n_genes=3)
+    monkeypatch.setattr(CellGeneCounts, "DENSE_KEYS", 4)  # 2 cells x 3 genes > 4: the sorted sparse keys
+    sparse = CellGeneCounts.from_resp(cand, np.array([2, 2, 0]), w, n_cells=2, n_genes=3)
+    assert dense.keys is None and sparse.keys is not None
     # cell 0: gene 2 from spots 0 (0.75) and 1 (0.5), gene 0 from spot 2 (1.0); cell 1: gene 2 0.25 + 0.5, gene 0 0
-    assert np.allclose(counts.lookup(np.array([0, 0, 1, 1, 1]), np.array([2, 0, 2, 0, 1])), [1.25, 1.0, 0.75, 0, 0])
+    for counts in (dense, sparse):
+        got = counts.lookup(np.array([0, 0, 1, 1, 1]), np.array([2, 0, 2, 0, 1]))
+        assert np.allclose(got, [1.25, 1.0, 0.75, 0, 0])
 
 
 def _cells_of_type(rng, profiles, per_type, spots, alpha):
