@@ -69,8 +69,10 @@ def main_cmd(*args: str) -> list[str]:
 
 
 def run_section(out: Path, mode: str, noise: float, seed: int, size: int, env_dir: Path,
-                preset: str = "hard", reuse: pd.DataFrame | None = None,
-                reuse_peers: pd.DataFrame | None = None) -> pd.DataFrame:
+                preset: str = "hard", earlier: pd.DataFrame | None = None,
+                keep: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One section's table; the methods named in ``keep`` ("ours", "peers") are not rerun but taken from
+    ``earlier`` (a peers.csv: CPU times; the peers' assignment files in ``out``)."""
     name = f"{preset}_{mode}_n{int(noise * 100)}_s{seed}"
     common = [f"--work_dir={out}", f"--datasets_name={name}", "--quiet", f"--random_seed={seed}"]
     if not (out / "data" / name / "metadata.json").is_file():
@@ -78,8 +80,8 @@ def run_section(out: Path, mode: str, noise: float, seed: int, size: int, env_di
                                 f"--sim_noise={noise}", f"--sim_size={size}", "--overwrite", *common), check=True)
         subprocess.run(main_cmd("--step_name=preprocess", "--patch_size=64", *common), check=True)
     results = out / "checkpoints" / name / "SegJointGene_CID" / "results"
-    if reuse is not None and name in set(reuse["section"]):  # peers only: our run and its time from peers.csv
-        ours_cpu = float(reuse[(reuse["section"] == name) & (reuse["method"] == "ours")]["cpu_s"].iloc[0])
+    if "ours" in keep and name in set(earlier["section"]):  # peers only: our run and its time from peers.csv
+        ours_cpu = float(earlier[(earlier["section"] == name) & (earlier["method"] == "ours")]["cpu_s"].iloc[0])
     else:  # the README's default command, one thread, fresh process
         ours_cpu = cpu_run(main_cmd("--step_name=SegJointGene", "--overwrite", "--num_threads=1", "--num_workers=0",
                                     *common), env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -87,7 +89,7 @@ def run_section(out: Path, mode: str, noise: float, seed: int, size: int, env_di
     table = pd.read_csv(results / "evaluation.csv", index_col=0)
     table.loc["ours", "cpu_s"] = ours_cpu
     for peer in PEERS:
-        table.loc[peer] = _run_peer(peer, out, name, results, env_dir, reuse_peers)
+        table.loc[peer] = _run_peer(peer, out, name, results, env_dir, earlier if "peers" in keep else None)
     table.insert(0, "section", name)
     table.index.name = "method"
     return table
@@ -181,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="rerun ours only; the peers' assignments and times come from OUT/peers.csv")
     args = parser.parse_args(argv)
     env_dir = args.env_dir or args.out / "envs"
-    reuse = pd.read_csv(args.out / "peers.csv") if args.peers_only else None
-    reuse_peers = pd.read_csv(args.out / "peers.csv") if args.ours_only else None
+    keep = ("ours",) * args.peers_only + ("peers",) * args.ours_only
+    earlier = pd.read_csv(args.out / "peers.csv") if keep else None
     tables, sections = [], []
     for mode in args.modes:
         for noise in args.noise:
             for seed in args.seeds:
-                t = run_section(args.out, mode, noise, seed, args.size, env_dir, args.preset, reuse, reuse_peers)
+                t = run_section(args.out, mode, noise, seed, args.size, env_dir, args.preset, earlier, keep)
                 tables.append(t)
                 name = t["section"].iloc[0]
                 sections.append((name, args.out / "checkpoints" / name / "SegJointGene_CID" / "results"))

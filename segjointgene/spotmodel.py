@@ -350,28 +350,32 @@ def _m_step(model: CellModel, resp: np.ndarray, sy, sx, gene, cand, nucleus_cent
     model.background_profile = (np.bincount(gene, bg, minlength=n_genes) + 1.0) / (bg.sum() + n_genes)
 
 
-def _typical_cov(model: CellModel, n_types: int, nucleus_area: np.ndarray | None = None) -> np.ndarray:
+def _typical_cov(model: CellModel, n_types: int, rel_area: np.ndarray | None = None) -> np.ndarray:
     """(m, 2, 2) each cell's prior covariance: its type's median cell covariance (elementwise; a shape prior from
-    the data), scaled by ``(nucleus area / the type's median) ** beta`` with ``beta`` in [0, 1] regressed from the
-    spread of the cells' own spots on their nuclei's areas (0 where nucleus size says nothing of cell size)."""
+    the data), scaled by ``exp(beta * rel_area)`` (``rel_area``: log nucleus area over its type's median, see
+    :func:`_relative_log_area`) with ``beta`` in [0, 1] regressed from the spread of the cells' own spots (0 where
+    nucleus size says nothing of cell size)."""
     out = np.tile(np.median(model.cov, 0), (n_types, 1, 1))
     for t in range(n_types):
         sel = model.cls == t
         if sel.sum() >= 3:
             out[t] = np.median(model.cov[sel], 0)
     prior = out[model.cls]
-    if nucleus_area is None or model.spread is None:  # off, or no spots assigned yet
+    if rel_area is None or model.spread is None:  # off, or no spots assigned yet
         return prior
-    log_a = np.log(np.maximum(nucleus_area, 1.0))
-    rel_a = log_a - np.array([np.median(log_a[model.cls == t]) if (model.cls == t).any() else 0.0
-                              for t in range(n_types)])[model.cls]
     # the cells' sizes from their own spots only (the fitted covariances hold the prior, which would feed back)
-    size = np.log(np.maximum(model.spread, 1e-9))
-    rel_size = size - np.log(np.maximum(np.trace(prior, axis1=1, axis2=2), 1e-9))
+    rel_size = np.log(np.maximum(model.spread, 1e-9)) - np.log(np.maximum(np.trace(prior, axis1=1, axis2=2), 1e-9))
     fit = model.count >= 5  # cells with spots enough to have a size of their own
-    var = float(np.var(rel_a[fit])) if fit.sum() >= 10 else 0.0
-    beta = float(np.clip(np.cov(rel_a[fit], rel_size[fit])[0, 1] / var, 0.0, 1.0)) if var > 1e-6 else 0.0
-    return prior * np.exp(beta * rel_a)[:, None, None]
+    c = np.cov(rel_area[fit], rel_size[fit]) if fit.sum() >= 10 else np.zeros((2, 2))
+    beta = float(np.clip(c[0, 1] / c[0, 0], 0.0, 1.0)) if c[0, 0] > 1e-6 else 0.0
+    return prior * np.exp(beta * rel_area)[:, None, None]
+
+
+def _relative_log_area(area: np.ndarray, cls: np.ndarray, n_types: int) -> np.ndarray:
+    """Each nucleus's log area minus the median log area of its type's nuclei."""
+    log_a = np.log(np.maximum(area, 1.0))
+    median = np.array([np.median(log_a[cls == t]) if (cls == t).any() else 0.0 for t in range(n_types)])
+    return log_a - median[cls]
 
 
 def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.ndarray, cell_ids: np.ndarray,
@@ -409,7 +413,7 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
     nucleus_centre, area = _nucleus_stats(nuclei, ids)
     model = _initial_model(nucleus_centre, area, ids, cls, n_types, gene, spot_nucleus, n_genes, cfg := config,
                            reference)
-    nucleus_area = area if cfg.size_from_nucleus else None
+    rel_area = _relative_log_area(area, cls, n_types) if cfg.size_from_nucleus else None
     if start is not None and np.array_equal(start.ids, ids):
         model = dataclasses.replace(start, gene_counts=None)  # the first E-step without the spots' own votes
     graph = _neighbour_graph(sy, sx, cfg.neighbour_k) if cfg.neighbour_weight else None
@@ -419,10 +423,13 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
     best, resp, support, it, prev_cand = np.full(sy.size, -2), None, None, 0, None
     for it in range(1, cfg.n_iter + 1):
         cand = cKDTree(model.centre).query(np.stack([sy, sx], 1), k=k)[1].reshape(sy.size, k)
-        typical = _typical_cov(model, n_types, nucleus_area)
-        if resp is not None and graph is not None:
-            support = _neighbour_support(graph, _candidate_resp(resp, prev_cand, cand), cand)
-        own = _candidate_resp(resp, prev_cand, cand) if resp is not None and model.concentration > 0 else None
+        typical = _typical_cov(model, n_types, rel_area)
+        # the previous posterior on this iteration's candidates: the neighbours' support, each spot's own votes
+        need = resp is not None and (graph is not None or model.concentration > 0)
+        before = _candidate_resp(resp, prev_cand, cand) if need else None
+        if before is not None and graph is not None:
+            support = _neighbour_support(graph, before, cand)
+        own = before if model.concentration > 0 else None
         logit = _e_step(model, sy, sx, gene, cand, support, cfg, evidence, own)
         resp = softmax(logit, axis=1)
         _m_step(model, resp, sy, sx, gene, cand, nucleus_centre, typical, cfg, reference is not None, tissue)

@@ -8,8 +8,8 @@ import pytest
 from segjointgene.config import SimulateConfig
 from segjointgene.metrics import calibration_error
 from segjointgene.simulate import simulate_section
-from segjointgene.spotmodel import (CellGeneCounts, CellModel, SpotModelConfig, _moment_factor, _typical_cov,
-                                    fit_spot_model, nucleus_concentration, territories, tissue_area)
+from segjointgene.spotmodel import (CellGeneCounts, CellModel, SpotModelConfig, _moment_factor, _relative_log_area,
+                                    _typical_cov, fit_spot_model, nucleus_concentration, territories, tissue_area)
 
 
 def _two_cells(rng):
@@ -188,11 +188,12 @@ def test_prior_size_follows_the_nuclei_only_as_far_as_the_cells_spots_do():
     area = rng.uniform(20, 80, 200)
     # cells whose spots spread with their nucleus's area (cell area ~ nucleus area): exponent ~1, the prior of a
     # nucleus 4x the median's is ~4x the type's median covariance
-    prop = _typical_cov(_model_of_sizes(50.0 * area / np.median(area)), 1, area)
+    rel = _relative_log_area(area, np.zeros(area.size, np.int64), 1)
+    prop = _typical_cov(_model_of_sizes(50.0 * area / np.median(area)), 1, rel)
     ratio = prop[:, 0, 0] / 25.0
     assert np.allclose(ratio, area / np.median(area), rtol=0.05)
     # spread unrelated to the nuclei: the exponent is ~0 and every cell keeps the type's median
-    flat = _typical_cov(_model_of_sizes(50.0 * rng.lognormal(0, 0.3, 200)), 1, area)
+    flat = _typical_cov(_model_of_sizes(50.0 * rng.lognormal(0, 0.3, 200)), 1, rel)
     assert np.allclose(flat[:, 0, 0], 25.0, rtol=0.1)
     # without areas (the option off) the type's median itself
     assert np.allclose(_typical_cov(_model_of_sizes(50.0 * area), 1, None), np.eye(2) * 25.0)
