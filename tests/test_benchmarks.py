@@ -47,3 +47,13 @@ def test_benchmark_script_prints_measurements(sim128, capsys, name, args):
         # every variant's cost is estimated from its measured step cost; the plain one computes every row
         assert rows["rows_batch_plain"]["fraction"] == 1.0
         assert rows["cid_plain_all_batch"]["ratio_to_train_step"] > 0 and "cid_fold_local_batch" in rows
+
+
+def test_mask_ceiling_orders_the_three_masks():
+    """On a small hard section the ellipses of the true cells' moments beat those re-estimated from the true spots,
+    which beat (or tie) the fitted model's; every score is a fraction."""
+    r = _script("mask_ceiling").run("dense", 0.1, 0, 1.0, 128)
+    assert all(0.0 <= v <= 1.0 for k, v in r.items() if k != "spots_per_cell") and r["spots_per_cell"] > 5
+    assert r["true moments: median IoU"] > 0.75
+    assert r["true moments: median IoU"] > r["oracle spots: median IoU"] >= r["fitted: median IoU"] - 0.02
+    assert r["wrong_within_1px"] <= r["wrong_within_2px"]
