@@ -10,8 +10,8 @@ cell's second moment):
 - ``true moments``: the second moment of each true cell's mask (the best any ellipse of the right size can do).
 
 It also prints where the wrongly assigned cell spots lie: the fraction within 1 and 2 px of their true cell's
-boundary. ``--density`` multiplies the simulator's spots per pixel (0.03), to see how the ceiling moves with the
-spots a platform measures per cell.
+boundary. ``--density`` multiplies the simulator's spots per pixel (0.03: ~11 spots per cell), to see how the
+ceiling moves with the spots measured per cell.
 
     python benchmarks/mask_ceiling.py --seeds 0 1 --density 1 3 10
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
+from skimage.segmentation import find_boundaries
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segjointgene import metrics as M  # noqa: E402
@@ -88,12 +89,7 @@ def run(mode: str, noise: float, seed: int, density: float, size: int,
     emitted = true > 0
     out["spot_acc_cell"] = float((fit.cell[emitted] == true[emitted]).mean())
     # the depth of each spot inside its true cell: distance to the nearest pixel of another label
-    edge = np.zeros(inst.shape, bool)
-    rows, cols = inst[:-1] != inst[1:], inst[:, :-1] != inst[:, 1:]
-    edge[:-1] |= rows
-    edge[1:] |= rows
-    edge[:, :-1] |= cols
-    edge[:, 1:] |= cols
+    edge = find_boundaries(inst, mode="thick")  # both sides of every label change
     iy, ix = (np.clip(v.astype(np.int64), 0, n - 1) for v, n in ((y, inst.shape[0]), (x, inst.shape[1])))
     depth = ndimage.distance_transform_edt(~edge)[iy, ix]  # (a spot may sit on the frame's far edge)
     wrong = emitted & (fit.cell > 0) & (fit.cell != true)

@@ -41,7 +41,7 @@ METRICS = ["spot_acc_cell", "gene_mIoU", "F1@0.5", "F1@0.75", "noise_out", "cpu_
 #: the factor on the radius from the data that the runner gets). ComSeg's factor 3 (mean_cell_diameter =
 #: max_cell_radius = 6 x that radius) was the best of 1, 1.5, 2, 3 on one dense and one sparse section (spot accuracy
 #: 0.35 / 0.67 at 1, 0.71 / 0.94 at 3): its spot graph links spots within half the diameter, and with the
-#: physical diameter the graph of ~8 spots per cell falls apart (half the spots end unassigned)
+#: physical diameter the graph of ~11 spots per cell falls apart (half the spots end unassigned)
 PEERS = {"pciseq": (["pciSeq==0.0.61"], "_pciseq_runner.py", True, 1.0),
          "comseg": (["comseg==1.8.5"], "_comseg_runner.py", False, 3.0)}
 
