@@ -164,6 +164,10 @@ class LabelUpdateConfig:
                                          "cell size)")
     model_tissue_bin: float = opt(4.0, "model: the background rate is per pixel of tissue, the square bins this many "
                                        "typical cell radii wide that hold a spot (0 = per pixel of the whole frame)")
+    model_smoothness: float = opt(0.5, "model: the fitted cells refined into a partition of the pixels (a cellular "
+                                       "Potts model; spots take their pixel's cell): energy per pair of unlike "
+                                       "neighbouring pixels (0 = off: the fitted ellipses are the cells)")
+    model_shape_weight: float = opt(0.5, "model: weight of the fitted ellipses as the partition's shape prior")
     expand_k: int = opt(3, "growth radius per update (pixels): a pixel can only join a cell within this distance")
     prediction_threshold: float = opt(0.3, "minimum 3x3-smoothed softmax confidence of a pixel joining a cell "
                                            "(--territory nucleus: of it not being background)")
@@ -187,6 +191,8 @@ class LabelUpdateConfig:
                "must be >= 0")
         _check(self.model_temperature > 0, c, "model_temperature", self.model_temperature, "must be > 0")
         _check(self.model_tissue_bin >= 0, c, "model_tissue_bin", self.model_tissue_bin, "must be >= 0")
+        _check(self.model_smoothness >= 0, c, "model_smoothness", self.model_smoothness, "must be >= 0")
+        _check(self.model_shape_weight >= 0, c, "model_shape_weight", self.model_shape_weight, "must be >= 0")
         _check(0.0 <= self.prediction_threshold < 1.0, c, "prediction_threshold", self.prediction_threshold, "must be in [0, 1)")
         _check(1 <= self.vote_min <= 9, c, "vote_min", self.vote_min, "must be in 1..9")
         _check(0.0 < self.top_ratio <= 1.0, c, "top_ratio", self.top_ratio, "must be in (0, 1]")

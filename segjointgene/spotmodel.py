@@ -36,8 +36,8 @@ from .constants import BACKGROUND
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CellGeneCounts", "CellModel", "SpotModelConfig", "SpotModelFit", "fit_spot_model", "nucleus_concentration",
-           "territories", "tissue_area"]
+__all__ = ["CellGeneCounts", "CellModel", "SpotModelConfig", "SpotModelFit", "ellipse_distance2", "fit_spot_model",
+           "nucleus_concentration", "territories", "tissue_area"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ class CellModel:
     spread: np.ndarray | None = None  # (m,) trace of the second moment of each cell's own spots (no prior)
     concentration: float = 0.0  # pseudo-spots of the type profile in each cell's own profile (0 = type profiles)
     gene_counts: "CellGeneCounts | None" = None  # the cells' expected spots per gene (with a concentration)
+    tissue_px: float = 0.0  # pixels of tissue (the background rate's denominator)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,18 @@ class SpotModelFit:
     prob: np.ndarray  # (n,) float32, posterior of the assigned cell (or of background)
     model: CellModel
     n_iter: int
+    candidates: np.ndarray | None = None  # (n, k) int32 cell ids of each spot's candidate cells
+    posterior: np.ndarray | None = None  # (n, k + 1) float32 their posterior and background's (last), tempered
+
+    def probability_of(self, cell: np.ndarray) -> np.ndarray:
+        """(n,) float32 posterior probability of the given cell id (0 = background) of every spot; 0 for a cell
+        that is not among the spot's candidates."""
+        cell = np.asarray(cell, np.int64)
+        if self.posterior is None:
+            return np.where(cell == self.cell, self.prob, 0.0).astype(np.float32)
+        hit = self.candidates == cell[:, None]
+        out = (self.posterior[:, :-1] * hit).sum(1)
+        return np.where(cell == BACKGROUND, self.posterior[:, -1], out).astype(np.float32)
 
 
 #: Mahalanobis radius of the edge of a uniform ellipse, in units of its own second moment.
@@ -419,6 +432,7 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
     graph = _neighbour_graph(sy, sx, cfg.neighbour_k) if cfg.neighbour_weight else None
     side = cfg.tissue_bin * model.radius
     tissue = tissue_area(sy, sx, nuclei.shape, max(int(round(side)), 1)) if side > 0 else float(h * w)
+    model.tissue_px = tissue
     k = min(cfg.n_neighbours, ids.size)
     best, resp, support, it, prev_cand = np.full(sy.size, -2), None, None, 0, None
     for it in range(1, cfg.n_iter + 1):
@@ -440,14 +454,16 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
         best = new_best
         if changed < cfg.tol:
             break
-    prob = softmax(logit / cfg.temperature, axis=1).max(1)  # the argmax is the assignment's at any temperature
+    posterior = softmax(logit / cfg.temperature, axis=1)
+    prob = posterior.max(1)  # the argmax is the assignment's at any temperature
     if cfg.spot_edge is not None:  # beyond its cell's edge a spot is background, as its pixel is in the mask
         row = np.maximum(best, 0)
-        out = (best >= 0) & (_mahalanobis2(model, row, sy, sx) > cfg.spot_edge ** 2)
+        out = (best >= 0) & (ellipse_distance2(model, row, sy, sx) > cfg.spot_edge ** 2)
         best = np.where(out, -1, best)
         prob = np.where(out, 1.0 - prob, prob)
     cell = np.where(best >= 0, ids[np.maximum(best, 0)], BACKGROUND).astype(np.int64)
-    return SpotModelFit(cell=cell, prob=prob.astype(np.float32), model=model, n_iter=it)
+    return SpotModelFit(cell=cell, prob=prob.astype(np.float32), model=model, n_iter=it,
+                        candidates=ids[cand].astype(np.int32), posterior=posterior.astype(np.float32))
 
 
 def tissue_area(y: np.ndarray, x: np.ndarray, shape: tuple[int, int], side: int) -> float:
@@ -462,7 +478,7 @@ def tissue_area(y: np.ndarray, x: np.ndarray, shape: tuple[int, int], side: int)
     return float((height * width).sum())
 
 
-def _mahalanobis2(model: CellModel, row: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
+def ellipse_distance2(model: CellModel, row: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
     """Squared Mahalanobis distance of points to cells ``row`` in units of the cells' second moments."""
     dy, dx = py - model.centre[row, 0], px - model.centre[row, 1]
     return _mahalanobis(dy, dx, model.cov[row] * _moment_factor(model.shape_power))[0]
@@ -496,7 +512,7 @@ def territories(model: CellModel, shape: tuple[int, int], *, chunk: int = 1 << 1
         win = cand[np.arange(part.size), score.argmax(1)]
         fg = np.ones(part.size, bool)
         if edge is not None:  # inside the cell's ellipse of the same second moment (a uniform cell's edge)
-            fg &= _mahalanobis2(model, win, py, px) <= edge * edge
+            fg &= ellipse_distance2(model, win, py, px) <= edge * edge
         flat[part] = np.where(fg, model.ids[win], BACKGROUND)
     return out
 

@@ -12,6 +12,7 @@ with each spot's posterior probability (at ``--model_temperature``), is saved be
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..constants import SPOTS_TABLE
 from ..dataset import ImagePatchDataset, LabelStore
 from ..io import load_npz, save_npz
 from ..metadata import DatasetMetadata
+from ..partition import PartitionConfig, refine_partition
 from ..runfolder import RunFolder
 from ..spotmodel import SpotModelConfig, SpotModelFit, fit_spot_model, territories
 
@@ -64,6 +66,9 @@ class SpotEngine:
         self.config = SpotModelConfig(shape_power=config.model_shape_power, neighbour_weight=config.model_neighbours,
                                       temperature=config.model_temperature, cell_profile=config.model_cell_profile,
                                       tissue_bin=config.model_tissue_bin, size_from_nucleus=config.model_nucleus_size)
+        self.partition = (PartitionConfig(smoothness=config.model_smoothness, shape_weight=config.model_shape_weight)
+                          if config.model_smoothness > 0 else None)
+        self._fit_evidence: np.ndarray | None = None  # the evidence of the latest fit (for the partition)
         top = torch.cat([ds.origins for ds in splits.values()]).amax(0)
         self.shape = (int(top[0]) + self.p, int(top[1]) + self.p)
         self.nuclei = self._canvas(lambda ds: ds.core)
@@ -107,7 +112,10 @@ class SpotEngine:
         cell = np.zeros(self.x.size, np.int64)
         prob = np.ones(self.x.size, np.float32)
         cell[inside], prob[inside] = fit.cell, fit.prob
-        self.fit = SpotModelFit(cell=cell, prob=prob, model=fit.model, n_iter=fit.n_iter)
+        cand, post = _widen(fit, inside)
+        self.fit = SpotModelFit(cell=cell, prob=prob, model=fit.model, n_iter=fit.n_iter, candidates=cand,
+                                posterior=post)
+        self._fit_evidence = evidence
         log.debug("spot model: %d cells, %d spots, %.1f%% assigned, concentration %g, %d EM iterations, %.1f s%s",
                   self.ids.size, self.x.size, 100 * float((cell > 0).mean()) if cell.size else 0.0,
                   fit.model.concentration if fit.model is not None else 0.0, fit.n_iter,
@@ -115,9 +123,21 @@ class SpotEngine:
         return self.fit
 
     def write_labels(self) -> int:
-        """Cut the fitted territories into every patch's labels; returns the pixels changed."""
+        """Cut the fitted territories (refined into a partition, which then assigns the spots) into every patch's
+        labels; returns the pixels changed."""
         mask = territories(self.fit.model, self.shape).astype(np.int64)
         mask = np.where(self.nuclei > 0, self.nuclei, mask)  # the nuclei stay their cells' cores
+        if self.partition is not None and self.fit.model is not None:
+            t0 = time.perf_counter()
+            part = refine_partition(mask, self.nuclei > 0, self.fit.model, self.x, self.y, self.gene,
+                                    tissue_px=self.fit.model.tissue_px, evidence=self._fit_evidence,
+                                    config=self.partition)
+            log.debug("partition: %d sweeps, %.1f%% of the pixels changed, %.1f%% of the spots, %.1f s",
+                      part.n_sweeps, 100 * float((part.mask != mask).mean()),
+                      100 * float((part.cell != self.fit.cell).mean()) if part.cell.size else 0.0,
+                      time.perf_counter() - t0)
+            mask = part.mask
+            self.fit = dataclasses.replace(self.fit, cell=part.cell, prob=self.fit.probability_of(part.cell))
         changed = 0
         for split, ds in self.splits.items():
             patches = torch.stack([torch.from_numpy(mask[y:y + self.p, x:x + self.p]) for y, x in ds.origins.tolist()])
@@ -147,3 +167,14 @@ class SpotEngine:
     def save(self, run: RunFolder, epoch: int) -> None:
         """The spot assignment of the latest fit, as ``spot_assignment_<epoch>.npz`` (spots.npz order)."""
         save_npz(run.spot_assignment(epoch), {"cell": self.fit.cell, "prob": self.fit.prob})
+
+
+def _widen(fit: SpotModelFit, inside: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The fit's candidates and posterior over every spot (those outside the canvas: background, probability 1)."""
+    if fit.posterior is None:
+        return None, None
+    cand = np.zeros((inside.size, fit.candidates.shape[1]), fit.candidates.dtype)
+    post = np.zeros((inside.size, fit.posterior.shape[1]), fit.posterior.dtype)
+    post[:, -1] = 1.0
+    cand[inside], post[inside] = fit.candidates, fit.posterior
+    return cand, post
