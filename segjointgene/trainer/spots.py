@@ -2,11 +2,13 @@
 network's per-pixel type posterior back into the spot assignment.
 
 Before the first epoch the section's spots are fitted by :func:`segjointgene.spotmodel.fit_spot_model` (cells =
-nuclei, types = the nuclei's types) and the fitted territories become every patch's labels. The network then trains
-on them. In the last epoch every patch is predicted; at each spot the network's posterior, as likelihood ratios of
-the type given a cell and (down-weighted) of cell versus background (:func:`network_evidence`), is added to the spot
-model, which is fitted again from where it stopped; its territories become the final labels and its spot assignment,
-with each spot's posterior probability (at ``--model_temperature``), is saved beside the label cache
+nuclei, types = the nuclei's types); its territories, refined into a pixel partition
+(:func:`segjointgene.partition.refine_partition`, unless ``--model_smoothness 0``), become every patch's labels. The
+network then trains on them. In the last epoch every patch is predicted; at each spot the network's posterior, as
+likelihood ratios of the type given a cell and (down-weighted) of cell versus background (:func:`network_evidence`),
+is added to the spot model, which is fitted again from where it stopped; its refined territories become the final
+labels, each spot takes its pixel's cell, with the model's posterior probability of that cell (at
+``--model_temperature``) as its ``prob``, and this assignment is saved beside the label cache
 (``RunFolder.spot_assignment``).
 """
 
