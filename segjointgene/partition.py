@@ -53,12 +53,12 @@ class Partition:
 
 
 class _Grid:
-    """A label image padded by one pixel of -1 (outside), flat, with the offsets of the 8 neighbours."""
+    """An image padded by one pixel of ``fill`` (-1: outside), flat, with the offsets of the 8 neighbours."""
 
-    def __init__(self, labels: np.ndarray):
+    def __init__(self, labels: np.ndarray, fill=-1):
         h, w = labels.shape
         self.shape, self.stride = (h, w), w + 2
-        padded = np.full((h + 2, w + 2), -1, np.int64)
+        padded = np.full((h + 2, w + 2), fill, labels.dtype)
         padded[1:-1, 1:-1] = labels
         self.flat = padded.ravel()
         s = self.stride
@@ -93,15 +93,15 @@ def refine_partition(mask: np.ndarray, fixed: np.ndarray, model: CellModel, x: n
     m = len(model.ids)
     row_of = np.zeros(int(max(mask.max(initial=0), model.ids.max(initial=0))) + 1, np.int64)
     row_of[model.ids] = np.arange(1, m + 1)  # compact labels: 0 = background, 1 + row = cell
-    grid = _Grid(row_of[mask])
+    grid = _Grid(row_of[mask])  # int64
     inside = (x >= 0) & (y >= 0) & (x < w) & (y < h)
     pix = np.where(inside, grid.index(np.floor(y).astype(np.int64).clip(0, h - 1),
                                       np.floor(x).astype(np.int64).clip(0, w - 1)), -1)
     ins = np.flatnonzero(inside)
     order = ins[np.argsort(pix[ins], kind="stable")]  # the spots inside, by pixel
     sorted_pix = pix[order]
-    fixed_flat = _Grid(fixed.astype(np.int64)).flat == 1
-    colour = _Grid((np.indices((h, w)) % 2 * [[[2]], [[1]]]).sum(0)).flat  # 0..3, -1 outside
+    fixed_flat = _Grid(fixed.astype(bool), fill=False).flat
+    colour = _Grid((np.indices((h, w), np.int8) % 2 * np.array([2, 1], np.int8)[:, None, None]).sum(0, np.int8)).flat
     ctx = _Context(model, gene, pix, tissue_px, evidence, config)
     sweep, square = 0, np.ones((3, 3), bool)
     # the first sweep visits the pixels on a boundary or beyond their cell's ellipse, and their neighbours (an
@@ -110,7 +110,7 @@ def refine_partition(mask: np.ndarray, fixed: np.ndarray, model: CellModel, x: n
     active = find_boundaries(grid.image(), connectivity=2, mode="thick") | ctx.beyond_ellipse(grid)
     for sweep in range(1, config.sweeps + 1):
         ctx.update(grid.flat)
-        visit = _Grid(ndimage.binary_dilation(active, square).astype(np.int64)).flat == 1
+        visit = _Grid(ndimage.binary_dilation(active, square), fill=False).flat
         before = grid.flat.copy()
         for c in range(4):
             cand_pix = np.flatnonzero(visit & (colour == c) & ~fixed_flat)
@@ -191,8 +191,10 @@ class _Context:
         though no neighbour is background)."""
         out = np.zeros(grid.shape, bool)
         if self.cfg.shape_weight:
-            p = grid.index(*np.nonzero(grid.image() > 0))
-            out[np.nonzero(grid.image() > 0)] = self.beyond_ellipse_at(grid, p)
+            r, c = np.nonzero(grid.image() > 0)
+            for i in range(0, r.size, 1 << 20):  # in chunks: a section's cells cover millions of pixels
+                sl = slice(i, i + (1 << 20))
+                out[r[sl], c[sl]] = self.beyond_ellipse_at(grid, grid.index(r[sl], c[sl]))
         return out
 
     def beyond_ellipse_at(self, grid: _Grid, p: np.ndarray) -> np.ndarray:
