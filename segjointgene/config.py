@@ -8,6 +8,7 @@ validated in ``__post_init__`` and a bad value raises :class:`~segjointgene.erro
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +169,9 @@ class LabelUpdateConfig:
                                        "Potts model; spots take their pixel's cell): energy per pair of unlike "
                                        "neighbouring pixels (0 = off: the fitted ellipses are the cells)")
     model_shape_weight: float = opt(0.5, "model: weight of the fitted ellipses as the partition's shape prior")
+    model_partition_log_odds: float = opt(0.25, "model: log odds added to the spot model's posterior of the "
+                                                "partition's label of a spot (its prob: the partition's neighbours "
+                                                "are evidence the spot model lacks; chosen on development sections)")
     expand_k: int = opt(3, "growth radius per update (pixels): a pixel can only join a cell within this distance")
     prediction_threshold: float = opt(0.3, "minimum 3x3-smoothed softmax confidence of a pixel joining a cell "
                                            "(--territory nucleus: of it not being background)")
@@ -193,6 +197,8 @@ class LabelUpdateConfig:
         _check(self.model_tissue_bin >= 0, c, "model_tissue_bin", self.model_tissue_bin, "must be >= 0")
         _check(self.model_smoothness >= 0, c, "model_smoothness", self.model_smoothness, "must be >= 0")
         _check(self.model_shape_weight >= 0, c, "model_shape_weight", self.model_shape_weight, "must be >= 0")
+        _check(math.isfinite(self.model_partition_log_odds), c, "model_partition_log_odds",
+               self.model_partition_log_odds, "must be finite")
         _check(0.0 <= self.prediction_threshold < 1.0, c, "prediction_threshold", self.prediction_threshold, "must be in [0, 1)")
         _check(1 <= self.vote_min <= 9, c, "vote_min", self.vote_min, "must be in 1..9")
         _check(0.0 < self.top_ratio <= 1.0, c, "top_ratio", self.top_ratio, "must be in (0, 1]")

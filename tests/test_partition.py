@@ -9,6 +9,7 @@ from segjointgene.config import SimulateConfig
 from segjointgene.partition import PartitionConfig, refine_partition
 from segjointgene.simulate import simulate_section
 from segjointgene.spotmodel import CellModel, fit_spot_model, territories
+from segjointgene.trainer.spots import shift_log_odds
 
 
 def _two_cells(rng, n: int = 120):
@@ -118,3 +119,10 @@ def test_probability_of_a_label_sums_over_the_candidates():
     assigned = fit.cell > 0  # (a spot beyond its cell's edge is background at 1 - that cell's posterior)
     assert fit.probability_of(fit.cell)[assigned] == pytest.approx(fit.prob[assigned], abs=1e-6)
     assert (fit.probability_of(np.full(x.size, 10 ** 6)) == 0).all()  # not a candidate of any spot
+
+
+def test_shift_log_odds_by_hand():
+    p = np.array([0.0, 0.25, 0.5, 1.0])
+    # odds x 3: 1/3 -> 1 (0.5), 1 -> 3 (0.75); 0 and 1 stay
+    assert shift_log_odds(p, np.log(3.0)) == pytest.approx([0.0, 0.5, 0.75, 1.0])
+    assert shift_log_odds(p, 0.0) == pytest.approx(p)

@@ -70,6 +70,7 @@ class SpotEngine:
                                       tissue_bin=config.model_tissue_bin, size_from_nucleus=config.model_nucleus_size)
         self.partition = (PartitionConfig(smoothness=config.model_smoothness, shape_weight=config.model_shape_weight)
                           if config.model_smoothness > 0 else None)
+        self.log_odds = config.model_partition_log_odds
         self._fit_evidence: np.ndarray | None = None  # the evidence of the latest fit (for the partition)
         top = torch.cat([ds.origins for ds in splits.values()]).amax(0)
         self.shape = (int(top[0]) + self.p, int(top[1]) + self.p)
@@ -139,7 +140,8 @@ class SpotEngine:
                       100 * float((part.cell != self.fit.cell).mean()) if part.cell.size else 0.0,
                       time.perf_counter() - t0)
             mask = part.mask
-            self.fit = dataclasses.replace(self.fit, cell=part.cell, prob=self.fit.probability_of(part.cell))
+            prob = shift_log_odds(self.fit.probability_of(part.cell), self.log_odds)
+            self.fit = dataclasses.replace(self.fit, cell=part.cell, prob=prob)
         changed = 0
         for split, ds in self.splits.items():
             patches = torch.stack([torch.from_numpy(mask[y:y + self.p, x:x + self.p]) for y, x in ds.origins.tolist()])
@@ -169,6 +171,12 @@ class SpotEngine:
     def save(self, run: RunFolder, epoch: int) -> None:
         """The spot assignment of the latest fit, as ``spot_assignment_<epoch>.npz`` (spots.npz order)."""
         save_npz(run.spot_assignment(epoch), {"cell": self.fit.cell, "prob": self.fit.prob})
+
+
+def shift_log_odds(p: np.ndarray, delta: float) -> np.ndarray:
+    """Probabilities with ``delta`` added to their log odds (0 and 1 stay; no division by zero)."""
+    k = np.exp(delta)
+    return (p * k / (1.0 + p * (k - 1.0))).astype(np.float32)
 
 
 def _widen(fit: SpotModelFit, inside: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
