@@ -116,7 +116,10 @@ def test_demo_runs_end_to_end_and_refuses_to_overwrite(tmp_path, capsys):
     assert {"ours", "nuclei"} <= set(evaluation["method"])
     ours = evaluation.set_index("method").loc["ours"]
     assert 0 < ours["gene_mIoU"] <= 1 and 0 < ours["spot_acc"] <= 1
-    assert "ours_mask" in set(evaluation["method"])  # the spot model's own assignment is scored beside its masks
+    # the partition gives each spot its pixel's cell: the assignment is the mask's, so no separate ours_mask row
+    assigned = pd.read_csv(results / "spots_assigned.csv")
+    assert (assigned["cell"] == assigned["cell_mask"]).all() and assigned["prob"].between(0, 1).all()
+    assert "ours_mask" not in set(evaluation["method"])
     assert (results / "gene_ranking.csv").is_file() and any(results.glob("*.tif"))
     assert (runs[0] / "spot_assignment_3.npz").is_file() and (results / "border_genes.csv").is_file()
     assert main(args) == 2  # a second run needs --overwrite
