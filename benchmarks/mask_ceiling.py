@@ -4,7 +4,9 @@ For hard simulated sections (in memory, the true nuclei) this fits the spot mode
 three sets of ellipse masks against the true cells, all drawn by :func:`territories` (a uniform ellipse of the
 cell's second moment):
 
-- ``fitted``: the model's cells (its masks, with the nuclei as cores, as the pipeline writes them);
+- ``fitted``: the model's cells (its masks, with the nuclei as cores);
+- ``partition``: those masks refined into a pixel partition (:func:`refine_partition`, the pipeline's default; its
+  spots take their pixel's cell);
 - ``oracle spots``: every cell re-estimated once from the spots it truly emitted (the model's own M-step and
   priors, i.e. what the model would reach if it assigned every spot right);
 - ``true moments``: the second moment of each true cell's mask (the best any ellipse of the right size can do).
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segjointgene import metrics as M  # noqa: E402
 from segjointgene import spotmodel as S  # noqa: E402
 from segjointgene.config import SimulateConfig  # noqa: E402
+from segjointgene.partition import refine_partition  # noqa: E402
 from segjointgene.simulate import simulate_section  # noqa: E402
 
 
@@ -81,17 +84,23 @@ def run(mode: str, noise: float, seed: int, density: float, size: int,
     row_of[model.ids] = np.arange(model.ids.size)
     truth_model = dataclasses.replace(model)
     truth_model.centre, truth_model.cov = true_moments(inst, model.ids)
-    masks = {"fitted": np.where(sim.nuclei > 0, sim.nuclei, S.territories(model, inst.shape)),
+    fitted = np.where(sim.nuclei > 0, sim.nuclei, S.territories(model, inst.shape))
+    part = refine_partition(fitted, sim.nuclei > 0, model, x, y, gene, tissue_px=model.tissue_px)
+    masks = {"fitted": fitted, "partition": part.mask,
              "oracle spots": np.where(sim.nuclei > 0, sim.nuclei, S.territories(
                  oracle_model(model, y, x, gene, row_of[true], sim.nuclei, config), inst.shape)),
              "true moments": S.territories(truth_model, inst.shape)}
     out = {"spots_per_cell": float((true > 0).sum() / ids.size)}
     emitted = true > 0
     out["spot_acc_cell"] = float((fit.cell[emitted] == true[emitted]).mean())
+    out["partition: spot_acc_cell"] = float((part.cell[emitted] == true[emitted]).mean())
     # the depth of each spot inside its true cell: distance to the nearest pixel of another label
     edge = find_boundaries(inst, mode="thick")  # both sides of every label change
     iy, ix = (np.clip(v.astype(np.int64), 0, n - 1) for v, n in ((y, inst.shape[0]), (x, inst.shape[1])))
     depth = ndimage.distance_transform_edt(~edge)[iy, ix]  # (a spot may sit on the frame's far edge)
+    outside = (true == 0) & (inst[iy, ix] == 0)  # noise spots outside every true cell: left unassigned?
+    out["fitted: noise_out"] = float((fit.cell[outside] == 0).mean())
+    out["partition: noise_out"] = float((part.cell[outside] == 0).mean())
     wrong = emitted & (fit.cell > 0) & (fit.cell != true)
     out["wrong_cell"] = float(wrong.sum() / emitted.sum())
     for d in (1, 2):
