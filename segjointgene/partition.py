@@ -91,9 +91,9 @@ def refine_partition(mask: np.ndarray, fixed: np.ndarray, model: CellModel, x: n
     """
     h, w = mask.shape
     m = len(model.ids)
-    row_of = np.zeros(int(max(mask.max(initial=0), model.ids.max(initial=0))) + 1, np.int64)
+    row_of = np.zeros(int(max(mask.max(initial=0), model.ids.max(initial=0))) + 1, np.int32)
     row_of[model.ids] = np.arange(1, m + 1)  # compact labels: 0 = background, 1 + row = cell
-    grid = _Grid(row_of[mask])  # int64
+    grid = _Grid(row_of[mask])  # int32: a frame of tens of millions of pixels is copied a few times
     inside = (x >= 0) & (y >= 0) & (x < w) & (y < h)
     pix = np.where(inside, grid.index(np.floor(y).astype(np.int64).clip(0, h - 1),
                                       np.floor(x).astype(np.int64).clip(0, w - 1)), -1)
@@ -113,11 +113,12 @@ def refine_partition(mask: np.ndarray, fixed: np.ndarray, model: CellModel, x: n
         visit = _Grid(ndimage.binary_dilation(active, square), fill=False).flat
         before = grid.flat.copy()
         for c in range(4):
-            cand_pix = np.flatnonzero(visit & (colour == c) & ~fixed_flat)
-            cand_pix = cand_pix[_on_boundary(grid, cand_pix) | ctx.beyond_ellipse_at(grid, cand_pix)]
-            if cand_pix.size:
-                labels, energy = ctx.energies(grid, cand_pix, order, sorted_pix)
-                grid.flat[cand_pix] = labels[np.arange(cand_pix.size), energy.argmin(1)]
+            for chunk in np.array_split(np.flatnonzero(visit & (colour == c) & ~fixed_flat), _n_chunks(visit)):
+                # (pixels of one sub-lattice are not neighbours: updating them chunk by chunk changes nothing)
+                cand_pix = chunk[_on_boundary(grid, chunk) | ctx.beyond_ellipse_at(grid, chunk)]
+                if cand_pix.size:
+                    labels, energy = ctx.energies(grid, cand_pix, order, sorted_pix)
+                    grid.flat[cand_pix] = labels[np.arange(cand_pix.size), energy.argmin(1)]
         active = (grid.flat != before).reshape(h + 2, w + 2)[1:-1, 1:-1]
         if not active.any():
             break
@@ -127,6 +128,11 @@ def refine_partition(mask: np.ndarray, fixed: np.ndarray, model: CellModel, x: n
     cell = np.zeros(x.size, np.int64)
     cell[inside] = out[np.floor(y[inside]).astype(np.int64), np.floor(x[inside]).astype(np.int64)]
     return Partition(mask=out, cell=cell, n_sweeps=sweep)
+
+
+def _n_chunks(visit: np.ndarray, size: int = 1 << 16) -> int:
+    """Chunks of at most ~``size`` pixels per sub-lattice (each pixel's 10 candidate labels cost ~1 kB at once)."""
+    return max(1, -(-int(visit.sum()) // (4 * size)))
 
 
 def _on_boundary(grid: _Grid, p: np.ndarray) -> np.ndarray:
@@ -192,8 +198,8 @@ class _Context:
         out = np.zeros(grid.shape, bool)
         if self.cfg.shape_weight:
             r, c = np.nonzero(grid.image() > 0)
-            for i in range(0, r.size, 1 << 20):  # in chunks: a section's cells cover millions of pixels
-                sl = slice(i, i + (1 << 20))
+            for i in range(0, r.size, 1 << 18):  # in chunks: a section's cells cover millions of pixels
+                sl = slice(i, i + (1 << 18))
                 out[r[sl], c[sl]] = self.beyond_ellipse_at(grid, grid.index(r[sl], c[sl]))
         return out
 
