@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from segjointgene import partition
 from segjointgene.config import SimulateConfig
 from segjointgene.partition import PartitionConfig, refine_partition
 from segjointgene.simulate import simulate_section
@@ -126,3 +127,19 @@ def test_shift_log_odds_by_hand():
     # odds x 3: 1/3 -> 1 (0.5), 1 -> 3 (0.75); 0 and 1 stay
     assert shift_log_odds(p, np.log(3.0)) == pytest.approx([0.0, 0.5, 0.75, 1.0])
     assert shift_log_odds(p, 0.0) == pytest.approx(p)
+
+
+def test_updating_a_sub_lattice_in_chunks_changes_nothing(monkeypatch):
+    sim = simulate_section(SimulateConfig(size_px=128, mode="dense", noise_fraction=0.1, preset="hard"), rng=5)
+    genes, types = sorted(sim.markers["gene"].unique()), sorted(sim.cells["celltype"].unique())
+    gene = np.searchsorted(genes, sim.spots["gene"].to_numpy(str))
+    x, y = sim.spots["x"].to_numpy(), sim.spots["y"].to_numpy()
+    fit = fit_spot_model(x, y, gene, sim.nuclei, sim.cells["cell"].to_numpy(np.int64),
+                         np.searchsorted(types, sim.cells["celltype"].to_numpy(str)), n_genes=len(genes),
+                         n_types=len(types))
+    start = np.where(sim.nuclei > 0, sim.nuclei, territories(fit.model, sim.nuclei.shape)).astype(np.int64)
+    whole = refine_partition(start, sim.nuclei > 0, fit.model, x, y, gene, tissue_px=fit.model.tissue_px)
+    monkeypatch.setattr(partition, "_n_chunks", lambda visit: 7)
+    chunked = refine_partition(start, sim.nuclei > 0, fit.model, x, y, gene, tissue_px=fit.model.tissue_px)
+    assert (whole.mask != start).any()  # the refinement did something
+    assert np.array_equal(whole.mask, chunked.mask) and np.array_equal(whole.cell, chunked.cell)
