@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                          n_types=len(types))
     start = np.where(sim.nuclei > 0, sim.nuclei, territories(fit.model, sim.nuclei.shape)).astype(np.int64)
     t0 = time.process_time()
-    part = refine_partition(start, sim.nuclei > 0, fit.model, x, y, gene, tissue_px=fit.model.tissue_px)
+    part = refine_partition(start, sim.nuclei > 0, fit.model, x, y, gene)
     cpu = time.process_time() - t0
     emitted = true > 0
     acc = lambda cell: float((cell[emitted] == true[emitted]).mean())  # noqa: E731

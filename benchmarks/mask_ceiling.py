@@ -1,8 +1,8 @@
 """How good can a cell's mask be from its spots? The F1@0.75 ceiling of the spot model (issue 12).
 
 For hard simulated sections (in memory, the true nuclei) this fits the spot model alone (no network) and scores
-three sets of ellipse masks against the true cells, all drawn by :func:`territories` (a uniform ellipse of the
-cell's second moment):
+four sets of masks against the true cells, all but the partition drawn by :func:`territories` (a uniform ellipse
+of the cell's second moment):
 
 - ``fitted``: the model's cells (its masks, with the nuclei as cores);
 - ``partition``: those masks refined into a pixel partition (:func:`refine_partition`, the pipeline's default; its
@@ -85,7 +85,7 @@ def run(mode: str, noise: float, seed: int, density: float, size: int,
     truth_model = dataclasses.replace(model)
     truth_model.centre, truth_model.cov = true_moments(inst, model.ids)
     fitted = np.where(sim.nuclei > 0, sim.nuclei, S.territories(model, inst.shape))
-    part = refine_partition(fitted, sim.nuclei > 0, model, x, y, gene, tissue_px=model.tissue_px)
+    part = refine_partition(fitted, sim.nuclei > 0, model, x, y, gene)
     masks = {"fitted": fitted, "partition": part.mask,
              "oracle spots": np.where(sim.nuclei > 0, sim.nuclei, S.territories(
                  oracle_model(model, y, x, gene, row_of[true], sim.nuclei, config), inst.shape)),

@@ -13,7 +13,7 @@ Gaussian cells lets touching cells overlap and their tails compete with backgrou
 the boundary pixels (in four interleaved sub-lattices, so that no two pixels updated together are neighbours),
 re-estimating the rates and profiles after every sweep; pixels outside their own cell's ellipse are updated too
 (background may take them though no neighbour is background). After the first sweep only the neighbours of the pixels
-that changed are revisited (on 768-1024 px sections 4-5x faster, spot accuracy within 0.001 of full sweeps). Fixed
+that changed are revisited (faster, spot accuracy within 0.001 of full sweeps: benchmarks/RESULTS.md). Fixed
 pixels (the nuclei) keep their cell; a cell keeps only the parts connected to its fixed pixels.
 """
 
@@ -73,7 +73,7 @@ class _Grid:
 
 
 def refine_partition(mask: np.ndarray, fixed: np.ndarray, model: CellModel, x: np.ndarray, y: np.ndarray,
-                     gene: np.ndarray, *, tissue_px: float, evidence: np.ndarray | None = None,
+                     gene: np.ndarray, *, evidence: np.ndarray | None = None,
                      config: PartitionConfig = PartitionConfig()) -> Partition:
     """Refine ``mask`` into the partition of lowest energy nearby (see the module docstring).
 
@@ -81,10 +81,10 @@ def refine_partition(mask: np.ndarray, fixed: np.ndarray, model: CellModel, x: n
     ----------
     mask : (H, W) integer ndarray, cell ids of ``model`` (0 = background), e.g. its territories with the nuclei.
     fixed : (H, W) bool ndarray, pixels that keep their label (the nuclei).
-    model : the fitted spot model (rates, profiles, concentration and ellipses of its cells).
+    model : the fitted spot model (profiles, concentration and ellipses of its cells; its ``tissue_px``, the pixels
+        of tissue, gives background's rate: its spots over the tissue outside cells).
     x, y : (n,) spot positions in the mask's frame (pixel ``(floor(y), floor(x))``); spots outside are background.
     gene : (n,) gene index.
-    tissue_px : pixels of tissue (background's rate is its spots over the tissue outside cells).
     evidence : optional (n, 1 + T) extra log-evidence per spot for background and each type (as the spot model's).
 
     Deterministic: no randomness.
@@ -102,7 +102,7 @@ def refine_partition(mask: np.ndarray, fixed: np.ndarray, model: CellModel, x: n
     sorted_pix = pix[order]
     fixed_flat = _Grid(fixed.astype(bool), fill=False).flat
     colour = _Grid((np.indices((h, w), np.int8) % 2 * np.array([2, 1], np.int8)[:, None, None]).sum(0, np.int8)).flat
-    ctx = _Context(model, gene, pix, tissue_px, evidence, config)
+    ctx = _Context(model, gene, pix, evidence, config)
     sweep, square = 0, np.ones((3, 3), bool)
     # the first sweep visits the pixels on a boundary or beyond their cell's ellipse, and their neighbours (an
     # update earlier in the sweep can put them on a boundary); later sweeps only the neighbours of the pixels that
@@ -144,10 +144,9 @@ def _on_boundary(grid: _Grid, p: np.ndarray) -> np.ndarray:
 class _Context:
     """The cells' rates and gene counts under the current partition, and the energy of a label at a pixel."""
 
-    def __init__(self, model: CellModel, gene: np.ndarray, pix: np.ndarray, tissue_px: float,
-                 evidence: np.ndarray | None, config: PartitionConfig):
-        self.model, self.gene, self.pix, self.tissue_px, self.evidence, self.cfg = (model, gene, pix, tissue_px,
-                                                                                    evidence, config)
+    def __init__(self, model: CellModel, gene: np.ndarray, pix: np.ndarray, evidence: np.ndarray | None,
+                 config: PartitionConfig):
+        self.model, self.gene, self.pix, self.evidence, self.cfg = model, gene, pix, evidence, config
         self.cls = np.concatenate([[0], model.cls]).astype(np.int64)  # per compact label (0's is unused)
 
     def update(self, flat: np.ndarray) -> None:
@@ -161,7 +160,7 @@ class _Context:
         mean_rate = max(n[1:].sum() / cell_px, 1e-6)
         self.count = n
         self.rate = (n + 1.0) / (area + 1.0 / mean_rate)  # one pseudo-spot at the cells' mean rate
-        self.rate[0] = max(n[0] / max(self.tissue_px - cell_px, 1.0), 1e-6)
+        self.rate[0] = max(n[0] / max(self.model.tissue_px - cell_px, 1.0), 1e-6)
         self.counts = CellGeneCounts.from_resp(self.spot_label[:, None], self.gene, np.ones((self.gene.size, 1)),
                                                m + 1, n_genes)
         bg = self.counts.lookup(np.zeros(n_genes, np.int64), np.arange(n_genes))

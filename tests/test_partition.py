@@ -24,15 +24,27 @@ def _two_cells(rng, n: int = 120):
     model = CellModel(ids=np.array([1, 2]), cls=np.array([0, 1]), centre=np.array([[10.0, 10.0], [10.0, 30.0]]),
                       cov=np.tile(np.eye(2) * 400.0, (2, 1, 1)), count=np.array([n, n], float),
                       profile=np.array([[0.95, 0.05], [0.05, 0.95]]), background_rate=1e-3,
-                      background_profile=np.array([0.5, 0.5]), shape_power=2.0)
+                      background_profile=np.array([0.5, 0.5]), shape_power=2.0, tissue_px=800.0)
     return nuclei, x, y, gene, model
+
+
+def _fitted_section(size: int, rng: int):
+    """A hard dense simulated section and the spot model fitted to it (true nuclei): (sim, x, y, gene, fit)."""
+    sim = simulate_section(SimulateConfig(size_px=size, mode="dense", noise_fraction=0.1, preset="hard"), rng=rng)
+    genes, types = sorted(sim.markers["gene"].unique()), sorted(sim.cells["celltype"].unique())
+    gene = np.searchsorted(genes, sim.spots["gene"].to_numpy(str))
+    x, y = sim.spots["x"].to_numpy(), sim.spots["y"].to_numpy()
+    fit = fit_spot_model(x, y, gene, sim.nuclei, sim.cells["cell"].to_numpy(np.int64),
+                         np.searchsorted(types, sim.cells["celltype"].to_numpy(str)), n_genes=len(genes),
+                         n_types=len(types))
+    return sim, x, y, gene, fit
 
 
 def test_a_boundary_moves_to_where_the_genes_change():
     nuclei, x, y, gene, model = _two_cells(np.random.default_rng(0))
     start = np.where(np.arange(40) < 14, 1, 2)[None].repeat(20, 0)  # the boundary 6 px too far left
     start = np.where(nuclei > 0, nuclei, start)
-    part = refine_partition(start, nuclei > 0, model, x, y, gene, tissue_px=800.0,
+    part = refine_partition(start, nuclei > 0, model, x, y, gene,
                             config=PartitionConfig(shape_weight=0.0, sweeps=50))
     cols = (part.mask == 1).sum(0)  # pixels of cell 1 per column
     assert (cols[:16] == 20).all() and (cols[24:] == 0).all()
@@ -51,7 +63,7 @@ def test_empty_pixels_go_to_background_and_stray_parts_are_cut():
     start = np.where(np.arange(40) < 20, 1, 0)[None].repeat(20, 0)
     start[0:3, 36:40] = 1  # a stray piece of cell 1 that does not touch its nucleus
     start = np.where(nuclei == 1, 1, start)
-    part = refine_partition(start, nuclei == 1, model, x, y, gene, tissue_px=800.0,
+    part = refine_partition(start, nuclei == 1, model, x, y, gene,
                             config=PartitionConfig(shape_weight=0.0))
     assert (part.mask[:, 24:] == 0).all()  # no spots, nothing to hold them: background
     assert (part.mask[:, :18] == 1).mean() > 0.95  # the spot-filled half stays the cell
@@ -63,7 +75,7 @@ def test_the_shape_prior_cuts_spotless_pixels_outside_the_ellipse():
     x, y, gene = x[keep], y[keep], gene[keep]
     model.cov[:] = np.eye(2) * 16.0  # its ellipse: a uniform disc of radius 8 around (10, 10)
     start = np.where(nuclei == 1, 1, np.where(np.arange(40) < 20, 1, 0)[None].repeat(20, 0))
-    parts = {w: refine_partition(start, nuclei == 1, model, x, y, gene, tissue_px=800.0,
+    parts = {w: refine_partition(start, nuclei == 1, model, x, y, gene,
                                  config=PartitionConfig(shape_weight=w, sweeps=40)) for w in (0.0, 4.0)}
     yy, xx = np.indices(nuclei.shape) + 0.5
     spotless = np.ones(nuclei.shape, bool)
@@ -81,23 +93,18 @@ def test_evidence_for_the_neighbours_type_moves_the_boundary():
     evidence = np.zeros((x.size, 3))  # log-evidence for background, type 0, type 1
     evidence[(x >= 15) & (x < 20), 2] = 10.0  # the network is sure these spots are of cell 2's type
     cfg = PartitionConfig(shape_weight=0.0, sweeps=50)
-    plain = refine_partition(start, nuclei > 0, model, x, y, gene, tissue_px=800.0, config=cfg)
-    moved = refine_partition(start, nuclei > 0, model, x, y, gene, tissue_px=800.0, evidence=evidence, config=cfg)
+    plain = refine_partition(start, nuclei > 0, model, x, y, gene, config=cfg)
+    moved = refine_partition(start, nuclei > 0, model, x, y, gene, evidence=evidence, config=cfg)
     assert 19 <= (plain.mask == 1).sum(0).sum() / 20 <= 21  # the right boundary stays
     assert 14 <= (moved.mask == 1).sum(0).sum() / 20 <= 16  # the evidence pulls it to x = 15
     assert (moved.cell[(x >= 15.5) & (x < 20)] == 2).mean() > 0.9
 
 
 def test_partition_is_deterministic_and_beats_the_ellipses_on_a_dense_section():
-    sim = simulate_section(SimulateConfig(size_px=192, mode="dense", noise_fraction=0.1, preset="hard"), rng=3)
-    genes, types = sorted(sim.markers["gene"].unique()), sorted(sim.cells["celltype"].unique())
-    gene = np.searchsorted(genes, sim.spots["gene"].to_numpy(str))
-    x, y, true = (sim.spots[c].to_numpy() for c in ("x", "y", "cell"))
-    fit = fit_spot_model(x, y, gene, sim.nuclei, sim.cells["cell"].to_numpy(np.int64),
-                         np.searchsorted(types, sim.cells["celltype"].to_numpy(str)), n_genes=len(genes),
-                         n_types=len(types))
+    sim, x, y, gene, fit = _fitted_section(192, 3)
+    true = sim.spots["cell"].to_numpy()
     start = np.where(sim.nuclei > 0, sim.nuclei, territories(fit.model, sim.nuclei.shape)).astype(np.int64)
-    parts = [refine_partition(start, sim.nuclei > 0, fit.model, x, y, gene, tissue_px=fit.model.tissue_px)
+    parts = [refine_partition(start, sim.nuclei > 0, fit.model, x, y, gene)
              for _ in range(2)]
     assert np.array_equal(parts[0].mask, parts[1].mask)
     emitted = true > 0
@@ -108,13 +115,7 @@ def test_partition_is_deterministic_and_beats_the_ellipses_on_a_dense_section():
 
 
 def test_probability_of_a_label_sums_over_the_candidates():
-    sim = simulate_section(SimulateConfig(size_px=128, mode="dense", noise_fraction=0.1, preset="hard"), rng=4)
-    genes, types = sorted(sim.markers["gene"].unique()), sorted(sim.cells["celltype"].unique())
-    gene = np.searchsorted(genes, sim.spots["gene"].to_numpy(str))
-    x, y = sim.spots["x"].to_numpy(), sim.spots["y"].to_numpy()
-    fit = fit_spot_model(x, y, gene, sim.nuclei, sim.cells["cell"].to_numpy(np.int64),
-                         np.searchsorted(types, sim.cells["celltype"].to_numpy(str)), n_genes=len(genes),
-                         n_types=len(types))
+    sim, x, y, gene, fit = _fitted_section(128, 4)
     total = sum(fit.probability_of(c) for c in fit.candidates.T) + fit.probability_of(np.zeros(x.size, np.int64))
     assert total == pytest.approx(np.ones(x.size), abs=1e-5)
     assigned = fit.cell > 0  # (a spot beyond its cell's edge is background at 1 - that cell's posterior)
@@ -130,16 +131,10 @@ def test_shift_log_odds_by_hand():
 
 
 def test_updating_a_sub_lattice_in_chunks_changes_nothing(monkeypatch):
-    sim = simulate_section(SimulateConfig(size_px=128, mode="dense", noise_fraction=0.1, preset="hard"), rng=5)
-    genes, types = sorted(sim.markers["gene"].unique()), sorted(sim.cells["celltype"].unique())
-    gene = np.searchsorted(genes, sim.spots["gene"].to_numpy(str))
-    x, y = sim.spots["x"].to_numpy(), sim.spots["y"].to_numpy()
-    fit = fit_spot_model(x, y, gene, sim.nuclei, sim.cells["cell"].to_numpy(np.int64),
-                         np.searchsorted(types, sim.cells["celltype"].to_numpy(str)), n_genes=len(genes),
-                         n_types=len(types))
+    sim, x, y, gene, fit = _fitted_section(128, 5)
     start = np.where(sim.nuclei > 0, sim.nuclei, territories(fit.model, sim.nuclei.shape)).astype(np.int64)
-    whole = refine_partition(start, sim.nuclei > 0, fit.model, x, y, gene, tissue_px=fit.model.tissue_px)
+    whole = refine_partition(start, sim.nuclei > 0, fit.model, x, y, gene)
     monkeypatch.setattr(partition, "_n_chunks", lambda visit: 7)
-    chunked = refine_partition(start, sim.nuclei > 0, fit.model, x, y, gene, tissue_px=fit.model.tissue_px)
+    chunked = refine_partition(start, sim.nuclei > 0, fit.model, x, y, gene)
     assert (whole.mask != start).any()  # the refinement did something
     assert np.array_equal(whole.mask, chunked.mask) and np.array_equal(whole.cell, chunked.cell)

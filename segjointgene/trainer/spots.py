@@ -8,7 +8,7 @@ network then trains on them. In the last epoch every patch is predicted; at each
 likelihood ratios of the type given a cell and (down-weighted) of cell versus background (:func:`network_evidence`),
 is added to the spot model, which is fitted again from where it stopped; its refined territories become the final
 labels, each spot takes its pixel's cell, with the model's posterior probability of that cell (at
-``--model_temperature``) as its ``prob``, and this assignment is saved beside the label cache
+``--model_temperature``, its log odds raised by ``--model_partition_log_odds``) as its ``prob``, and this assignment is saved beside the label cache
 (``RunFolder.spot_assignment``).
 """
 
@@ -133,8 +133,7 @@ class SpotEngine:
         if self.partition is not None and self.fit.model is not None:
             t0 = time.perf_counter()
             part = refine_partition(mask, self.nuclei > 0, self.fit.model, self.x, self.y, self.gene,
-                                    tissue_px=self.fit.model.tissue_px, evidence=self._fit_evidence,
-                                    config=self.partition)
+                                    evidence=self._fit_evidence, config=self.partition)
             log.debug("partition: %d sweeps, %.1f%% of the pixels changed, %.1f%% of the spots, %.1f s",
                       part.n_sweeps, 100 * float((part.mask != mask).mean()),
                       100 * float((part.cell != self.fit.cell).mean()) if part.cell.size else 0.0,
