@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -57,3 +58,15 @@ def test_mask_ceiling_orders_the_three_masks():
     assert r["true moments: median IoU"] > 0.75
     assert r["true moments: median IoU"] > r["oracle spots: median IoU"] >= r["fitted: median IoU"] - 0.02
     assert r["wrong_within_1px"] <= r["wrong_within_2px"]
+
+
+def test_partition_start_scores_and_energy():
+    """From the true cells the partition keeps more of the spots right than from the fitted start; the energy's
+    terms are finite and the smoothness term is that weight times a count of pixel pairs."""
+    r = _script("partition_start").run("dense", 0.1, 0, 128)
+    fitted, truth = r["shape 0.5, from fitted"], r["shape 0.5, from truth"]
+    assert truth["spot acc"] > fitted["spot acc"] and truth["gene mIoU"] > fitted["gene mIoU"]
+    assert r["shape 0, from truth"]["E shape"] == 0.0
+    for row in r.values():
+        assert all(np.isfinite(v) for v in row.values())
+        assert float(row["E smoothness"] / 0.5).is_integer() or row["E smoothness"] == 0.0
