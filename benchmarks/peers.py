@@ -9,6 +9,7 @@ nearest-neighbour distance of the nucleus centroids). Prints one markdown table 
 over sections, with CPU seconds (user + system of the child processes) and our time as a ratio of each peer's.
 
     python benchmarks/peers.py --out /tmp/peers --modes dense sparse --noise 0.1 0.3 --seeds 0 1 2
+    python benchmarks/peers.py --out /tmp/peers --ours_only --ours_flags=--model_ambient_log_ratio=0   # an ablation
 
 ComSeg (``pip install comseg``, which pins pandas 2.3.3) runs in its own venv too, with the same nuclei as its
 prior and ``mean_cell_diameter`` = ``max_cell_radius`` = 6 x that radius (see ``PEERS``).
@@ -70,9 +71,10 @@ def main_cmd(*args: str) -> list[str]:
 
 def run_section(out: Path, mode: str, noise: float, seed: int, size: int, env_dir: Path,
                 preset: str = "hard", earlier: pd.DataFrame | None = None,
-                keep: tuple[str, ...] = ()) -> pd.DataFrame:
+                keep: tuple[str, ...] = (), ours_flags: tuple[str, ...] = ()) -> pd.DataFrame:
     """One section's table; the methods named in ``keep`` ("ours", "peers") are not rerun but taken from
-    ``earlier`` (a peers.csv: CPU times; the peers' assignment files in ``out``)."""
+    ``earlier`` (a peers.csv: CPU times; the peers' assignment files in ``out``); ``ours_flags`` are added to our
+    training command (an ablation: the default with one knob changed)."""
     name = f"{preset}_{mode}_n{int(noise * 100)}_s{seed}"
     common = [f"--work_dir={out}", f"--datasets_name={name}", "--quiet", f"--random_seed={seed}"]
     if not (out / "data" / name / "metadata.json").is_file():
@@ -84,7 +86,7 @@ def run_section(out: Path, mode: str, noise: float, seed: int, size: int, env_di
         ours_cpu = float(earlier[(earlier["section"] == name) & (earlier["method"] == "ours")]["cpu_s"].iloc[0])
     else:  # the README's default command, one thread, fresh process
         ours_cpu = cpu_run(main_cmd("--step_name=SegJointGene", "--overwrite", "--num_threads=1", "--num_workers=0",
-                                    *common), env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                    *common, *ours_flags), env={**os.environ, "OMP_NUM_THREADS": "1"})
         subprocess.run(main_cmd("--step_name=evaluate", *common), check=True, stdout=subprocess.DEVNULL)
     table = pd.read_csv(results / "evaluation.csv", index_col=0)
     table.loc["ours", "cpu_s"] = ours_cpu
@@ -181,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rerun the peers only; our runs and their times come from OUT/peers.csv")
     parser.add_argument("--ours_only", action="store_true",
                         help="rerun ours only; the peers' assignments and times come from OUT/peers.csv")
+    parser.add_argument("--ours_flags", nargs="*", default=[],
+                        help="flags added to our training command, e.g. --ours_flags=--model_smoothness=0")
     args = parser.parse_args(argv)
     env_dir = args.env_dir or args.out / "envs"
     keep = ("ours",) * args.peers_only + ("peers",) * args.ours_only
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         for noise in args.noise:
             for seed in args.seeds:
-                t = run_section(args.out, mode, noise, seed, args.size, env_dir, args.preset, earlier, keep)
+                t = run_section(args.out, mode, noise, seed, args.size, env_dir, args.preset, earlier, keep,
+                                tuple(args.ours_flags))
                 tables.append(t)
                 name = t["section"].iloc[0]
                 sections.append((name, args.out / "checkpoints" / name / "SegJointGene_CID" / "results"))

@@ -41,6 +41,8 @@ class PartitionConfig:
     smoothness: float = 0.5  # energy per pair of unlike 8-neighbours
     shape_weight: float = 0.5  # weight of the fitted ellipse as a prior (0 = the spots and smoothness alone)
     sweeps: int = 10  # at most; stops earlier when no pixel changes
+    ambient_log_ratio: float = float("inf")  # a spot on a cell's pixel goes to background when background explains
+    # it better than the cell by more than this (log of the ratio of their intensities of its gene there; inf = off)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,9 @@ def refine_partition(mask: np.ndarray, fixed: np.ndarray, model: CellModel, x: n
     out = np.where(fixed, mask, ids[grid.image()]).astype(np.int64)
     cell = np.zeros(x.size, np.int64)
     cell[inside] = out[np.floor(y[inside]).astype(np.int64), np.floor(x[inside]).astype(np.int64)]
+    if np.isfinite(config.ambient_log_ratio):
+        ctx.update(grid.flat)  # the rates and profiles of the final partition
+        cell[ctx.ambient(config.ambient_log_ratio)] = BACKGROUND
     return Partition(mask=out, cell=cell, n_sweeps=sweep)
 
 
@@ -190,6 +195,16 @@ class _Context:
         dense = np.zeros(labels.shape)
         dense[i, j] = term
         return labels, energy + np.take_along_axis(dense, first, 1)
+
+    def ambient(self, log_ratio: float) -> np.ndarray:
+        """(n,) bool: the spots of cells that background explains better, by a log ratio of their intensities of the
+        spot's gene at its pixel above ``log_ratio`` (ambient spots on a cell's pixels, as a misread class)."""
+        spots = np.flatnonzero(self.spot_label > 0)
+        both = np.stack([self.spot_label[spots], np.zeros(spots.size, self.spot_label.dtype)], 1)
+        ll = self._spot_log_lik(spots, both)
+        out = np.zeros(self.spot_label.size, bool)
+        out[spots[ll[:, 1] - ll[:, 0] > log_ratio]] = True
+        return out
 
     def beyond_ellipse(self, grid: _Grid) -> np.ndarray:
         """(H, W) bool: the cells' pixels outside their own cell's ellipse edge (pixels that background may take,

@@ -138,3 +138,26 @@ def test_updating_a_sub_lattice_in_chunks_changes_nothing(monkeypatch):
     chunked = refine_partition(start, sim.nuclei > 0, fit.model, x, y, gene)
     assert (whole.mask != start).any()  # the refinement did something
     assert np.array_equal(whole.mask, chunked.mask) and np.array_equal(whole.cell, chunked.cell)
+
+
+def test_ambient_spots_on_a_cells_pixels_go_to_background_only_when_asked():
+    """Cell 1 holds 5 spots of gene 2, which neither type expresses (1 %) and background does (20 spots of it off the
+    frame, over 200 px of tissue beside the cells): background explains them e^3.4 times better (0.1 x 21/23 vs 0.3 x
+    0.01), so they go to background at a log-ratio threshold of 0 but not of 5 nor by default; the cells' own spots
+    and the mask stay."""
+    nuclei, x, y, gene, model = _two_cells(np.random.default_rng(4))
+    model.profile = np.array([[0.94, 0.05, 0.01], [0.05, 0.94, 0.01]])
+    model.background_profile, model.tissue_px = np.array([0.1, 0.1, 0.8]), 1000.0
+    x = np.concatenate([x, [5.5, 7.5, 12.5, 15.5, 17.5], np.full(20, -5.0)])
+    y = np.concatenate([y, [3.5, 15.5, 4.5, 16.5, 9.5], np.full(20, 5.0)])
+    gene = np.concatenate([gene, np.full(25, 2)])
+    start = np.where(nuclei > 0, nuclei, np.where(np.arange(40) < 20, 1, 2)[None].repeat(20, 0))
+    runs = {t: refine_partition(start, nuclei > 0, model, x, y, gene,
+                                config=PartitionConfig(shape_weight=0.0, ambient_log_ratio=t))
+            for t in (float("inf"), 5.0, 0.0)}
+    ambient = slice(240, 245)
+    assert (runs[float("inf")].cell[ambient] == 1).all() and (runs[5.0].cell[ambient] == 1).all()
+    assert (runs[0.0].cell[ambient] == 0).all()
+    assert np.array_equal(runs[0.0].cell[:240], runs[float("inf")].cell[:240])  # the cells' own spots keep theirs
+    assert (runs[0.0].cell[245:] == 0).all()
+    assert all(np.array_equal(r.mask, runs[0.0].mask) for r in runs.values())
