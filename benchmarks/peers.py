@@ -9,7 +9,7 @@ nearest-neighbour distance of the nucleus centroids). Prints one markdown table 
 over sections, with CPU seconds (user + system of the child processes) and our time as a ratio of each peer's.
 
     python benchmarks/peers.py --out /tmp/peers --modes dense sparse --noise 0.1 0.3 --seeds 0 1 2
-    python benchmarks/peers.py --out /tmp/peers --ours_only --ours_flags=--model_ambient_log_ratio=0   # an ablation
+    python benchmarks/peers.py --out /tmp/peers --ours_only --ours_flags=--model_ambient=true   # an ablation
 
 ComSeg (``pip install comseg``, which pins pandas 2.3.3) runs in its own venv too, with the same nuclei as its
 prior and ``mean_cell_diameter`` = ``max_cell_radius`` = 6 x that radius (see ``PEERS``).

@@ -172,11 +172,9 @@ class LabelUpdateConfig:
     model_partition_log_odds: float = opt(0.25, "model: log odds added to the spot model's posterior of the "
                                                 "partition's label of a spot (its prob: the partition's neighbours "
                                                 "are evidence the spot model lacks; chosen on development sections)")
-    model_ambient_log_ratio: float = opt(float("inf"), "model: a spot on a cell's pixel goes to background when "
-                                                       "background explains its gene there better than the cell by "
-                                                       "more than this log ratio (ambient spots, as pciSeq's misreads; "
-                                                       "0 = each spot's more likely source; inf = off: every spot "
-                                                       "takes its pixel's cell)")
+    model_ambient: bool = opt(False, "model: a spot on a cell's pixel goes to background when background explains "
+                                     "its gene there better than the cell (ambient spots, as pciSeq's misreads: each "
+                                     "spot to its more likely source); off: every spot takes its pixel's cell")
     expand_k: int = opt(3, "growth radius per update (pixels): a pixel can only join a cell within this distance")
     prediction_threshold: float = opt(0.3, "minimum 3x3-smoothed softmax confidence of a pixel joining a cell "
                                            "(--territory nucleus: of it not being background)")
@@ -202,8 +200,6 @@ class LabelUpdateConfig:
         _check(self.model_tissue_bin >= 0, c, "model_tissue_bin", self.model_tissue_bin, "must be >= 0")
         _check(self.model_smoothness >= 0, c, "model_smoothness", self.model_smoothness, "must be >= 0")
         _check(self.model_shape_weight >= 0, c, "model_shape_weight", self.model_shape_weight, "must be >= 0")
-        _check(not math.isnan(self.model_ambient_log_ratio), c, "model_ambient_log_ratio",
-               self.model_ambient_log_ratio, "must be a number (inf = off)")
         _check(math.isfinite(self.model_partition_log_odds), c, "model_partition_log_odds",
                self.model_partition_log_odds, "must be finite")
         _check(0.0 <= self.prediction_threshold < 1.0, c, "prediction_threshold", self.prediction_threshold, "must be in [0, 1)")

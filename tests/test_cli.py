@@ -124,6 +124,15 @@ def test_demo_runs_end_to_end_and_refuses_to_overwrite(tmp_path, capsys):
     assert (runs[0] / "spot_assignment_3.npz").is_file() and (results / "border_genes.csv").is_file()
     assert main(args) == 2  # a second run needs --overwrite
     assert "--overwrite" in capsys.readouterr().err
+    # --model_ambient: the same masks, some spots on cell pixels sent to background, the rest keep the mask's cell
+    ambient = ["--datasets_name=demo", f"--work_dir={tmp_path}", "--net_width=8", "--net_epoch=3", "--quiet",
+               "--net_sub_suffix=ambient"]
+    assert main(["--step_name=SegJointGene", "--model_ambient=true", *ambient]) == 0
+    assert main(["--step_name=evaluate", *ambient]) == 0
+    amb = pd.read_csv(tmp_path / "checkpoints" / "demo" / "ambient" / "results" / "spots_assigned.csv")
+    moved = amb["cell"] != amb["cell_mask"]
+    assert moved.any() and (amb.loc[moved, "cell"] == 0).all() and (amb.loc[moved, "cell_mask"] > 0).all()
+    assert moved.mean() < 0.2
 
 
 def test_no_argument_prints_the_usage_and_the_demo_command(capsys):

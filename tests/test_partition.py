@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from segjointgene import partition
-from segjointgene.config import SimulateConfig
+from segjointgene.config import LabelUpdateConfig, SimulateConfig
 from segjointgene.partition import PartitionConfig, refine_partition
 from segjointgene.simulate import simulate_section
 from segjointgene.spotmodel import CellModel, fit_spot_model, territories
@@ -161,3 +161,8 @@ def test_ambient_spots_on_a_cells_pixels_go_to_background_only_when_asked():
     assert np.array_equal(runs[0.0].cell[:240], runs[float("inf")].cell[:240])  # the cells' own spots keep theirs
     assert (runs[0.0].cell[245:] == 0).all()
     assert all(np.array_equal(r.mask, runs[0.0].mask) for r in runs.values())
+
+
+def test_the_ambient_flag_is_off_by_default():
+    assert LabelUpdateConfig().model_ambient is False
+    assert PartitionConfig().ambient_log_ratio == float("inf")

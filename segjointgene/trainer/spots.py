@@ -69,7 +69,7 @@ class SpotEngine:
                                       temperature=config.model_temperature, cell_profile=config.model_cell_profile,
                                       tissue_bin=config.model_tissue_bin, size_from_nucleus=config.model_nucleus_size)
         self.partition = (PartitionConfig(smoothness=config.model_smoothness, shape_weight=config.model_shape_weight,
-                                          ambient_log_ratio=config.model_ambient_log_ratio)
+                                          ambient_log_ratio=0.0 if config.model_ambient else float("inf"))
                           if config.model_smoothness > 0 else None)
         self.log_odds = config.model_partition_log_odds
         self._fit_evidence: np.ndarray | None = None  # the evidence of the latest fit (for the partition)
