@@ -14,7 +14,9 @@ the boundary pixels (in four interleaved sub-lattices, so that no two pixels upd
 re-estimating the rates and profiles after every sweep; pixels outside their own cell's ellipse are updated too
 (background may take them though no neighbour is background). After the first sweep only the neighbours of the pixels
 that changed are revisited (faster, spot accuracy within 0.001 of full sweeps: benchmarks/RESULTS.md). Fixed
-pixels (the nuclei) keep their cell; a cell keeps only the parts connected to its fixed pixels.
+pixels (the nuclei) keep their cell; a cell keeps only the parts connected to its fixed pixels. With a finite
+``ambient_log_ratio`` a spot on a cell's pixel goes to background where background's intensity of its gene beats the
+cell's by more than that log ratio (the mask does not change; off by default: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
