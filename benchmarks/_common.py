@@ -16,9 +16,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -170,3 +173,33 @@ def start(script: str, args, argv: Sequence[str] | None):
     device = torch.device(args.device)
     rec = Recorder(script, sys.argv[1:] if argv is None else argv, str(device))
     return device, rec, cuda_sync(device)
+
+
+@dataclass(frozen=True)
+class FittedSection:
+    """A hard simulated section in memory and the spot model fitted to it with the true nuclei."""
+
+    sim: Any  # segjointgene.simulate.SimulatedSection
+    x: np.ndarray
+    y: np.ndarray
+    gene: np.ndarray  # gene index of each spot (genes sorted by name)
+    true: np.ndarray  # each spot's true cell (0 = noise)
+    fit: Any  # segjointgene.spotmodel.SpotModelFit
+
+
+def fitted_hard_section(mode: str, noise: float, seed: int, size: int, density: float = 1.0,
+                        config=None) -> FittedSection:
+    """Simulate a hard section (``density`` x the simulator's spots per pixel) and fit the spot model alone to it."""
+    from segjointgene.config import SimulateConfig
+    from segjointgene.simulate import simulate_section
+    from segjointgene.spotmodel import SpotModelConfig, fit_spot_model
+
+    sim = simulate_section(SimulateConfig(size_px=size, mode=mode, noise_fraction=noise, preset="hard",
+                                          spot_density=SimulateConfig().spot_density * density), rng=seed)
+    genes, types = sorted(sim.markers["gene"].unique()), sorted(sim.cells["celltype"].unique())
+    gene = np.searchsorted(genes, sim.spots["gene"].to_numpy(str))
+    x, y, true = (sim.spots[c].to_numpy() for c in ("x", "y", "cell"))
+    fit = fit_spot_model(x, y, gene, sim.nuclei, sim.cells["cell"].to_numpy(np.int64),
+                         np.searchsorted(types, sim.cells["celltype"].to_numpy(str)), n_genes=len(genes),
+                         n_types=len(types), config=config or SpotModelConfig())
+    return FittedSection(sim=sim, x=x, y=y, gene=gene, true=true, fit=fit)

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from segjointgene.config import SimulateConfig  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import fitted_hard_section  # noqa: E402
 from segjointgene.partition import refine_partition  # noqa: E402
-from segjointgene.simulate import simulate_section  # noqa: E402
-from segjointgene.spotmodel import fit_spot_model, territories  # noqa: E402
+from segjointgene.spotmodel import territories  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,14 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    sim = simulate_section(SimulateConfig(size_px=args.size, mode=args.mode, noise_fraction=args.noise,
-                                          preset="hard"), rng=args.seed)
-    genes, types = sorted(sim.markers["gene"].unique()), sorted(sim.cells["celltype"].unique())
-    gene = np.searchsorted(genes, sim.spots["gene"].to_numpy(str))
-    x, y, true = (sim.spots[c].to_numpy() for c in ("x", "y", "cell"))
-    fit = fit_spot_model(x, y, gene, sim.nuclei, sim.cells["cell"].to_numpy(np.int64),
-                         np.searchsorted(types, sim.cells["celltype"].to_numpy(str)), n_genes=len(genes),
-                         n_types=len(types))
+    sec = fitted_hard_section(args.mode, args.noise, args.seed, args.size)
+    sim, x, y, gene, true, fit = sec.sim, sec.x, sec.y, sec.gene, sec.true, sec.fit
     start = np.where(sim.nuclei > 0, sim.nuclei, territories(fit.model, sim.nuclei.shape)).astype(np.int64)
     t0 = time.process_time()
     part = refine_partition(start, sim.nuclei > 0, fit.model, x, y, gene)

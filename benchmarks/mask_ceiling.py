@@ -30,12 +30,11 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from skimage.segmentation import find_boundaries
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import fitted_hard_section  # noqa: E402
 from segjointgene import metrics as M  # noqa: E402
 from segjointgene import spotmodel as S  # noqa: E402
-from segjointgene.config import SimulateConfig  # noqa: E402
 from segjointgene.partition import refine_partition  # noqa: E402
-from segjointgene.simulate import simulate_section  # noqa: E402
 
 
 def true_moments(instance: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,15 +69,9 @@ def mask_scores(mask: np.ndarray, instance: np.ndarray) -> tuple[float, float, f
 
 def run(mode: str, noise: float, seed: int, density: float, size: int,
         config: S.SpotModelConfig = S.SpotModelConfig()) -> dict[str, float]:
-    sim = simulate_section(SimulateConfig(size_px=size, mode=mode, noise_fraction=noise, preset="hard",
-                                          spot_density=0.03 * density), rng=seed)
-    genes = sorted(sim.markers["gene"].unique())
-    types = sorted(sim.cells["celltype"].unique())
-    gene = np.searchsorted(genes, sim.spots["gene"].to_numpy(str))
-    x, y, true = (sim.spots[c].to_numpy() for c in ("x", "y", "cell"))
+    sec = fitted_hard_section(mode, noise, seed, size, density, config)
+    sim, x, y, gene, true, fit = sec.sim, sec.x, sec.y, sec.gene, sec.true, sec.fit
     ids = sim.cells["cell"].to_numpy(np.int64)
-    cls = np.searchsorted(types, sim.cells["celltype"].to_numpy(str))
-    fit = S.fit_spot_model(x, y, gene, sim.nuclei, ids, cls, n_genes=len(genes), n_types=len(types), config=config)
     model, inst = fit.model, sim.instance.astype(np.int64)
     row_of = np.full(int(ids.max()) + 1, -1)
     row_of[model.ids] = np.arange(model.ids.size)

@@ -11,7 +11,7 @@ conditional modes stops short of a better optimum (the optimiser limits); if hig
 what the pipeline finds (the model limits). The energy here is the partition's up to two simplifications (type
 profiles instead of each cell's own profile, rates without their pseudo-spot), the same for every row.
 
-    python benchmarks/partition_start.py --seeds 10 11
+    python benchmarks/partition_start.py --seeds 10 11      # 8 sections x 4 runs
 """
 
 from __future__ import annotations
@@ -23,14 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import fitted_hard_section  # noqa: E402
 from segjointgene import metrics as M  # noqa: E402
 from segjointgene import spotmodel as S  # noqa: E402
-from segjointgene.config import SimulateConfig  # noqa: E402
-from segjointgene.partition import PartitionConfig, refine_partition  # noqa: E402
-from segjointgene.simulate import simulate_section  # noqa: E402
-
-_EDGE2 = 4.0  # as in segjointgene.partition: the squared Mahalanobis radius of a uniform ellipse's edge
+from segjointgene.partition import _EDGE2, PartitionConfig, refine_partition  # noqa: E402
 
 
 def energy_terms(mask: np.ndarray, model: S.CellModel, x: np.ndarray, y: np.ndarray, gene: np.ndarray,
@@ -53,19 +50,15 @@ def energy_terms(mask: np.ndarray, model: S.CellModel, x: np.ndarray, y: np.ndar
     unlike = sum(int((a != b).sum()) for a, b in pairs)
     r, c = np.nonzero(lab > 0)
     m2 = S.ellipse_distance2(model, lab[r, c] - 1, r + 0.5, c + 0.5)
-    return {"E spots": e_spot, "E smoothness": config.smoothness * unlike,
-            "E shape": config.shape_weight * float(((m2 - _EDGE2) / _EDGE2).sum())}
+    out = {"E spots": e_spot, "E smoothness": config.smoothness * unlike,
+           "E shape": config.shape_weight * float(((m2 - _EDGE2) / _EDGE2).sum())}
+    return {**out, "E total": sum(out.values())}
 
 
 def run(mode: str, noise: float, seed: int, size: int = 512) -> dict[str, dict[str, float]]:
     """Scores and energy of the partition from the fitted and from the true start, shape prior on and off."""
-    sim = simulate_section(SimulateConfig(size_px=size, mode=mode, noise_fraction=noise, preset="hard"), rng=seed)
-    genes, types = sorted(sim.markers["gene"].unique()), sorted(sim.cells["celltype"].unique())
-    gene = np.searchsorted(genes, sim.spots["gene"].to_numpy(str))
-    x, y, true = (sim.spots[c].to_numpy() for c in ("x", "y", "cell"))
-    fit = S.fit_spot_model(x, y, gene, sim.nuclei, sim.cells["cell"].to_numpy(np.int64),
-                           np.searchsorted(types, sim.cells["celltype"].to_numpy(str)), n_genes=len(genes),
-                           n_types=len(types))
+    sec = fitted_hard_section(mode, noise, seed, size)
+    sim, x, y, gene, true, fit = sec.sim, sec.x, sec.y, sec.gene, sec.true, sec.fit
     inst, fixed = sim.instance.astype(np.int64), sim.nuclei > 0
     truth_at_spot, emitted = M.cells_at_spots(inst, x, y), true > 0
     starts = {"fitted": np.where(fixed, sim.nuclei, S.territories(fit.model, inst.shape)),
