@@ -57,7 +57,7 @@ def oracle_model(model: S.CellModel, y, x, gene, true_row, nuclei: np.ndarray,
     n_types = model.profile.shape[0]
     typical = S._typical_cov(model, n_types, S._relative_log_area(area, model.cls, n_types))
     out = dataclasses.replace(model)
-    S._m_step(out, resp, y, x, gene, cand, centre, typical, config, False, float(nuclei.size))
+    S._m_step(out, resp, y, x, gene, cand, centre, typical, config, None, float(nuclei.size))
     return out
 
 

@@ -172,9 +172,18 @@ class LabelUpdateConfig:
     model_partition_log_odds: float = opt(0.25, "model: log odds added to the spot model's posterior of the "
                                                 "partition's label of a spot (its prob: the partition's neighbours "
                                                 "are evidence the spot model lacks; chosen on development sections)")
-    model_ambient: bool = opt(False, "model: a spot on a cell's pixel goes to background when background explains "
+    model_boundaries: str = opt("auto", "model: where cells end - density: a watershed of the spots' density from "
+                                        "the nuclei, with de novo cells from dense peaks far from every nucleus "
+                                        "(for thousands of spots per cell); partition: the spot model's cells "
+                                        "refined into a pixel partition; auto: density when the density at a "
+                                        "scale of 100 spots resolves the cells (sigma <= a quarter of the "
+                                        "typical cell radius), else partition",
+                                choices=("auto", "density", "partition"))
+    model_ambient: str = opt("auto", "model: a spot on a cell's pixel goes to background when background explains "
                                      "its gene there better than the cell (ambient spots, as pciSeq's misreads: each "
-                                     "spot to its more likely source); off: every spot takes its pixel's cell")
+                                     "spot to its more likely source); false: every spot takes its pixel's cell; "
+                                     "auto: true with a --reference_csv (a reference's class profiles tell a misread "
+                                     "from a cell's own gene), else false", choices=("auto", "true", "false"))
     expand_k: int = opt(3, "growth radius per update (pixels): a pixel can only join a cell within this distance")
     prediction_threshold: float = opt(0.3, "minimum 3x3-smoothed softmax confidence of a pixel joining a cell "
                                            "(--territory nucleus: of it not being background)")
@@ -316,7 +325,10 @@ class EvaluateConfig:
     """Metrics and baselines (``--step_name=evaluate``)."""
 
     truth_dir: str = opt("", "ground-truth folder of a simulated section (default: <raw_dir>_truth when it exists)")
-    reference_csv: str = opt("", "cell-type x gene reference profile (CSV: gene column + one column per type) for MECR")
+    reference_csv: str = opt("", "cell-type x gene reference profile (CSV: gene column + one column per type, mean "
+                                 "expression, e.g. single-cell class means as pciSeq takes): preprocess types the "
+                                 "nuclei of an instrument folder with it, SegJointGene fixes the spot model's "
+                                 "profiles of the types it names, evaluate scores MECR and negative-marker purity")
     expand_px: str = opt("5,10,15", "nucleus-expansion baselines, comma-separated radii in pixels")
     density_fraction: float = opt(0.5, "density-watershed baseline: foreground where the total spot density exceeds "
                                        "this fraction of its median over nucleus pixels", flag="--watershed_fraction")

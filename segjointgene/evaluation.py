@@ -30,6 +30,7 @@ type_mIoU/Dice    pixel IoU / Dice of cell types, mean over foreground classes, 
 cell_calling      spots inside cells / spots on a ring of ``--pixel_distance`` px around them
 spots_in_cells    fraction of spots inside a cell (or assigned to one)
 MECR              mean over mutually exclusive gene pairs of #cells with both / #cells with either (lower is better)
+neg_purity        share of the spots in typed cells that are not negative markers of the cell's type (reference)
 n_cells           instances present; ``mean_area_px``: their mean area
 ================  ====================================================================================================
 """
@@ -87,7 +88,9 @@ TRUTH_COLUMNS = (
     "type_mIoU", "type_Dice", "type_mIoU_fg", "type_Dice_fg",
 )
 #: Columns filled for every method (MECR only with a reference profile).
-ALWAYS_COLUMNS = ("cell_calling", "spots_in_cells", "MECR", "n_cells", "mean_area_px")
+ALWAYS_COLUMNS = ("cell_calling", "spots_in_cells", "MECR", "neg_purity", "n_cells", "mean_area_px")
+#: Columns that need a reference profile.
+_REFERENCE_COLUMNS = ("MECR", "neg_purity")
 _INT_COLUMNS = ("n_cells",)
 
 
@@ -153,9 +156,19 @@ def _mecr(spot_cell: np.ndarray, spots: Spots, pairs: list[tuple[str, str]] | No
     return M.mecr(counts, list(spots.genes), pairs).value
 
 
+def _purity(spot_cell: np.ndarray, spots: Spots, reference: pd.DataFrame | None,
+            cell_types: Mapping[int, str] | None, fraction: float) -> float:
+    if reference is None or cell_types is None:
+        return float("nan")
+    return M.negative_marker_purity(spot_cell, spots.gene, cell_types, list(spots.genes), reference,
+                                    fraction=fraction)
+
+
 def score_segmentation(instance: np.ndarray, celltype: np.ndarray | None, spots: Spots, *, truth: Truth | None = None,
                        pairs: list[tuple[str, str]] | None = None, n_classes: int | None = None,
-                       pixel_distance: int = 5, spot_cell: np.ndarray | None = None) -> dict[str, float]:
+                       pixel_distance: int = 5, spot_cell: np.ndarray | None = None,
+                       reference: pd.DataFrame | None = None, cell_types: Mapping[int, str] | None = None,
+                       mecr_fraction: float = 0.1) -> dict[str, float]:
     """Every metric of one segmentation (masks in the raw frame).
 
     Parameters
@@ -170,6 +183,8 @@ def score_segmentation(instance: np.ndarray, celltype: np.ndarray | None, spots:
     spot_cell : the method's own spot assignment (e.g. the spot model's), which then replaces the mask's cell at
         each spot in the spot metrics (accuracies, noise_out, MECR, spots_in_cells); gene mIoU stays the masks'
         (reference §13.5). Default: the mask's cell at each spot.
+    reference, cell_types : the reference profile and cell id -> type name, for ``neg_purity``
+        (:func:`segjointgene.metrics.negative_marker_purity` at ``mecr_fraction``).
 
     Returns
     -------
@@ -182,6 +197,7 @@ def score_segmentation(instance: np.ndarray, celltype: np.ndarray | None, spots:
         "cell_calling": M.cell_calling_score(instance, spots.x, spots.y, pixel_distance).score,
         "spots_in_cells": M.assigned_fraction(spot_cell),
         "MECR": _mecr(spot_cell, spots, pairs),
+        "neg_purity": _purity(spot_cell, spots, reference, cell_types, mecr_fraction),
         "n_cells": float(ids.size),
         "mean_area_px": float(areas.mean()) if areas.size else float("nan"),
     }
@@ -196,7 +212,8 @@ def score_segmentation(instance: np.ndarray, celltype: np.ndarray | None, spots:
 
 
 def score_assignment(spot_cell: np.ndarray, spots: Spots, *, truth: Truth | None = None,
-                     pairs: list[tuple[str, str]] | None = None) -> dict[str, float]:
+                     pairs: list[tuple[str, str]] | None = None, reference: pd.DataFrame | None = None,
+                     cell_types: Mapping[int, str] | None = None, mecr_fraction: float = 0.1) -> dict[str, float]:
     """The metrics that a spot-to-cell assignment without masks supports (e.g. pciSeq's ``pciseq_cell``).
 
     ``spots_in_cells`` is the fraction of spots assigned to a cell (not the cell-calling score, which needs a mask:
@@ -207,6 +224,7 @@ def score_assignment(spot_cell: np.ndarray, spots: Spots, *, truth: Truth | None
     if spot_cell.shape != spots.x.shape:
         raise DataError(f"the assignment has {spot_cell.size} spots but the section has {spots.x.size}")
     row = {"spots_in_cells": M.assigned_fraction(spot_cell), "MECR": _mecr(spot_cell, spots, pairs),
+           "neg_purity": _purity(spot_cell, spots, reference, cell_types, mecr_fraction),
            "n_cells": float(np.unique(spot_cell[spot_cell != BACKGROUND]).size)}
     if truth is not None:
         acc = M.spot_accuracy(spot_cell, truth.spot_cell)
@@ -221,7 +239,7 @@ def _columns(has_truth: bool) -> list[str]:
 
 
 def _table(rows: dict[str, dict[str, float]], has_truth: bool, has_reference: bool) -> pd.DataFrame:
-    columns = [c for c in _columns(has_truth) if has_reference or c != "MECR"]
+    columns = [c for c in _columns(has_truth) if has_reference or c not in _REFERENCE_COLUMNS]
     table = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=columns)
     table.index.name = "method"
     return table
@@ -230,7 +248,7 @@ def _table(rows: dict[str, dict[str, float]], has_truth: bool, has_reference: bo
 def evaluate_masks(masks: Mapping[str, tuple[np.ndarray, np.ndarray | None]], spots: Spots, truth: Truth | None = None,
                    reference: pd.DataFrame | None = None, *, assignments: Mapping[str, np.ndarray] | None = None,
                    n_classes: int | None = None, pixel_distance: int = 5,
-                   mecr_fraction: float = 0.1) -> pd.DataFrame:
+                   mecr_fraction: float = 0.1, cell_types: Mapping[int, str] | None = None) -> pd.DataFrame:
     """Score several segmentations (and optionally mask-free spot assignments) of one section.
 
     Parameters
@@ -243,11 +261,12 @@ def evaluate_masks(masks: Mapping[str, tuple[np.ndarray, np.ndarray | None]], sp
     n_classes : number of classes including background (default: inferred from the masks).
     pixel_distance : ring width of the cell-calling score.
     mecr_fraction : the expression fraction of :func:`segjointgene.metrics.exclusive_gene_pairs`.
+    cell_types : cell id -> type name (reference columns), for ``neg_purity``; None leaves it NaN.
 
     Returns
     -------
     DataFrame, one row per method (index ``method``), one column per metric (:data:`TRUTH_COLUMNS` with a truth,
-    then :data:`ALWAYS_COLUMNS`; MECR only with a reference).
+    then :data:`ALWAYS_COLUMNS`; MECR and neg_purity only with a reference).
 
     Examples
     --------
@@ -261,9 +280,11 @@ def evaluate_masks(masks: Mapping[str, tuple[np.ndarray, np.ndarray | None]], sp
     rows = {}
     for name, (instance, celltype) in masks.items():
         rows[name] = score_segmentation(instance, celltype, spots, truth=truth, pairs=pairs, n_classes=n_classes,
-                                        pixel_distance=pixel_distance)
+                                        pixel_distance=pixel_distance, reference=reference, cell_types=cell_types,
+                                        mecr_fraction=mecr_fraction)
     for name, spot_cell in (assignments or {}).items():
-        rows[name] = score_assignment(spot_cell, spots, truth=truth, pairs=pairs)
+        rows[name] = score_assignment(spot_cell, spots, truth=truth, pairs=pairs, reference=reference,
+                                      cell_types=cell_types, mecr_fraction=mecr_fraction)
     return _table(rows, truth is not None, reference is not None)
 
 
@@ -433,8 +454,10 @@ def _truth_dir(cfg: EvaluateConfig, raw_dirs: list[Path]) -> Path | None:
     return None
 
 
-def _pciseq_assignment(raw_dirs: list[Path], metadata: DatasetMetadata, rows_in_file: np.ndarray) -> np.ndarray | None:
-    """pciSeq's spot -> cell assignment from the raw spots file's ``pciseq_cell`` column, when there is one."""
+def _pciseq_assignment(raw_dirs: list[Path], metadata: DatasetMetadata, rows_in_file: np.ndarray, *,
+                       column: str = PCISEQ_COLUMN) -> np.ndarray | None:
+    """pciSeq's spot -> cell assignment (``column`` ``pciseq_cell``; or its ``pciseq_prob``) from the raw spots file,
+    when it has that column."""
     name = metadata.source_file("spots")
     for raw in raw_dirs:
         # the file preprocessing read (by name); only without that record, the one spots file of the folder
@@ -442,13 +465,14 @@ def _pciseq_assignment(raw_dirs: list[Path], metadata: DatasetMetadata, rows_in_
         if len(hits) != 1 or not hits[0].is_file():
             continue
         header = pd.read_csv(hits[0], nrows=0).columns
-        if PCISEQ_COLUMN not in header:
+        if column not in header:
             return None
-        cell = pd.read_csv(hits[0], usecols=[PCISEQ_COLUMN])[PCISEQ_COLUMN].to_numpy()
-        if rows_in_file.size and rows_in_file.max() >= cell.size:
+        values = pd.read_csv(hits[0], usecols=[column])[column].to_numpy()
+        if rows_in_file.size and rows_in_file.max() >= values.size:
             log.warning("%s has fewer rows than the preprocessed spots; pciSeq row skipped", hits[0])
             return None
-        return np.nan_to_num(cell.astype(np.float64), nan=0).astype(np.int64)[rows_in_file]
+        values = np.nan_to_num(values.astype(np.float64), nan=0)
+        return (values if column != PCISEQ_COLUMN else values.astype(np.int64))[rows_in_file]
     return None
 
 
@@ -507,6 +531,12 @@ class _Section:
     truth: Truth | None
     pairs: list[tuple[str, str]] | None
     reference_name: str
+    reference: pd.DataFrame | None = None
+
+    def nucleus_types(self) -> dict[int, str]:
+        """Nucleus id -> type name (the baselines' cells)."""
+        names = np.asarray(self.meta.celltypes, dtype=object)
+        return dict(zip(self.cell_ids.tolist(), names[self.class_ids].tolist()))
 
 
 def _dataset_metadata(paths: Paths) -> DatasetMetadata:
@@ -545,7 +575,7 @@ def _read_evaluation_inputs(settings: Settings, paths: Paths, meta: DatasetMetad
                  reference_name, in_panel)
     return _Section(meta=meta, spots=spots, rows_in_file=rows_in_file, cell_ids=cells["cell"].to_numpy(np.int64),
                     class_ids=cells["celltype_id"].to_numpy(np.int32), raw_dirs=raw_dirs, truth_dir=truth_dir,
-                    truth=truth, pairs=pairs, reference_name=reference_name)
+                    truth=truth, pairs=pairs, reference_name=reference_name, reference=reference)
 
 
 def _run_masks(results: Path, sec: _Section, fix: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -580,26 +610,91 @@ def _score_all(results: Path, sec: _Section, ecfg: EvaluateConfig, pixel_distanc
     """One row per method: the run, the baselines of its nuclei, pciSeq when the raw spots carry its assignment."""
     rows: dict[str, dict[str, float]] = {}
 
-    def score(name: str, instance: np.ndarray, celltype: np.ndarray | None, spot_cell=None) -> None:
+    nucleus_types = sec.nucleus_types()
+
+    def score(name: str, instance: np.ndarray, celltype: np.ndarray | None, spot_cell=None, types=nucleus_types) -> None:
         t0 = time.perf_counter()
         rows[name] = score_segmentation(instance, celltype, sec.spots, truth=sec.truth, pairs=sec.pairs,
                                         n_classes=sec.meta.n_classes, pixel_distance=pixel_distance,
-                                        spot_cell=spot_cell)
+                                        spot_cell=spot_cell, reference=sec.reference, cell_types=types,
+                                        mecr_fraction=ecfg.mecr_fraction)
         log.info("scored %s in %.1f s", name, time.perf_counter() - t0)
 
     masks = _run_masks(results, sec, fix)
     own = _run_assignment(results, sec)
-    score(OURS, *masks, spot_cell=own)
+    own_types = _run_cell_types(results)
+    score(OURS, *masks, spot_cell=own, types=own_types)
     if own is not None:
-        score(OURS_MASK, *masks)
+        score(OURS_MASK, *masks, types=own_types)
     nuclei = _read_mask(results / ResultFiles.INITIAL_MASK, sec.meta.raw_shape, fix)
     for name, mask in B.baseline_segmentations(nuclei, sec.spots.x, sec.spots.y, sigma=sec.meta.density_sigma,
                                                radii=ecfg.radii(), density_fraction=ecfg.density_fraction):
         score(name, mask, B.celltype_mask(mask, sec.cell_ids, sec.class_ids) if sec.truth is not None else None)
     pciseq = _pciseq_assignment(sec.raw_dirs, sec.meta, sec.rows_in_file)
     if pciseq is not None:
-        rows[PCISEQ] = score_assignment(pciseq, sec.spots, truth=sec.truth, pairs=sec.pairs)
+        rows[PCISEQ] = score_assignment(pciseq, sec.spots, truth=sec.truth, pairs=sec.pairs, reference=sec.reference,
+                                        cell_types=nucleus_types, mecr_fraction=ecfg.mecr_fraction)
     return _table(rows, sec.truth is not None, sec.pairs is not None)
+
+
+def _run_cell_types(results: Path) -> dict[int, str] | None:
+    """Cell id -> type name of the run (``cells.csv``; it lists the de novo cells the nuclei lack)."""
+    path = results / ResultFiles.CELLS
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path, usecols=lambda c: c in ("cell", "celltype"))
+    return dict(zip(table["cell"].tolist(), table["celltype"].astype(str).tolist())) if "celltype" in table else None
+
+
+#: Expansion radii (px) of the coverage-MECR curve of the nuclei grown by each.
+CURVE_RADII = tuple(range(0, 31, 2))
+
+
+def coverage_curves(results: Path, sec: _Section, nuclei: np.ndarray) -> pd.DataFrame:
+    """Coverage against MECR (:func:`segjointgene.metrics.mecr_curve`): the run's spots left out from the lowest
+    ``prob`` up, the nuclei expanded by :data:`CURVE_RADII`, and pciSeq's ``pciseq_prob`` when the raw spots have it.
+
+    Returns
+    -------
+    DataFrame ``method, coverage, threshold, MECR`` (threshold: the probability cut, or the radius in px).
+    """
+    genes, gene = list(sec.spots.genes), sec.spots.gene
+    parts = []
+    path = results / ResultFiles.SPOTS
+    table = pd.read_csv(path, usecols=lambda c: c in ("cell", "prob")) if path.is_file() else pd.DataFrame()
+    if len(table) == gene.size and "prob" in table:
+        parts.append(M.mecr_curve(table["cell"].to_numpy(np.int64), table["prob"].to_numpy(np.float64), gene, genes,
+                                  sec.pairs).assign(method=OURS))
+    nearest = B.nearest_nucleus(nuclei)
+    rows = []
+    for r in CURVE_RADII:
+        cell = M.cells_at_spots(B.expand_nuclei(nuclei, r, nearest=nearest), sec.spots.x, sec.spots.y)
+        rows.append((M.assigned_fraction(cell), float(r),
+                     M.mecr(M.cell_gene_counts(cell, gene, len(genes)), genes, sec.pairs).value))
+    parts.append(pd.DataFrame(rows, columns=["coverage", "threshold", "MECR"]).assign(method="expansion"))
+    pciseq = _pciseq_assignment(sec.raw_dirs, sec.meta, sec.rows_in_file, column="pciseq_prob")
+    if pciseq is not None:
+        cell = _pciseq_assignment(sec.raw_dirs, sec.meta, sec.rows_in_file)
+        parts.append(M.mecr_curve(cell, pciseq, gene, genes, sec.pairs).assign(method=PCISEQ))
+    curve = pd.concat(parts, ignore_index=True)
+    return curve[["method", "coverage", "threshold", "MECR"]]
+
+
+def _curve_notes(curve: pd.DataFrame) -> list[str]:
+    """One line: the run's MECR against the expansion curve's at the same coverage (whole assignment, and at
+    pciSeq's coverage when pciSeq ran)."""
+    expansion = curve[curve["method"] == "expansion"]
+    notes = []
+    for method in (OURS, PCISEQ):
+        own = curve[curve["method"] == method]
+        if not len(own):
+            continue
+        full = own.iloc[-1]
+        ref = M.interpolate_curve(expansion, float(full["coverage"]))
+        notes.append(f"coverage-MECR: {method} puts {full['coverage']:.3f} of the spots in cells at MECR "
+                     f"{full['MECR']:.4f}; nucleus expansion at that coverage {ref:.4f} "
+                     f"({'below' if full['MECR'] < ref else 'above'} by {abs(ref - full['MECR']):.4f})")
+    return notes
 
 
 def run_evaluate(settings: Settings, paths: Paths) -> int:
@@ -625,6 +720,10 @@ def run_evaluate(settings: Settings, paths: Paths) -> int:
                      f"(fraction {ecfg.mecr_fraction})")
     if PCISEQ in out.index:
         notes.append("pciseq: a spot assignment without masks (spots_in_cells = fraction of spots assigned)")
+    if sec.pairs is not None:
+        curve = coverage_curves(results, sec, _read_mask(results / ResultFiles.INITIAL_MASK, meta.raw_shape, fix))
+        write_csv(results / ResultFiles.COVERAGE_MECR, curve)
+        notes += _curve_notes(curve) + [f"coverage-MECR curves -> {results / ResultFiles.COVERAGE_MECR}"]
     print(markdown_table(out))
     ranking = _score_ranking(results, sec.truth_dir)
     if ranking is not None:

@@ -225,6 +225,23 @@ def _load_dataset(data_dir: Path) -> tuple[DatasetMetadata, np.ndarray]:
     return meta, lut
 
 
+def _with_denovo_cells(lut: np.ndarray, assignment: Path) -> np.ndarray:
+    """The cell -> type lookup with the cells the run found without a nucleus (saved with its spot assignment)."""
+    if not assignment.is_file() or "denovo_cell" not in npz_headers(assignment):
+        return lut
+    extra = load_npz(assignment, ("denovo_cell", "denovo_class"))
+    ids = extra["denovo_cell"].astype(np.int64)
+    if ids.size == 0:
+        return lut
+    if ids.min() < lut.size:
+        raise DataError(f"{assignment}: de novo cell ids from {ids.min()} collide with the dataset's cell ids "
+                        f"(up to {lut.size - 1}); the run belongs to another preprocessing of the section")
+    out = np.zeros(int(ids.max()) + 1, lut.dtype)
+    out[:lut.size] = lut
+    out[ids] = extra["denovo_class"]
+    return out
+
+
 def _cache_names(path: Path) -> dict[str, list[str]]:
     """split -> patch names of a label cache; a corrupt or truncated cache raises :class:`DataError` naming it."""
     keys = tuple(k for k in npz_headers(path) if k.endswith(".names"))
@@ -367,6 +384,7 @@ def export_results(run_dir: str | os.PathLike, *, epoch: int | None = None, figu
 def _open_export(run: RunFolder, epoch: int, data_dir: str | os.PathLike | None) -> _Export:
     data_dir, info = _data_dir(run, data_dir)
     meta, lut = _load_dataset(data_dir)
+    lut = _with_denovo_cells(lut, run.spot_assignment(epoch))
     run.results.mkdir(parents=True, exist_ok=True)
     for folder in (run.results, run.figures):  # leftovers of a killed export (hidden, never read)
         remove_stale_temps(folder)
@@ -522,9 +540,36 @@ def _export_initial_labels(ex: _Export, figures: bool) -> None:
             views.background_crop = (views.initial_crop > 0).astype(np.float32)
 
 
+def _single_type(ex: _Export, what: str, *paths: Path) -> bool:
+    """Whether fewer than two cell types hold cells; then say why there is no ``what`` and remove stale ``paths``."""
+    types = sorted(set(ex.lut[ex.lut > 0].tolist()))
+    if len(types) >= 2:
+        return False
+    names = ", ".join(ex.meta.celltypes[t] for t in types) or "none"
+    log.warning("no %s: the section's cells are of %d cell type (%s); genes are ranked for a type against the "
+                "others, which needs two or more types (give the nuclei several types, e.g. from a reference with "
+                "--reference_csv at preprocessing)", what, len(types), names)
+    for stale in paths:
+        if stale.is_file():
+            stale.unlink()
+    return True
+
+
 def _export_gene_ranking(ex: _Export, figures: bool) -> None:
     """``gene_ranking.csv`` (differential expression, plus the attribution's score and rank when an attribution ran
-    up to this epoch) and the attribution's own files; stale attribution files are removed."""
+    up to this epoch) and the attribution's own files; stale attribution files are removed. Not written, with a
+    warning that says why, when the cells are of one type."""
+    if _single_type(ex, "gene ranking", ex.out / ResultFiles.GENE_RANKING, ex.out / ResultFiles.GENE_SCORES,
+                    ex.out / ResultFiles.GENE_RANKING_ATTRIBUTION, ex.run.figure(FigureFiles.RANKING),
+                    ex.run.figure(FigureFiles.DOTPLOT)):
+        return
+    if not len(ex.de) and _attribution_path(ex.run, ex.epoch) is None:
+        log.warning("no gene ranking: no cell type has 2 or more cells beside cells of other types; a larger "
+                    "section gives one")
+        stale = ex.out / ResultFiles.GENE_RANKING
+        if stale.is_file():
+            stale.unlink()
+        return
     ranking = ex.de.assign(attr_method="", attr_score=np.nan, attr_rank=np.nan)
     attr_path = _attribution_path(ex.run, ex.epoch)
     if attr_path is not None:
@@ -560,6 +605,8 @@ def _export_border_genes(ex: _Export) -> None:
     path = ex.run.checkpoint(ex.epoch)
     if not path.is_file():
         log.info("no %s: no border genes", path.name)
+        return
+    if _single_type(ex, "border genes", ex.out / ResultFiles.BORDER_GENES):
         return
     t0 = time.perf_counter()
     state = load_checkpoint(path)

@@ -21,6 +21,7 @@ Ground-truth metrics (SPEC §6): :func:`celltype_scores` (pixel mIoU / Dice of c
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,9 +54,12 @@ __all__ = [
     "exclusive_gene_pairs",
     "gene_miou",
     "instance_overlap",
+    "interpolate_curve",
     "label_areas",
     "match_instances",
     "mecr",
+    "mecr_curve",
+    "negative_marker_purity",
     "reliability",
     "spot_accuracy",
 ]
@@ -851,6 +855,107 @@ def mecr(counts: np.ndarray | scipy.sparse.spmatrix, genes: list[str], pairs: li
             rows.append((a, b, n_both, n_any, n_both / n_any))
     table = pd.DataFrame(rows, columns=["gene_a", "gene_b", "n_both", "n_any", "rate"])
     return MECR(value=float(table["rate"].mean()) if len(table) else float("nan"), n_pairs=len(table), per_pair=table)
+
+
+def mecr_curve(spot_cell: np.ndarray, prob: np.ndarray, spot_gene: np.ndarray, genes: list[str],
+               pairs: list[tuple[str, str]], *, coverages: Sequence[float] | None = None) -> pd.DataFrame:
+    """Coverage against MECR as the spots of low probability are left out of their cells.
+
+    For each target coverage c, the spots assigned to a cell are kept in it from the highest ``prob`` down until a
+    fraction c of all spots is kept; the rest count as unassigned. A method whose ``prob`` ranks its right
+    assignments first traces a curve below that of a less certain one; compare it with :func:`expansion_curve`.
+
+    Parameters
+    ----------
+    spot_cell : (n,) int cell of each spot (0 = none).
+    prob : (n,) float, the probability of that assignment.
+    spot_gene : (n,) int gene index into ``genes``.
+    genes, pairs : as :func:`mecr`.
+    coverages : target fractions of all spots (default: 20 steps up to the method's own coverage, which ends it).
+
+    Returns
+    -------
+    DataFrame ``coverage, threshold, MECR`` (coverage ascending; the last row is the whole assignment).
+
+    Examples
+    --------
+    >>> cell, prob = np.array([1, 1, 2, 2]), np.array([0.9, 0.2, 0.8, 0.7])
+    >>> curve = mecr_curve(cell, prob, np.array([0, 1, 0, 0]), ["a", "b"], [("a", "b")], coverages=[0.5])
+    >>> curve[["coverage", "MECR"]].values.tolist()
+    [[0.5, 0.0], [1.0, 0.5]]
+    """
+    cell, prob = np.asarray(spot_cell, np.int64), np.asarray(prob, np.float64)
+    n = max(cell.size, 1)
+    assigned = np.flatnonzero(cell != BACKGROUND)
+    order = assigned[np.argsort(-prob[assigned], kind="stable")]
+    full = order.size / n
+    if coverages is None:
+        coverages = np.linspace(full / 20, full, 20)[:-1]
+    rows = []
+    for c in [*(c for c in coverages if c < full), full]:
+        k = int(round(c * n))
+        kept = np.zeros(cell.size, np.int64)
+        kept[order[:k]] = cell[order[:k]]
+        value = mecr(cell_gene_counts(kept, spot_gene, len(genes)), genes, pairs).value
+        rows.append((k / n, float(prob[order[k - 1]]) if k else 1.0, value))
+    return pd.DataFrame(rows, columns=["coverage", "threshold", "MECR"])
+
+
+def interpolate_curve(curve: pd.DataFrame, coverage: float) -> float:
+    """MECR of a coverage curve at ``coverage`` (linear between its points; NaN outside its range).
+
+    Examples
+    --------
+    >>> interpolate_curve(pd.DataFrame({"coverage": [0.2, 0.6], "MECR": [0.01, 0.03]}), 0.5)
+    0.025
+    """
+    c = curve.sort_values("coverage")
+    x, y = c["coverage"].to_numpy(float), c["MECR"].to_numpy(float)
+    if not x.size or coverage < x[0] - 1e-9 or coverage > x[-1] + 1e-9:
+        return float("nan")
+    return round(float(np.interp(coverage, x, y)), 12)
+
+
+def negative_marker_purity(spot_cell: np.ndarray, spot_gene: np.ndarray, cell_type: Mapping[int, str],
+                           genes: list[str], profile: pd.DataFrame, *, fraction: float = 0.1) -> float:
+    """The share of the spots in typed cells that are not *negative markers* of their cell's type.
+
+    A gene is a negative marker of type t when the reference expresses it elsewhere but not in t: its mean in t is
+    below ``fraction`` of its highest mean over the types (the expression rule of :func:`exclusive_gene_pairs`).
+    A cell that takes its neighbours' spots collects their markers, which are negative markers of its own type; a
+    purity of 1 means no such spot. Cells of a type the reference lacks, and spots not in a cell, are not scored.
+
+    Parameters
+    ----------
+    spot_cell, spot_gene : (n,) each spot's cell (0 = none) and gene index into ``genes``.
+    cell_type : cell id -> type name (a column of ``profile``).
+    profile : reference, index = gene names, one column per type (:func:`segjointgene.evaluation.load_reference`).
+
+    Returns
+    -------
+    float in [0, 1]; NaN when no spot is scored.
+
+    Examples
+    --------
+    >>> ref = pd.DataFrame({"A": [5.0, 0.0], "B": [0.0, 5.0]}, index=["a", "b"])
+    >>> negative_marker_purity(np.array([1, 1, 1, 2]), np.array([0, 0, 1, 1]), {1: "A", 2: "B"}, ["a", "b"], ref)
+    0.75
+    """
+    values = profile.to_numpy(np.float64)
+    top = values.max(1, keepdims=True)
+    negative = (values < fraction * top) & (top > 0)  # (genes of the profile, types)
+    row = {g: i for i, g in enumerate(profile.index.astype(str))}
+    col = {t: j for j, t in enumerate(profile.columns.astype(str))}
+    gene_row = np.array([row.get(g, -1) for g in genes])
+    cell, gene = np.asarray(spot_cell, np.int64), np.asarray(spot_gene, np.int64)
+    ids = np.array(sorted(k for k, t in cell_type.items() if str(t) in col), np.int64)
+    type_col = np.array([col[str(cell_type[k])] for k in ids], np.int64)
+    pos = np.minimum(np.searchsorted(ids, cell), max(ids.size - 1, 0))
+    scored = (cell != BACKGROUND) & (ids.size > 0) & (ids[pos] == cell) & (gene_row[gene] >= 0)
+    if not scored.any():
+        return float("nan")
+    neg = negative[gene_row[gene[scored]], type_col[pos[scored]]]
+    return float(1.0 - neg.mean())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class ResultFiles:
     BORDER_GENES = "border_genes.csv"  # per pair of touching types, the genes that decide their borders
     RANKING_EVALUATION = "gene_ranking_evaluation.csv"  # written by evaluate on simulated sections
     EVALUATION = "evaluation.csv"
+    COVERAGE_MECR = "coverage_mecr.csv"  # written by evaluate with a reference profile
     FIGURES = "figures"
 
 

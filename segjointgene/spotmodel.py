@@ -208,17 +208,36 @@ def _initial_model(centre: np.ndarray, area: np.ndarray, ids: np.ndarray, cls: n
     in_nuclei = np.bincount(spot_nucleus[on_nucleus], minlength=len(ids)).astype(np.float64)
     density = in_nuclei.sum() / max(area.sum(), 1.0)
     count = np.full(len(ids), density * np.pi * radius * radius)
+    counts = np.zeros((n_types, n_genes))
+    np.add.at(counts, (cls[spot_nucleus[on_nucleus]], gene[on_nucleus]), 1.0)
+    profile = _normalise_profile(counts, freq, cfg.profile_pseudo)
     if reference is not None:
-        profile = reference / reference.sum(1, keepdims=True)
-    else:
-        counts = np.zeros((n_types, n_genes))
-        np.add.at(counts, (cls[spot_nucleus[on_nucleus]], gene[on_nucleus]), 1.0)
-        profile = _normalise_profile(counts, freq, cfg.profile_pseudo)
+        known = _reference_rows(reference)
+        profile[known] = reference_profile(reference[known])
     concentration = cfg.cell_profile if cfg.cell_profile >= 0 else nucleus_concentration(
         spot_nucleus[on_nucleus], gene[on_nucleus], cls, n_types, freq, cfg.profile_pseudo)
     return CellModel(ids=ids, cls=cls, centre=centre.copy(), cov=cov, count=count, profile=profile,
                      background_rate=0.1 * density, background_profile=freq, shape_power=cfg.shape_power,
                      radius=radius, concentration=concentration)
+
+
+def _reference_rows(reference: np.ndarray) -> np.ndarray:
+    """(T,) bool: the types the reference profiles (rows without NaN)."""
+    return np.isfinite(reference).all(1)
+
+
+def reference_profile(reference: np.ndarray, floor: float = 1e-3) -> np.ndarray:
+    """Gene probabilities of reference class means: each row normalised after adding ``floor`` x its mean to
+    every gene (a gene the reference never saw in a type can still be detected there, e.g. as a misread).
+
+    Examples
+    --------
+    >>> reference_profile(np.array([[3.0, 1.0, 0.0]]), floor=0.0).tolist()
+    [[0.75, 0.25, 0.0]]
+    """
+    ref = np.asarray(reference, np.float64)
+    ref = ref + floor * ref.mean(1, keepdims=True)
+    return ref / np.maximum(ref.sum(1, keepdims=True), 1e-300)
 
 
 def _typical_radius(centre: np.ndarray, area: np.ndarray) -> float:
@@ -331,7 +350,7 @@ def _e_step(model: CellModel, sy, sx, gene, cand, support, cfg: SpotModelConfig,
 
 
 def _m_step(model: CellModel, resp: np.ndarray, sy, sx, gene, cand, nucleus_centre, typical_cov,
-            cfg: SpotModelConfig, fixed_profile: bool, area: float) -> None:
+            cfg: SpotModelConfig, fixed_profile: np.ndarray | None, area: float) -> None:
     m, k = len(model.ids), cand.shape[1]
     w = resp[:, :k]
     flat_c, flat_w = cand.ravel(), w.ravel()
@@ -353,10 +372,12 @@ def _m_step(model: CellModel, resp: np.ndarray, sy, sx, gene, cand, nucleus_cent
     model.count = np.maximum(mass, 0.5)
     if model.concentration > 0:
         model.gene_counts = CellGeneCounts.from_resp(cand, gene, w, m, model.profile.shape[1])
-    if not fixed_profile:
+    if fixed_profile is None or not fixed_profile.all():  # the types no reference fixes: from their spots
         counts = np.zeros_like(model.profile)
         np.add.at(counts, (model.cls[flat_c], np.repeat(gene, k)), flat_w)
-        model.profile = _normalise_profile(counts, model.background_profile, cfg.profile_pseudo)
+        estimated = _normalise_profile(counts, model.background_profile, cfg.profile_pseudo)
+        model.profile = estimated if fixed_profile is None else np.where(fixed_profile[:, None], model.profile,
+                                                                         estimated)
     bg = resp[:, k]
     model.background_rate = max(float(bg.sum()) / area, 1e-9)
     n_genes = model.profile.shape[1]
@@ -403,7 +424,8 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
     gene : (n,) gene index.
     nuclei : (H, W) nucleus ids; only ids listed in ``cell_ids`` and present in the mask become cells.
     cell_ids, cell_class : the type index (0..n_types-1) of each cell id.
-    reference : optional (n_types, n_genes) expression profile that fixes the types' gene profiles.
+    reference : optional (n_types, n_genes) class means (e.g. of a single-cell reference) that fix the gene profiles
+        of the types they cover (:func:`reference_profile`); rows of NaN: types it lacks, profiled from the data.
     evidence : optional (n, 1 + n_types) extra log-evidence per spot for background and each type (e.g. a network's
         log posterior over log prior at the spot's pixel), added to the E-step.
     start : a fitted model of the same cells to start from (else the nuclei).
@@ -446,7 +468,8 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
         own = before if model.concentration > 0 else None
         logit = _e_step(model, sy, sx, gene, cand, support, cfg, evidence, own)
         resp = softmax(logit, axis=1)
-        _m_step(model, resp, sy, sx, gene, cand, nucleus_centre, typical, cfg, reference is not None, tissue)
+        _m_step(model, resp, sy, sx, gene, cand, nucleus_centre, typical, cfg,
+                _reference_rows(reference) if reference is not None else None, tissue)
         prev_cand = cand
         new_best = resp.argmax(1)
         new_best = np.where(new_best < k, cand[np.arange(sy.size), np.minimum(new_best, k - 1)], -1)

@@ -133,7 +133,7 @@ def test_without_truth_and_with_a_reference_csv(tmp_path, capsys):
     assert "truth: none" in capsys.readouterr().out
 
     table = _run(sim)  # no reference either: no MECR column
-    assert list(table.columns) == [c for c in E.ALWAYS_COLUMNS if c != "MECR"]
+    assert list(table.columns) == [c for c in E.ALWAYS_COLUMNS if c not in ("MECR", "neg_purity")]
 
 
 def test_pciseq_assignment_row(tmp_path):

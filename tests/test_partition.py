@@ -163,6 +163,6 @@ def test_ambient_spots_on_a_cells_pixels_go_to_background_only_when_asked():
     assert all(np.array_equal(r.mask, runs[0.0].mask) for r in runs.values())
 
 
-def test_the_ambient_flag_is_off_by_default():
-    assert LabelUpdateConfig().model_ambient is False
+def test_the_ambient_flag_is_off_by_default_without_a_reference():
+    assert LabelUpdateConfig().model_ambient == "auto"
     assert PartitionConfig().ambient_log_ratio == float("inf")

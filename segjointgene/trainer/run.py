@@ -34,7 +34,7 @@ from ..model import UNet, check_patch_size
 from ..runfolder import Paths, RunFolder
 from .epoch import EpochRunner, RunContext, ignore_sigterm
 from .section import SectionLabels, nucleus_seeds, spot_positions
-from .spots import SpotEngine
+from .spots import SpotEngine, reference_matrix
 from .state import AttributionState, TrainingState, make_generators
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class TrainResult:
     saved_epochs: list[int]
     log: pd.DataFrame
     run_dir: Path
+    engine: str = ""  # what segmented the cells (the model rule's engine, or the label rule)
 
 
 def resolve_device(runtime: RuntimeConfig, *, local_rank: int | None = None) -> torch.device:
@@ -165,7 +166,7 @@ def _loaders(splits: dict[str, ImagePatchDataset], state: TrainingState, train_c
 def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train_cfg: TrainConfig = TrainConfig(),
                label_cfg: LabelUpdateConfig = LabelUpdateConfig(), attr_cfg: AttributionConfig = AttributionConfig(),
                runtime: RuntimeConfig = RuntimeConfig(), resume_epoch: int | None = None, progress: bool = True,
-               run_info: dict[str, Any] | None = None) -> TrainResult:
+               run_info: dict[str, Any] | None = None, reference: pd.DataFrame | None = None) -> TrainResult:
     """Self-train on a preprocessed dataset; write checkpoints, label caches, the log and the gene ranking.
 
     Parameters
@@ -177,6 +178,7 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
     resume_epoch : continue after this saved epoch (weights, optimizer, generators, labels restored).
     progress : show a progress bar per epoch.
     run_info : written to ``run.json`` (rank 0) when the run starts.
+    reference : genes x types class means (``--reference_csv``): the spot model's profiles of the types it names.
 
     Notes
     -----
@@ -196,7 +198,8 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
     if resume_epoch is not None:
         start, rows = state.restore(run, resume_epoch, meta=meta, device=device, ctx=ctx)
     net = distributed.wrap_model(state.model, device, ctx)
-    rc = _run_context(data_dir, meta, run, splits, state, train_cfg, label_cfg, attr_cfg, runtime, device, ctx)
+    rc = _run_context(data_dir, meta, run, splits, state, train_cfg, label_cfg, attr_cfg, runtime, device, ctx,
+                      reference)
     if rc.spots is not None:  # the model rule: the spot model's fit (deterministic; redone on resume for the saves)
         rc.spots.run_fit()
         if resume_epoch is None:  # a new run starts from its territories; a resumed one has them in its label cache
@@ -214,14 +217,15 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
             runner.run_epoch(epoch)
             if epoch % train_cfg.save_interval == 0 or epoch == train_cfg.net_epoch:
                 saved.append(epoch)
+    engine = rc.spots.engine if rc.spots is not None else f"UNet self-training, label rule {label_cfg.rule}"
     return TrainResult(last_epoch=train_cfg.net_epoch, saved_epochs=sorted(set(saved)), log=pd.DataFrame(rows),
-                       run_dir=run.path)
+                       run_dir=run.path, engine=engine)
 
 
 def _run_context(data_dir: Path, meta: DatasetMetadata, run: RunFolder, splits: dict[str, ImagePatchDataset],
                  state: TrainingState, train_cfg: TrainConfig, label_cfg: LabelUpdateConfig,
                  attr_cfg: AttributionConfig, runtime: RuntimeConfig, device: torch.device,
-                 ctx: distributed.DistContext) -> RunContext:
+                 ctx: distributed.DistContext, reference: pd.DataFrame | None = None) -> RunContext:
     spot_x, spot_y = spot_positions(data_dir, meta)
     train = splits["train"]
     images_of = functools.partial(batch_images, n_genes=meta.n_genes, patch_size=meta.patch_size,
@@ -235,7 +239,9 @@ def _run_context(data_dir: Path, meta: DatasetMetadata, run: RunFolder, splits: 
         configs={"train": dataclasses.asdict(train_cfg), "labels": dataclasses.asdict(label_cfg),
                  "attribution": dataclasses.asdict(attr_cfg), "runtime": dataclasses.asdict(runtime)},
         extra={"attr_targets": {"genes": attr.genes.cpu(), "classes": attr.classes.cpu()} if attr else {}},
-        spots=(SpotEngine(data_dir, meta, splits, state.stores, spot_x, spot_y, label_cfg)
+        spots=(SpotEngine(data_dir, meta, splits, state.stores, spot_x, spot_y, label_cfg,
+                          reference=None if reference is None else reference_matrix(
+                              reference, list(meta.celltypes[1:]), list(meta.genes), "--reference_csv"))
                if label_cfg.rule == "model" else None))
 
 
@@ -282,6 +288,7 @@ def _run_info(settings: Settings, paths: Paths, meta: DatasetMetadata, *, world_
     """The content of ``run.json``."""
     return {"datasets_name": paths.datasets_name, "data_dir": str(Path(paths.data_dir).resolve()),
             "raw_dir": meta.raw_dir, "package_version": __version__, "world_size": world_size,
+            "reference_csv": settings.evaluate.reference_csv,
             "config": {name: dataclasses.asdict(getattr(settings, name))
                        for name in ("train", "labels", "attribution", "runtime")}}
 
@@ -293,6 +300,7 @@ def _export_and_report(result: TrainResult, datasets_name: str, minutes: float) 
     last = result.log.iloc[-1]
     print(f"trained {datasets_name} to epoch {result.last_epoch} in {minutes:.1f} min: loss {last['loss']:.4f}, "
           f"pixel acc {last['pixel_acc']:.3f}, cell-calling {last['cell_calling']:.3f}\n"
+          f"cells from: {result.engine}\n"
           f"checkpoints: {result.run_dir} (epochs {', '.join(map(str, result.saved_epochs))})\nresults: {results}")
 
 
@@ -323,10 +331,15 @@ def run_training(settings: Settings, paths: Paths) -> int:
           _main_rank_logs(ctx)):
         resume_epoch = distributed.run_on_main(lambda: _open_run(settings, paths), ctx)
         info = _run_info(settings, paths, load_metadata(paths.data_dir), world_size=ctx.world_size)
+        reference = None
+        if settings.evaluate.reference_csv:
+            from ..evaluation import load_reference
+
+            reference = load_reference(settings.evaluate.reference_csv)
         start = time.perf_counter()
         result = self_train(paths.data_dir, paths.run_dir, train_cfg=train_cfg, label_cfg=settings.labels,
                             attr_cfg=settings.attribution, runtime=runtime, resume_epoch=resume_epoch,
-                            progress=not settings.step.quiet, run_info=info)
+                            progress=not settings.step.quiet, run_info=info, reference=reference)
         minutes = (time.perf_counter() - start) / 60
         distributed.run_on_main(lambda: _export_and_report(result, paths.datasets_name, minutes), ctx)
     return 0

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy.special import logsumexp
 
@@ -27,6 +28,8 @@ from .. import distributed
 from ..config import LabelUpdateConfig
 from ..constants import SPOTS_TABLE
 from ..dataset import ImagePatchDataset, LabelStore
+from ..errors import DataError
+from ..densitycells import DensityCells, density_cells, density_scale
 from ..io import load_npz, save_npz
 from ..metadata import DatasetMetadata
 from ..partition import PartitionConfig, refine_partition
@@ -59,7 +62,8 @@ class SpotEngine:
     """The section's spots, its nucleus canvas and the latest fit, in the padded patch frame."""
 
     def __init__(self, data_dir: Path, meta: DatasetMetadata, splits: dict[str, ImagePatchDataset],
-                 stores: dict[str, LabelStore], spot_x: np.ndarray, spot_y: np.ndarray, config: LabelUpdateConfig):
+                 stores: dict[str, LabelStore], spot_x: np.ndarray, spot_y: np.ndarray, config: LabelUpdateConfig,
+                 reference: np.ndarray | None = None):
         self.meta, self.splits, self.stores = meta, splits, stores
         self.p = meta.patch_size
         self.x, self.y = np.asarray(spot_x, np.float64), np.asarray(spot_y, np.float64)
@@ -68,8 +72,10 @@ class SpotEngine:
         self.config = SpotModelConfig(shape_power=config.model_shape_power, neighbour_weight=config.model_neighbours,
                                       temperature=config.model_temperature, cell_profile=config.model_cell_profile,
                                       tissue_bin=config.model_tissue_bin, size_from_nucleus=config.model_nucleus_size)
+        self.reference = reference  # (types, genes) class means, NaN rows for the types it lacks
+        ambient = config.model_ambient == "true" or (config.model_ambient == "auto" and reference is not None)
         self.partition = (PartitionConfig(smoothness=config.model_smoothness, shape_weight=config.model_shape_weight,
-                                          ambient_log_ratio=0.0 if config.model_ambient else float("inf"))
+                                          ambient_log_ratio=0.0 if ambient else float("inf"))
                           if config.model_smoothness > 0 else None)
         self.log_odds = config.model_partition_log_odds
         self._fit_evidence: np.ndarray | None = None  # the evidence of the latest fit (for the partition)
@@ -83,6 +89,19 @@ class SpotEngine:
         self.n_classes = meta.n_classes
         self.evidence = np.zeros((self.x.size, self.n_classes), np.float64)
         self.fit: SpotModelFit | None = None
+        self.dense: DensityCells | None = None  # the density engine's cells, when the spots resolve the cells
+        self.boundaries = config.model_boundaries
+        self.scale = density_scale(self.x, self.y, self.nuclei) if self.boundaries != "partition" else None
+        if self.boundaries == "auto":
+            log.debug("spots: %.3g per pixel near the nuclei, cell radius %.1f px: the density's scale %.2f px %s "
+                     "the cells (--model_boundaries auto -> %s)", self.scale.cell_rate, self.scale.radius,
+                     self.scale.sigma, "resolves" if self.scale.resolves else "does not resolve",
+                     "density" if self.scale.resolves else "partition")
+        self.use_density = self.boundaries == "density" or (self.boundaries == "auto" and self.scale.resolves)
+        #: what segments the cells, for the run's report
+        self.engine = ("spot density (watershed from the nuclei, de novo cells)" if self.use_density
+                       else "spot model + pixel partition" if self.partition is not None else "spot model")
+        self.lut_size = len(lut)
         # the spots of each patch, found once: spots sorted by the (row, col) of the patch they fall in
         self._cols = self.shape[1] // self.p
         key = self._patch_key(self.y, self.x)
@@ -107,12 +126,15 @@ class SpotEngine:
         return out
 
     def run_fit(self, evidence: np.ndarray | None = None) -> SpotModelFit:
+        if self.use_density:
+            return self._density_fit()
         t0 = time.perf_counter()
         inside = (self.x >= 0) & (self.y >= 0) & (self.x < self.shape[1]) & (self.y < self.shape[0])
         start = self.fit.model if self.fit is not None else None
         fit = fit_spot_model(self.x[inside], self.y[inside], self.gene[inside], self.nuclei, self.ids, self.cls,
                              n_genes=self.meta.n_genes, n_types=self.n_classes - 1, config=self.config,
-                             evidence=None if evidence is None else evidence[inside], start=start)
+                             reference=self.reference, evidence=None if evidence is None else evidence[inside],
+                             start=start)
         cell = np.zeros(self.x.size, np.int64)
         prob = np.ones(self.x.size, np.float32)
         cell[inside], prob[inside] = fit.cell, fit.prob
@@ -126,12 +148,53 @@ class SpotEngine:
                  time.perf_counter() - t0, " (with the network's evidence)" if evidence is not None else "")
         return self.fit
 
+    def _density_fit(self) -> SpotModelFit:
+        """The density engine's cells (:mod:`segjointgene.densitycells`); its de novo cells get the type that
+        explains their spots best and join the label stores' class lookup."""
+        if self.dense is None:
+            t0 = time.perf_counter()
+            self.dense = density_cells(self.x, self.y, self.nuclei, scale=self.scale, first_new_id=self.lut_size)
+            self.denovo_cls = self._types_of(self.dense.denovo_ids)
+            for store in self.stores.values():
+                store.class_lut = torch.cat([store.class_lut[:self.lut_size],
+                                             torch.as_tensor(self.denovo_cls + 1, dtype=torch.int64)])
+            log.debug("density engine: %.1f s", time.perf_counter() - t0)
+        self.fit = SpotModelFit(cell=self.dense.cell, prob=self.dense.prob, model=None, n_iter=0)
+        return self.fit
+
+    def _types_of(self, ids: np.ndarray) -> np.ndarray:
+        """The type index of most likely profile for the spots of each cell ``ids`` (type profiles from the
+        spots on the nuclei of each type, one pseudo-count per gene)."""
+        n_types, n_genes = self.n_classes - 1, self.meta.n_genes
+        if ids.size == 0 or n_types <= 1:
+            return np.zeros(ids.size, np.int64)
+        h, w = self.shape
+        r, c = np.floor(self.y).astype(np.int64), np.floor(self.x).astype(np.int64)
+        ok = (r >= 0) & (c >= 0) & (r < h) & (c < w)
+        on = np.zeros(self.x.size, np.int64)
+        on[ok] = self.nuclei[r[ok], c[ok]]
+        row = np.full(int(on.max(initial=0)) + 1, -1, np.int64)
+        row[self.ids] = self.cls
+        t = row[on]
+        sel = (on > 0) & (t >= 0)
+        profile = np.ones((n_types, n_genes))
+        np.add.at(profile, (t[sel], self.gene[sel]), 1.0)
+        log_p = np.log(profile / profile.sum(1, keepdims=True))
+        counts = np.zeros((ids.size, n_genes))
+        index = np.searchsorted(ids, self.dense.cell)
+        mine = np.isin(self.dense.cell, ids)
+        np.add.at(counts, (index[mine], self.gene[mine]), 1.0)
+        return (counts @ log_p.T).argmax(1)
+
     def write_labels(self) -> int:
-        """Cut the fitted territories (refined into a partition, which then assigns the spots) into every patch's
-        labels; returns the pixels changed."""
-        mask = territories(self.fit.model, self.shape).astype(np.int64)
-        mask = np.where(self.nuclei > 0, self.nuclei, mask)  # the nuclei stay their cells' cores
-        if self.partition is not None and self.fit.model is not None:
+        """Cut the fitted territories (refined into a partition, which then assigns the spots) - or the density
+        engine's cells - into every patch's labels; returns the pixels changed."""
+        if self.use_density:
+            mask = self.dense.mask
+        else:
+            mask = territories(self.fit.model, self.shape).astype(np.int64)
+            mask = np.where(self.nuclei > 0, self.nuclei, mask)  # the nuclei stay their cells' cores
+        if not self.use_density and self.partition is not None and self.fit.model is not None:
             t0 = time.perf_counter()
             part = refine_partition(mask, self.nuclei > 0, self.fit.model, self.x, self.y, self.gene,
                                     evidence=self._fit_evidence, config=self.partition)
@@ -160,6 +223,9 @@ class SpotEngine:
     def refit_with_network(self, ctx: distributed.DistContext) -> int:
         """Every rank's evidence summed (each spot came from one rank), the likelihood ratio against the section's
         mean, the model refitted and its territories written; returns the pixels changed."""
+        if self.use_density:  # the density shows where cells end; the network learnt that from it
+            log.debug("density engine: the network's evidence is not used (the spots' density resolves the cells)")
+            return 0
         if ctx.enabled:
             total = torch.from_numpy(self.evidence)
             torch.distributed.all_reduce(total)
@@ -170,7 +236,33 @@ class SpotEngine:
 
     def save(self, run: RunFolder, epoch: int) -> None:
         """The spot assignment of the latest fit, as ``spot_assignment_<epoch>.npz`` (spots.npz order)."""
-        save_npz(run.spot_assignment(epoch), {"cell": self.fit.cell, "prob": self.fit.prob})
+        arrays = {"cell": self.fit.cell, "prob": self.fit.prob}
+        if self.dense is not None:  # the de novo cells' ids and type ids (the dataset's cells.csv lacks them)
+            arrays.update(denovo_cell=self.dense.denovo_ids, denovo_class=self.denovo_cls + 1)
+        save_npz(run.spot_assignment(epoch), arrays)
+
+
+def reference_matrix(reference: pd.DataFrame, celltypes: list[str], genes: list[str], source: str) -> np.ndarray:
+    """(types, genes) class means of ``reference`` (genes x types, as :func:`segjointgene.evaluation.load_reference`
+    reads it) in the dataset's type and gene order; NaN rows for the types it does not name, 0 for genes it lacks.
+
+    Raises
+    ------
+    DataError : the reference names none of the dataset's types, or none of its genes.
+    """
+    types = [t for t in celltypes if t in set(reference.columns.astype(str))]
+    shared = [g for g in genes if g in set(reference.index.astype(str))]
+    if not types or not shared:
+        raise DataError(f"{source}: the reference names {len(types)} of the dataset's {len(celltypes)} cell types and "
+                        f"{len(shared)} of its {len(genes)} genes; its columns must be the type names of the "
+                        "celltype file (e.g. " + ", ".join(celltypes[:3]) + ") and its rows gene names")
+    table = reference.copy()
+    table.columns, table.index = table.columns.astype(str), table.index.astype(str)
+    out = table.reindex(index=genes, columns=celltypes).T.to_numpy(np.float64)
+    out[np.isin(celltypes, types)] = np.nan_to_num(out[np.isin(celltypes, types)], nan=0.0)
+    log.info("reference %s: profiles of %d of %d cell types (%d of %d genes); the others from their spots", source,
+             len(types), len(celltypes), len(shared), len(genes))
+    return out
 
 
 def shift_log_odds(p: np.ndarray, delta: float) -> np.ndarray:
