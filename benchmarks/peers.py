@@ -81,7 +81,7 @@ def run_section(out: Path, mode: str, noise: float, seed: int, size: int, env_di
         subprocess.run(main_cmd("--step_name=simulate", f"--sim_preset={preset}", f"--sim_mode={mode}",
                                 f"--sim_noise={noise}", f"--sim_size={size}", "--overwrite", *common), check=True)
         subprocess.run(main_cmd("--step_name=preprocess", "--patch_size=64", *common), check=True)
-    results = out / "checkpoints" / name / "SegJointGene_CID" / "results"
+    results = out / "checkpoints" / name / "spotmodel" / "results"
     if "ours" in keep and name in set(earlier["section"]):  # peers only: our run and its time from peers.csv
         ours_cpu = float(earlier[(earlier["section"] == name) & (earlier["method"] == "ours")]["cpu_s"].iloc[0])
     else:  # the README's default command, one thread, fresh process
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                                 tuple(args.ours_flags))
                 tables.append(t)
                 name = t["section"].iloc[0]
-                sections.append((name, args.out / "checkpoints" / name / "SegJointGene_CID" / "results"))
+                sections.append((name, args.out / "checkpoints" / name / "spotmodel" / "results"))
                 cols = [c for c in METRICS if c in t.columns]
                 print(f"\n### {t['section'].iloc[0]}\n\n{markdown_table(t[cols], transpose=False)}", flush=True)
     table = pd.concat(tables)

@@ -1,6 +1,6 @@
 """Marker recovery of every gene ranking over the sections of a ``peers.py`` run (issue 13).
 
-Reads ``<out>/checkpoints/<section>/SegJointGene_CID/results/gene_ranking_evaluation.csv`` (written by
+Reads ``<out>/checkpoints/<section>/spotmodel/results/gene_ranking_evaluation.csv`` (written by
 ``evaluate``: precision of the top m genes against the simulated markers, m = a type's markers, or the two types'
 markers for border genes) and prints, per ranking, the mean and the worst over types / pairs of each section.
 
@@ -22,7 +22,7 @@ from segjointgene.evaluation import markdown_table  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--run", default="SegJointGene_CID")
+    parser.add_argument("--run", default="spotmodel")
     args = parser.parse_args(argv)
     rows = []
     for path in sorted((args.out / "checkpoints").glob(f"*/{args.run}/results/gene_ranking_evaluation.csv")):

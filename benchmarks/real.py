@@ -14,7 +14,8 @@ cell with its best-overlap instance, F1 at IoU 0.5 / 0.75 (greedy one-to-one mat
 CA1 3-1 left (``../shared/data/ca1_3_1_left``): no truth, so the curve of coverage (the fraction of spots in cells)
 against MECR (the class-mean reference's mutually exclusive gene pairs) of our ``prob`` thresholds beside that of
 nucleus expansion (0-30 px) and pciSeq's own run (its ``pciseq_prob`` thresholds): a better assignment lies below
-the expansion curve. Our CA1 run takes tens of minutes on a CPU; it is reused from ``--out`` when present.
+the expansion curve. Ours runs twice: with ``--reference_csv`` (the class means pciSeq got) and without. Each CA1
+run takes tens of minutes on a CPU; it is reused from ``--out`` when present.
 
     python benchmarks/real.py --out /tmp/real                       # MERFISH variants and CA1
     python benchmarks/real.py --out /tmp/real --sections merfish    # MERFISH only (a few minutes)
@@ -129,7 +130,7 @@ def nucleus_reference(raw: Path, out_csv: Path) -> Path:
 def run_ours(out: Path, raw: Path, name: str, flags: tuple[str, ...] = ()) -> tuple[Path, float]:
     """Our default command on ``raw``: (results folder, CPU seconds of the training step)."""
     common = [f"--work_dir={out}", f"--datasets_name={name}", "--quiet"]
-    results = out / "checkpoints" / name / "SegJointGene_CID" / "results"
+    results = out / "checkpoints" / name / "spotmodel" / "results"
     if not (out / "data" / name / "metadata.json").is_file():
         subprocess.run(main_cmd("--step_name=preprocess_CA1", f"--raw_dir={raw}", *common), check=True)
     cpu = cpu_run(main_cmd("--step_name=SegJointGene", "--overwrite", "--num_threads=1", "--num_workers=0", *common,
@@ -152,7 +153,7 @@ def run_peer(peer: str, out: Path, raw: Path, name: str, env_dir: Path) -> tuple
     return pd.read_csv(target)["cell"].to_numpy(np.int64), cpu
 
 
-def merfish_table(out: Path, drop: tuple[int, ...], peers: bool, env_dir: Path) -> pd.DataFrame:
+def merfish_table(out: Path, drop: tuple[int, ...], peers: list[str], env_dir: Path) -> pd.DataFrame:
     raw = merfish_variant(out, drop)
     name = "merfish_fov2" + (f"_no{'_'.join(map(str, drop))}" if drop else "")
     truth = pd.read_csv(MERFISH / "truth" / "spots_truth.csv")
@@ -176,7 +177,7 @@ def merfish_table(out: Path, drop: tuple[int, ...], peers: bool, env_dir: Path) 
         if method == "ours":
             right = assigned["cell"].to_numpy() == truth["cell"].to_numpy()
             rows[method]["prob_ECE"] = M.calibration_error(assigned["prob"].to_numpy(float), right)
-    for peer in PEERS if peers else ():
+    for peer in peers:
         try:
             cell, cpu = run_peer(peer, out, raw, name, env_dir)
         except subprocess.CalledProcessError as err:  # e.g. ComSeg's spot graph outgrows the memory
@@ -191,19 +192,24 @@ def merfish_table(out: Path, drop: tuple[int, ...], peers: bool, env_dir: Path) 
 
 # ------------------------------------------------------------------------------------------------ CA1
 def ca1_curves(out: Path) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Coverage-MECR curves on CA1 (ours, nucleus expansion 0-30 px, pciSeq) and the targets' figures."""
+    """Coverage-MECR curves on CA1 (ours with and without the class-mean reference, nucleus expansion 0-30 px,
+    pciSeq) and the targets' figures."""
     raw = CA1 / "CA1_raw" / "3_1_left"
-    results = out / "checkpoints" / "CA1" / "SegJointGene_CID" / "results"
-    cpu = float("nan")
-    if not (results / "spots_assigned.csv").is_file():
-        results, cpu = run_ours(out, raw, "CA1")
-    ours = pd.read_csv(results / "spots_assigned.csv")
+    reference_csv = CA1 / "pciseq_inputs" / "test_scRNAseq.csv"
+    runs, cpu = {}, {}
+    for method, name, flags in (("ours", "CA1", (f"--reference_csv={reference_csv}",)), ("ours_noref", "CA1_noref", ())):
+        results = out / "checkpoints" / name / "spotmodel" / "results"
+        cpu[method] = float("nan")
+        if not (results / "spots_assigned.csv").is_file():
+            results, cpu[method] = run_ours(out, raw, name, flags)
+        runs[method] = pd.read_csv(results / "spots_assigned.csv")
+    ours = runs["ours"]
     genes = sorted(ours["gene"].unique())
     gene = np.searchsorted(genes, ours["gene"].to_numpy(str))
-    reference = load_reference(CA1 / "pciseq_inputs" / "test_scRNAseq.csv")
+    reference = load_reference(reference_csv)
     pairs = M.exclusive_gene_pairs(reference, fraction=0.1)
-    curves = [M.mecr_curve(ours["cell"].to_numpy(np.int64), ours["prob"].to_numpy(float), gene, genes, pairs)
-              .assign(method="ours")]
+    curves = [M.mecr_curve(run["cell"].to_numpy(np.int64), run["prob"].to_numpy(float), gene, genes, pairs)
+              .assign(method=method) for method, run in runs.items()]
     nuclei = tifffile.imread(results / "initial_instance_mask.tif").astype(np.int64)
     nearest = nearest_nucleus(nuclei)
     x, y = ours["spotX"].to_numpy(float), ours["spotY"].to_numpy(float)
@@ -220,19 +226,19 @@ def ca1_curves(out: Path) -> tuple[pd.DataFrame, dict[str, float]]:
                   .assign(method="pciseq"))
     curve = pd.concat(curves, ignore_index=True)
     exp = curve[curve["method"] == "expansion"]
-    mine = curve[curve["method"] == "ours"]
-    full = mine.iloc[-1]
-    at_pciseq = M.mecr_curve(ours["cell"].to_numpy(np.int64), ours["prob"].to_numpy(float), gene, genes, pairs,
-                             coverages=[0.736]).iloc[0]
-    figures = {"ours_coverage": float(full["coverage"]), "ours_MECR": float(full["MECR"]),
-               "expansion_MECR_at_ours": M.interpolate_curve(exp, float(full["coverage"])),
-               "ours_MECR_at_0.736": float(at_pciseq["MECR"]),
-               "expansion_MECR_at_0.736": M.interpolate_curve(exp, 0.736),
-               "pciseq_MECR_at_0.736": M.interpolate_curve(curve[curve["method"] == "pciseq"], 0.736),
-               "ours_cpu_s": cpu}
-    below = [M.interpolate_curve(exp, c) - m for c, m in zip(mine["coverage"], mine["MECR"])]
-    figures["ours_below_expansion_min"] = float(np.nanmin(below))
-    figures["ours_below_expansion_max"] = float(np.nanmax(below))
+    figures = {"expansion_MECR_at_0.736": M.interpolate_curve(exp, 0.736),
+               "pciseq_MECR_at_0.736": M.interpolate_curve(curve[curve["method"] == "pciseq"], 0.736)}
+    for method, run in runs.items():
+        mine = curve[curve["method"] == method]
+        full = mine.iloc[-1]
+        at_pciseq = M.mecr_curve(run["cell"].to_numpy(np.int64), run["prob"].to_numpy(float), gene, genes, pairs,
+                                 coverages=[0.736]).iloc[0]
+        below = [M.interpolate_curve(exp, c) - m for c, m in zip(mine["coverage"], mine["MECR"])]
+        figures.update({f"{method}_coverage": float(full["coverage"]), f"{method}_MECR": float(full["MECR"]),
+                        f"expansion_MECR_at_{method}": M.interpolate_curve(exp, float(full["coverage"])),
+                        f"{method}_MECR_at_0.736": float(at_pciseq["MECR"]), f"{method}_cpu_s": cpu[method],
+                        f"{method}_below_expansion_min": float(np.nanmin(below)),
+                        f"{method}_below_expansion_max": float(np.nanmax(below))})
     return curve, figures
 
 
@@ -241,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sections", nargs="+", default=["merfish", "ca1"], choices=("merfish", "ca1"))
     parser.add_argument("--no_peers", action="store_true", help="skip pciSeq and ComSeg")
+    parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS),
+                        help="the peers to run (ComSeg's spot graph of the MERFISH field's 220 k spots outgrew 24 GB "
+                             "of memory here)")
     parser.add_argument("--env_dir", type=Path, default=None, help="peer virtual environments (default OUT/envs)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -249,14 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         if not MERFISH.is_dir():
             print(f"{MERFISH} not found: skipping MERFISH")
         for drop in ((), DROPPED):
-            table = merfish_table(args.out, drop, not args.no_peers, env_dir)
+            table = merfish_table(args.out, drop, [] if args.no_peers else args.peers, env_dir)
             table.to_csv(args.out / f"merfish{'_dropped' if drop else ''}.csv")
             title = "as it is" if not drop else f"nuclei of cells {', '.join(map(str, drop))} left out"
             print(f"\n### MERFISH U2-OS fov2, {title}\n\n{markdown_table(table, transpose=False)}", flush=True)
     if "ca1" in args.sections and CA1.is_dir():
         curve, figures = ca1_curves(args.out)
         curve.to_csv(args.out / "ca1_curves.csv", index=False)
-        print("\n### CA1 3-1 left: coverage vs MECR\n\n" + markdown_table(curve.set_index("method"), transpose=False))
+        print("\n### CA1 3-1 left: coverage vs MECR\n\n" + curve.round(4).to_string(index=False))
         print(json.dumps(figures, indent=1))
     return 0
 

@@ -64,10 +64,14 @@ def _add_bool(group, flag: str, default: bool, help: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- steps
-def paths_of(args: argparse.Namespace) -> Paths:
-    """The folders of a command, from its path flags (validated: plain names, no escape from --work_dir)."""
+def paths_of(args: argparse.Namespace, run_name: str | None = None) -> Paths:
+    """The folders of a command, from its path flags (validated: plain names, no escape from --work_dir).
+    ``run_name``: the run folder's name when ``--net_sub_suffix`` is not given (default: the dataset's one run
+    folder, else ``spotmodel``)."""
     name = args.datasets_name or ("demo" if args.step_name == "demo" else "CA1")
-    for flag, value in (("--datasets_name", name), ("--net_sub_suffix", args.net_sub_suffix)):
+    work = Path(args.work_dir)
+    suffix = args.net_sub_suffix or run_name or _only_run(work / "checkpoints" / name) or "spotmodel"
+    for flag, value in (("--datasets_name", name), ("--net_sub_suffix", suffix)):
         if not _NAME.match(value) or ".." in value:
             raise ConfigError(f"{flag}={value!r} must be a plain folder name (letters, digits, '_', '-', '.'); "
                               "it may not contain '/', '..' or be an absolute path")
@@ -75,10 +79,15 @@ def paths_of(args: argparse.Namespace) -> Paths:
     if sub.is_absolute() or ".." in sub.parts or not args.CA1_sub_path:
         raise ConfigError(f"--CA1_sub_path={args.CA1_sub_path!r} must be a relative folder inside "
                           "data/<datasets_name>_raw/; use --raw_dir for a folder elsewhere")
-    work = Path(args.work_dir)
     raw = Path(args.raw_dir) if args.raw_dir else work / "data" / f"{name}_raw" / sub
     return Paths(work_dir=work, datasets_name=name, raw_dir=raw, data_dir=work / "data" / name,
-                 run_dir=work / "checkpoints" / name / args.net_sub_suffix)
+                 run_dir=work / "checkpoints" / name / suffix)
+
+
+def _only_run(folder: Path) -> str | None:
+    """The name of the one run folder under ``checkpoints/<datasets_name>/`` (None: none or several)."""
+    runs = [p.name for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+    return runs[0] if len(runs) == 1 else None
 
 
 def configs(args: argparse.Namespace) -> Settings:
@@ -252,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw_dir", default=None, help="raw section folder (overrides the default above)")
     g.add_argument("--work_dir", default=".", help="folder holding data/ and checkpoints/ (default: current folder)")
     g.add_argument("--net_name", default="unet", choices=("unet",), help="network (only the 4-level UNet)")
-    g.add_argument("--net_sub_suffix", default="SegJointGene_CID", help="run folder checkpoints/<datasets_name>/<suffix>/")
+    g.add_argument("--net_sub_suffix", default="", help="run folder checkpoints/<datasets_name>/<suffix>/ (default: "
+                                                         "SegJointGene names it by its method - spotmodel, "
+                                                         "SegJointGene_CID, ...; the other steps take the dataset's "
+                                                         "one run, else spotmodel)")
     _add_bool(g, "--if_load_ckpt", False, "resume from the checkpoint of --ckpt_load_epoch")
     g.add_argument("--ckpt_load_epoch", type=int, default=None,
                    help="epoch to resume from / export (default: the latest saved)")
@@ -348,13 +360,54 @@ segjointgene: joint cell segmentation and spatial gene prioritization. Choose a 
 python main.py --help lists every step and option."""
 
 
+#: What each step reads: its config groups and single flags of other groups. A flag of any other group (runtime and
+#: path flags aside) on a step's command line is an error, so that none is silently ignored.
+STEP_READS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "simulate": (frozenset({"simulate"}), frozenset()),
+    "preprocess_CA1": (frozenset({"preprocess"}), frozenset({"reference_csv"})),
+    "preprocess": (frozenset({"preprocess"}), frozenset({"reference_csv"})),
+    "SegJointGene": (frozenset({"train", "labels", "attribution"}), frozenset({"reference_csv", "if_load_ckpt",
+                                                                               "ckpt_load_epoch"})),
+    "export": (frozenset(), frozenset({"ckpt_load_epoch"})),
+    "evaluate": (frozenset({"evaluate"}), frozenset({"pixel_distance"})),
+    "demo": (frozenset({"simulate", "preprocess", "train", "labels", "attribution", "evaluate"}), frozenset()),
+    "embed": (frozenset({"embed"}), frozenset()),
+    "classify": (frozenset({"classify"}), frozenset()),
+}
+_STEP_ONLY = ("if_load_ckpt", "ckpt_load_epoch")  # path-group flags that some steps read
+
+
+def check_step_flags(step: str, explicit: set[str]) -> None:
+    """Refuse a flag that ``step`` does not read (:data:`STEP_READS`)."""
+    groups, singles = STEP_READS[step]
+    for name, cls in Settings.CONFIGS:
+        if name == "runtime" or name in groups:
+            continue
+        for f in dataclasses.fields(cls):
+            if _dest(f) in explicit and _dest(f) not in singles:
+                raise ConfigError(f"--{_dest(f)} has no effect on --step_name={step}; drop it (it belongs to "
+                                  f"the {_TITLES[name]} options)")
+    for dest in _STEP_ONLY:
+        if dest in explicit and dest not in singles:
+            raise ConfigError(f"--{dest} has no effect on --step_name={step}; drop it")
+
+
 def _run_step(args: argparse.Namespace) -> int:
     """Build the settings and folders of the command and run its step."""
+    check_step_flags(args.step_name, getattr(args, "explicit", set()))
     if args.step_name == "demo":
         args = demo_arguments(args)
         print(f"demo: {', '.join(f'--{k}={getattr(args, k)}' for k in DEMO_SETTINGS)}\n")
     settings = configs(args)
-    paths = paths_of(args)
+    run_name = None
+    if args.step_name in ("SegJointGene", "demo"):
+        from .method import default_run_name, resolve_method
+
+        method = resolve_method(settings, getattr(args, "explicit", set()))
+        settings = method.settings
+        run_name = default_run_name(method.name, settings.attribution.method)
+        print(f"method: {method.describe()}")
+    paths = paths_of(args, run_name)
     if settings.runtime.num_threads:
         import torch
 

@@ -140,11 +140,17 @@ class PreprocessConfig:
 class LabelUpdateConfig:
     """Self-training label update (SPEC §3, reference §9)."""
 
-    rule: str = opt("model", "model: territories of a per-cell model of the spots (shape, size, type profile, "
-                             "background), refitted with the network's type posterior in the last epoch (default); "
-                             "v1: the reference's rule - territory + prediction + votes + dominant attributed type; "
-                             "v2: balanced dilation, attribution top-ratio, island and hole clean-up",
-                    flag="--label_update", choices=("model", "v1", "v2"))
+    method: str = opt("auto", "the engine: spotmodel = a per-cell model of the spots (a pixel partition, or the spot "
+                              "density's watershed where spots are dense) with a UNet's evidence; segjointgene = the "
+                              "published UNet self-training with the v1/v2 rule and CID / IG; auto = segjointgene "
+                              "when a flag only it reads is given (e.g. --attr_method=CID), else spotmodel",
+                      flag="--method", choices=("auto", "spotmodel", "segjointgene"))
+    rule: str = opt("auto", "model: the spot-model engine's territories, refitted with the network's type posterior "
+                            "in the last epoch (--method spotmodel); v1: the reference's rule - territory + "
+                            "prediction + votes + dominant attributed type; v2: balanced dilation, attribution "
+                            "top-ratio, island and hole clean-up (v1 and v2: --method segjointgene); auto: the "
+                            "method's own (model, or v1)",
+                    flag="--label_update", choices=("auto", "model", "v1", "v2"))
     model_net_weight: float = opt(0.5, "model: weight of the network's log type posterior (over its mean) in the "
                                        "refit of the last epoch (0 = the spot model alone; < 1 because the network "
                                        "learnt the spot model's own territories, so its evidence repeats their shapes)")
@@ -225,7 +231,8 @@ class AttributionConfig:
     method: str = opt("none", "attribution constraining growth and ranking genes (CID = the published method; off by "
                               "default: it did not improve the cells, see the README's ablation)", flag="--attr_method",
                       choices=("CID", "IG", "none"))
-    start_epoch: int = opt(30, "first epoch with attribution", flag="--attr_epoch")
+    start_epoch: int = opt(-1, "first epoch with attribution (-1 = --warmup_epochs, when the labels start to grow)",
+                           flag="--attr_epoch")
     n_gene: int = opt(50, "target genes: the top N by total density (capped at the number of genes)", flag="--attr_n_gene")
     n_celltype: int = opt(59, "target cell types: the top N by pixel count, background excluded (capped)",
                           flag="--attr_n_celltype")
@@ -259,7 +266,7 @@ class AttributionConfig:
 
     def __post_init__(self) -> None:
         c = AttributionConfig
-        _check(self.start_epoch >= 0, c, "start_epoch", self.start_epoch, "must be >= 0")
+        _check(self.start_epoch >= -1, c, "start_epoch", self.start_epoch, "must be >= 0 (or -1: --warmup_epochs)")
         _check(self.n_gene >= 1, c, "n_gene", self.n_gene, "must be >= 1")
         _check(self.n_celltype >= 1, c, "n_celltype", self.n_celltype, "must be >= 1")
         _check(self.every >= 1, c, "every", self.every, "must be >= 1")
@@ -303,7 +310,8 @@ class TrainConfig:
                                          "patches' spot lists (spots.npz) instead of reading the stored images: "
                                          "less I/O and host memory, equal within float32 rounding",
                                   flag="--density_on_device")
-    cache_patches: str = opt("auto", "keep the patch images in memory: auto (when they fit in 1/4 of RAM), yes, no",
+    cache_patches: str = opt("auto", "keep the patch images in memory: auto (when they fit in 1 GiB and 1/4 of RAM), "
+                                     "yes, no",
                              choices=("auto", "yes", "no"))
     ddp_timeout_min: float = opt(60.0, "torchrun runs: minutes a rank may wait for the others (e.g. while rank 0 writes "
                                        "checkpoints or exports the results) before the job is stopped")

@@ -125,9 +125,8 @@ def test_demo_runs_end_to_end_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(args) == 2  # a second run needs --overwrite
     assert "--overwrite" in capsys.readouterr().err
     # --model_ambient: the same masks, some spots on cell pixels sent to background, the rest keep the mask's cell
-    ambient = ["--datasets_name=demo", f"--work_dir={tmp_path}", "--net_width=8", "--net_epoch=3", "--quiet",
-               "--net_sub_suffix=ambient"]
-    assert main(["--step_name=SegJointGene", "--model_ambient=true", *ambient]) == 0
+    ambient = ["--datasets_name=demo", f"--work_dir={tmp_path}", "--quiet", "--net_sub_suffix=ambient"]
+    assert main(["--step_name=SegJointGene", "--model_ambient=true", "--net_width=8", "--net_epoch=3", *ambient]) == 0
     assert main(["--step_name=evaluate", *ambient]) == 0
     amb = pd.read_csv(tmp_path / "checkpoints" / "demo" / "ambient" / "results" / "spots_assigned.csv")
     moved = amb["cell"] != amb["cell_mask"]

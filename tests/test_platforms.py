@@ -161,7 +161,7 @@ def test_xenium_run_writes_outputs_in_microns_too(sim, tmp_path):
     assert main(["--step_name=preprocess", *common, f"--raw_dir={folder}", "--patch_size=64", "--n_celltypes=3"]) == 0
     assert main(["--step_name=SegJointGene", *common, "--net_width=4", "--net_epoch=1", "--num_threads=1",
                  "--num_workers=0"]) == 0
-    results = tmp_path / "checkpoints" / "x" / "SegJointGene_CID" / "results"
+    results = tmp_path / "checkpoints" / "x" / "spotmodel" / "results"
     cells = pd.read_csv(results / "cells.csv")
     np.testing.assert_allclose(cells["x_um"], cells["x"] * PX)
     spots = pd.read_csv(results / "spots_assigned.csv")

@@ -78,6 +78,12 @@ def resolve_device(runtime: RuntimeConfig, *, local_rank: int | None = None) -> 
 
 
 # ------------------------------------------------------------------------------------------------ set-up
+#: The largest patch-image cache ``--cache_patches auto`` keeps (bytes): the cache is shared memory that every
+#: loader worker maps, so a section-size cache shows in every worker's resident memory (a 2400 x 2400 px crop of a
+#: 300-gene panel is 7 GB of float32 images); beyond this the patches are read from disk each epoch.
+CACHE_BUDGET = 1 << 30
+
+
 def _cache_images(ds_sizes: int, setting: str) -> bool:
     if setting != "auto":
         return setting == "yes"
@@ -85,7 +91,7 @@ def _cache_images(ds_sizes: int, setting: str) -> bool:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover
         return False
-    return ds_sizes < total // 4
+    return ds_sizes < min(total // 4, CACHE_BUDGET)
 
 
 def _open_splits(data_dir: Path, meta: DatasetMetadata, train_cfg: TrainConfig,
@@ -137,8 +143,10 @@ def _loader(ds: ImagePatchDataset, batch_size: int, *, shuffle: bool, generator:
             num_workers: int, pin: bool, sampler: DistributedSampler | None = None) -> DataLoader:
     if sampler is not None:  # the sampler shards (and shuffles) by itself
         shuffle, generator = False, None
+    # workers live for one pass (not persistent): the train and test loaders never hold workers at the same time,
+    # each of which maps torch and a batch of patch images (a 300-gene panel: ~0.75 GB resident each)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
-                      num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin, drop_last=False,
+                      num_workers=num_workers, persistent_workers=False, pin_memory=pin, drop_last=False,
                       collate_fn=collate_spot_lists if ds.spot_lists else None, worker_init_fn=ignore_sigterm)
 
 
@@ -186,6 +194,10 @@ def self_train(data_dir: str | os.PathLike, run_dir: str | os.PathLike, *, train
     docstring); only rank 0 writes files.
     """
     ctx = distributed.current()
+    if label_cfg.rule == "auto":  # the spot-model engine (the CLI resolves --method first; see segjointgene.method)
+        label_cfg = dataclasses.replace(label_cfg, rule="model" if label_cfg.method != "segjointgene" else "v1")
+    if attr_cfg.start_epoch < 0:  # attribution from the epoch the labels start to grow
+        attr_cfg = dataclasses.replace(attr_cfg, start_epoch=train_cfg.warmup_epochs)
     data_dir, run = Path(data_dir), RunFolder(Path(run_dir))
     meta = load_metadata(data_dir)
     check_patch_size(meta.patch_size)
