@@ -81,16 +81,22 @@ def merfish_variant(out: Path, drop: tuple[int, ...]) -> Path:
     return target
 
 
-def score_truth(cell: np.ndarray, mask: np.ndarray | None, truth: pd.DataFrame, truth_mask: np.ndarray,
-                nucleus_ids: set[int]) -> dict[str, float]:
-    """Spot accuracy by id (non-nucleus ids mapped to the truth cell holding most of their spots), mean IoU of each
-    truth cell with its best-overlap instance, F1 at IoU 0.5 / 0.75 (masks only)."""
-    true = truth["cell"].to_numpy(np.int64)
+def mapped_ids(cell: np.ndarray, true: np.ndarray, nucleus_ids: set[int]) -> np.ndarray:
+    """``cell`` with every id that is no nucleus's (a de novo cell) replaced by the truth cell holding most of its
+    spots."""
     mapped = cell.copy()
     for k in np.unique(cell):
         if k != 0 and int(k) not in nucleus_ids:
             mapped[cell == k] = np.bincount(true[cell == k]).argmax()
-    row = {"spot_acc": float((mapped == true).mean())}
+    return mapped
+
+
+def score_truth(cell: np.ndarray, mask: np.ndarray | None, truth: pd.DataFrame, truth_mask: np.ndarray,
+                nucleus_ids: set[int]) -> dict[str, float]:
+    """Spot accuracy by id (de novo ids mapped, :func:`mapped_ids`), mean IoU of each truth cell with its
+    best-overlap instance, F1 at IoU 0.5 / 0.75 (masks only)."""
+    true = truth["cell"].to_numpy(np.int64)
+    row = {"spot_acc": float((mapped_ids(cell, true, nucleus_ids) == true).mean())}
     if mask is not None:
         overlap = M.instance_overlap(mask, truth_mask)
         match = M.match_instances(overlap)
@@ -175,7 +181,8 @@ def merfish_table(out: Path, drop: tuple[int, ...], peers: list[str], env_dir: P
         mask = tifffile.imread(results / "instance_mask.tif").astype(np.int64)
         rows[method] = {**score_truth(assigned["cell"].to_numpy(np.int64), mask, truth, truth_mask, ids), "cpu_s": cpu}
         if method == "ours":
-            right = assigned["cell"].to_numpy() == truth["cell"].to_numpy()
+            true = truth["cell"].to_numpy(np.int64)
+            right = mapped_ids(assigned["cell"].to_numpy(np.int64), true, ids) == true
             rows[method]["prob_ECE"] = M.calibration_error(assigned["prob"].to_numpy(float), right)
     for peer in peers:
         try:
