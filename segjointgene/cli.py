@@ -35,6 +35,7 @@ __all__ = ["STEPS", "build_parser", "configs", "main", "paths_of"]
 #: Help-group title of each config field of :class:`Settings`.
 _TITLES = {"runtime": "runtime", "simulate": "simulate", "preprocess": "preprocess", "train": "train",
            "labels": "label update", "attribution": "attribution (CID / IG)", "evaluate": "evaluate",
+           "tiles": "segment (whole slides on Dask)",
            "embed": "embed", "classify": "classify"}
 
 #: OS errors a user fixes (permissions, read-only or full disk, a path component that is a file)
@@ -214,6 +215,12 @@ def step_demo(settings: Settings, paths: Paths) -> int:
     return 0
 
 
+def step_segment(settings: Settings, paths: Paths) -> int:
+    from .tilerun import run_segment
+
+    return run_segment(settings, paths, progress=not settings.step.quiet)
+
+
 def step_embed(settings: Settings, paths: Paths) -> int:
     from .embed.run import run_embed
 
@@ -233,6 +240,8 @@ STEPS: dict[str, tuple[Callable[..., int], str]] = {
     "preprocess": (step_preprocess, "alias of preprocess_CA1"),
     "SegJointGene": (step_train, "fit the spot model, self-train the UNet on its territories, refit with the "
                                  "network's type posterior; rank genes (differential expression; CID / IG on request)"),
+    "segment": (step_segment, "whole slides: the spot-model engine tile by tile on Dask (no network), resumable; "
+                              "merged into the run's results"),
     "export": (step_export, "write the results of a saved epoch: masks, spot and cell tables, AnnData, ranking, figures"),
     "evaluate": (step_evaluate, "score a run and the baselines (truth metrics when a truth folder exists)"),
     "demo": (step_demo, "simulate -> preprocess -> SegJointGene -> export -> evaluate, about a minute on a CPU"),
@@ -310,7 +319,8 @@ def _configure_logging(debug: bool) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("matplotlib", "PIL", "h5py", "numba", "numcodecs", "fsspec", "asyncio"):
+    for noisy in ("matplotlib", "PIL", "h5py", "numba", "numcodecs", "fsspec", "asyncio", "distributed", "tornado",
+                  "bokeh"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -368,6 +378,9 @@ STEP_READS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "preprocess": (frozenset({"preprocess"}), frozenset({"reference_csv"})),
     "SegJointGene": (frozenset({"train", "labels", "attribution"}), frozenset({"reference_csv", "if_load_ckpt",
                                                                                "ckpt_load_epoch"})),
+    "segment": (frozenset({"tiles"}), frozenset({"reference_csv", *(f"model_{n}" for n in (
+        "temperature", "shape_power", "neighbours", "cell_profile", "nucleus_size", "tissue_bin", "smoothness",
+        "shape_weight", "partition_log_odds", "ambient", "boundaries"))})),
     "export": (frozenset(), frozenset({"ckpt_load_epoch"})),
     "evaluate": (frozenset({"evaluate"}), frozenset({"pixel_distance"})),
     "demo": (frozenset({"simulate", "preprocess", "train", "labels", "attribution", "evaluate"}), frozenset()),
@@ -399,7 +412,7 @@ def _run_step(args: argparse.Namespace) -> int:
         args = demo_arguments(args)
         print(f"demo: {', '.join(f'--{k}={getattr(args, k)}' for k in DEMO_SETTINGS)}\n")
     settings = configs(args)
-    run_name = None
+    run_name = "tiled" if args.step_name == "segment" else None
     if args.step_name in ("SegJointGene", "demo"):
         from .method import default_run_name, resolve_method
 

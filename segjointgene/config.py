@@ -25,6 +25,7 @@ __all__ = [
     "Settings",
     "SimulateConfig",
     "StepOptions",
+    "TileConfig",
     "TrainConfig",
     "opt",
 ]
@@ -329,6 +330,26 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TileConfig:
+    """Whole slides tile by tile on Dask (``--step_name=segment``)."""
+
+    tile_px: int = opt(2048, "tile edge (pixels; rounded up to whole patches)")
+    overlap_px: int = opt(0, "margin read around each tile (pixels); it should exceed a cell's diameter, so that a "
+                             "tile sees every cell of its core whole (0 = 4 typical cell radii, from the nuclei)",
+                          flag="--tile_overlap_px")
+    scheduler: str = opt("", "address of a running Dask scheduler (e.g. tcp://host:8786 of a dask-jobqueue SLURM "
+                              "cluster); empty: a LocalCluster on this machine")
+    dask_workers: int = opt(0, "LocalCluster: worker processes of one thread (0 = one per core)")
+    dask_memory: str = opt("auto", "LocalCluster: memory limit per worker (e.g. 3GB; auto = RAM / workers)")
+
+    def __post_init__(self) -> None:
+        c = TileConfig
+        _check(self.tile_px >= 16, c, "tile_px", self.tile_px, "must be >= 16")
+        _check(self.overlap_px >= 0, c, "overlap_px", self.overlap_px, "must be >= 0")
+        _check(self.dask_workers >= 0, c, "dask_workers", self.dask_workers, "must be >= 0")
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """Metrics and baselines (``--step_name=evaluate``)."""
 
@@ -510,6 +531,7 @@ class Settings:
     labels: LabelUpdateConfig = field(default_factory=LabelUpdateConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tiles: TileConfig = field(default_factory=TileConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     step: StepOptions = field(default_factory=StepOptions)
@@ -517,7 +539,8 @@ class Settings:
     #: config field -> its class, in the order of the help groups.
     CONFIGS = (("runtime", RuntimeConfig), ("simulate", SimulateConfig), ("preprocess", PreprocessConfig),
                ("train", TrainConfig), ("labels", LabelUpdateConfig), ("attribution", AttributionConfig),
-               ("evaluate", EvaluateConfig), ("embed", EmbedConfig), ("classify", ClassifyConfig))
+               ("evaluate", EvaluateConfig), ("tiles", TileConfig), ("embed", EmbedConfig),
+               ("classify", ClassifyConfig))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

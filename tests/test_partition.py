@@ -10,7 +10,7 @@ from segjointgene.config import LabelUpdateConfig, SimulateConfig
 from segjointgene.partition import PartitionConfig, refine_partition
 from segjointgene.simulate import simulate_section
 from segjointgene.spotmodel import CellModel, fit_spot_model, territories
-from segjointgene.trainer.spots import shift_log_odds
+from segjointgene.engine import shift_log_odds
 
 
 def _two_cells(rng, n: int = 120):

@@ -34,7 +34,8 @@ from ..model import UNet, check_patch_size
 from ..runfolder import Paths, RunFolder
 from .epoch import EpochRunner, RunContext, ignore_sigterm
 from .section import SectionLabels, nucleus_seeds, spot_positions
-from .spots import SpotEngine, reference_matrix
+from ..engine import reference_matrix
+from .spots import SpotEngine
 from .state import AttributionState, TrainingState, make_generators
 
 log = logging.getLogger(__name__)

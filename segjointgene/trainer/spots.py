@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from scipy.special import logsumexp
 
@@ -28,13 +27,13 @@ from .. import distributed
 from ..config import LabelUpdateConfig
 from ..constants import SPOTS_TABLE
 from ..dataset import ImagePatchDataset, LabelStore
-from ..errors import DataError
 from ..densitycells import DensityCells, density_cells, density_scale
+from ..engine import denovo_types, engine_configs, shift_log_odds, spot_types
 from ..io import load_npz, save_npz
 from ..metadata import DatasetMetadata
-from ..partition import PartitionConfig, refine_partition
+from ..partition import refine_partition
 from ..runfolder import RunFolder
-from ..spotmodel import SpotModelConfig, SpotModelFit, fit_spot_model, territories
+from ..spotmodel import SpotModelFit, fit_spot_model, territories
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +68,9 @@ class SpotEngine:
         self.x, self.y = np.asarray(spot_x, np.float64), np.asarray(spot_y, np.float64)
         self.gene = load_npz(data_dir / SPOTS_TABLE, ("gene",))["gene"].astype(np.int64)
         self.net_weight, self.background_weight = config.model_net_weight, config.model_background_weight
-        self.config = SpotModelConfig(shape_power=config.model_shape_power, neighbour_weight=config.model_neighbours,
-                                      temperature=config.model_temperature, cell_profile=config.model_cell_profile,
-                                      tissue_bin=config.model_tissue_bin, size_from_nucleus=config.model_nucleus_size)
+        settings = engine_configs(config, reference)
+        self.config, self.partition, self.log_odds = settings.spot, settings.partition, settings.log_odds
         self.reference = reference  # (types, genes) class means, NaN rows for the types it lacks
-        ambient = config.model_ambient == "true" or (config.model_ambient == "auto" and reference is not None)
-        self.partition = (PartitionConfig(smoothness=config.model_smoothness, shape_weight=config.model_shape_weight,
-                                          ambient_log_ratio=0.0 if ambient else float("inf"))
-                          if config.model_smoothness > 0 else None)
-        self.log_odds = config.model_partition_log_odds
         self._fit_evidence: np.ndarray | None = None  # the evidence of the latest fit (for the partition)
         top = torch.cat([ds.origins for ds in splits.values()]).amax(0)
         self.shape = (int(top[0]) + self.p, int(top[1]) + self.p)
@@ -163,28 +156,9 @@ class SpotEngine:
         return self.fit
 
     def _types_of(self, ids: np.ndarray) -> np.ndarray:
-        """The type index of most likely profile for the spots of each cell ``ids`` (type profiles from the
-        spots on the nuclei of each type, one pseudo-count per gene)."""
-        n_types, n_genes = self.n_classes - 1, self.meta.n_genes
-        if ids.size == 0 or n_types <= 1:
-            return np.zeros(ids.size, np.int64)
-        h, w = self.shape
-        r, c = np.floor(self.y).astype(np.int64), np.floor(self.x).astype(np.int64)
-        ok = (r >= 0) & (c >= 0) & (r < h) & (c < w)
-        on = np.zeros(self.x.size, np.int64)
-        on[ok] = self.nuclei[r[ok], c[ok]]
-        row = np.full(int(on.max(initial=0)) + 1, -1, np.int64)
-        row[self.ids] = self.cls
-        t = row[on]
-        sel = (on > 0) & (t >= 0)
-        profile = np.ones((n_types, n_genes))
-        np.add.at(profile, (t[sel], self.gene[sel]), 1.0)
-        log_p = np.log(profile / profile.sum(1, keepdims=True))
-        counts = np.zeros((ids.size, n_genes))
-        index = np.searchsorted(ids, self.dense.cell)
-        mine = np.isin(self.dense.cell, ids)
-        np.add.at(counts, (index[mine], self.gene[mine]), 1.0)
-        return (counts @ log_p.T).argmax(1)
+        """The type index of each de novo cell ``ids`` (:func:`segjointgene.engine.denovo_types`)."""
+        return denovo_types(self.dense.cell, self.gene, spot_types(self.nuclei, self.ids, self.cls, self.x, self.y),
+                            ids, n_types=self.n_classes - 1, n_genes=self.meta.n_genes)
 
     def write_labels(self) -> int:
         """Cut the fitted territories (refined into a partition, which then assigns the spots) - or the density
@@ -240,35 +214,6 @@ class SpotEngine:
         if self.dense is not None:  # the de novo cells' ids and type ids (the dataset's cells.csv lacks them)
             arrays.update(denovo_cell=self.dense.denovo_ids, denovo_class=self.denovo_cls + 1)
         save_npz(run.spot_assignment(epoch), arrays)
-
-
-def reference_matrix(reference: pd.DataFrame, celltypes: list[str], genes: list[str], source: str) -> np.ndarray:
-    """(types, genes) class means of ``reference`` (genes x types, as :func:`segjointgene.evaluation.load_reference`
-    reads it) in the dataset's type and gene order; NaN rows for the types it does not name, 0 for genes it lacks.
-
-    Raises
-    ------
-    DataError : the reference names none of the dataset's types, or none of its genes.
-    """
-    types = [t for t in celltypes if t in set(reference.columns.astype(str))]
-    shared = [g for g in genes if g in set(reference.index.astype(str))]
-    if not types or not shared:
-        raise DataError(f"{source}: the reference names {len(types)} of the dataset's {len(celltypes)} cell types and "
-                        f"{len(shared)} of its {len(genes)} genes; its columns must be the type names of the "
-                        "celltype file (e.g. " + ", ".join(celltypes[:3]) + ") and its rows gene names")
-    table = reference.copy()
-    table.columns, table.index = table.columns.astype(str), table.index.astype(str)
-    out = table.reindex(index=genes, columns=celltypes).T.to_numpy(np.float64)
-    out[np.isin(celltypes, types)] = np.nan_to_num(out[np.isin(celltypes, types)], nan=0.0)
-    log.info("reference %s: profiles of %d of %d cell types (%d of %d genes); the others from their spots", source,
-             len(types), len(celltypes), len(shared), len(genes))
-    return out
-
-
-def shift_log_odds(p: np.ndarray, delta: float) -> np.ndarray:
-    """Probabilities with ``delta`` added to their log odds (0 and 1 stay; no division by zero)."""
-    k = np.exp(delta)
-    return (p * k / (1.0 + p * (k - 1.0))).astype(np.float32)
 
 
 def _widen(fit: SpotModelFit, inside: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:

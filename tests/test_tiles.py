@@ -1,0 +1,109 @@
+"""The tiled pipeline on Dask (segjointgene.tiles, --step_name=segment): seams, resume, a failing tile."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from segjointgene.cli import main
+from segjointgene.config import LabelUpdateConfig
+from segjointgene.engine import engine_configs, segment_window
+from segjointgene.io import load_npz
+from segjointgene.metadata import load_metadata
+from segjointgene.stitch import stitch_patch_channel
+from segjointgene.tiles import plan_tiles, read_lut
+
+pytest.importorskip("dask.distributed")
+
+COMMON = ["--datasets_name=t", "--quiet", "--dask_workers=2"]
+
+
+@pytest.fixture(scope="module")
+def section(tmp_path_factory):
+    """A 192-px hard simulated section, preprocessed at patch 64 (3 x 3 patches)."""
+    work = tmp_path_factory.mktemp("tiles")
+    args = [f"--work_dir={work}", "--datasets_name=t", "--quiet"]
+    assert main(["--step_name=simulate", "--sim_size=192", "--sim_preset=hard", *args]) == 0
+    assert main(["--step_name=preprocess", "--patch_size=64", *args]) == 0
+    return work
+
+
+def _results(work, run):
+    out = work / "checkpoints" / "t" / run / "results"
+    return pd.read_csv(out / "spots_assigned.csv"), pd.read_csv(out / "cells.csv"), out
+
+
+def test_plan_covers_the_frame_once():
+    tiles = plan_tiles((300, 200), 128, 20)
+    cover = np.zeros((300, 200), int)
+    for t in tiles:
+        y0, y1, x0, x1 = t.core
+        cover[y0:y1, x0:x1] += 1
+        oy0, oy1, ox0, ox1 = t.outer
+        assert oy0 == max(y0 - 20, 0) and ox1 == min(x1 + 20, 200)
+    assert (cover == 1).all() and len(tiles) == 6
+
+
+def test_one_tile_is_the_engine_on_the_whole_section(section):
+    assert main(["--step_name=segment", f"--work_dir={section}", "--net_sub_suffix=one", *COMMON]) == 0
+    one, cells, _ = _results(section, "one")
+    data = section / "data" / "t"
+    meta = load_metadata(data)
+    spots = load_npz(data / "spots.npz", ("gene", "x", "y"))
+    nuclei = stitch_patch_channel(data, meta, "instance", dtype=np.int64)  # the raw frame (no crop here)
+    lut = read_lut(data)
+    ids = np.unique(nuclei[nuclei > 0])
+    whole = segment_window(spots["x"], spots["y"], spots["gene"], nuclei, ids, lut[ids] - 1, n_genes=meta.n_genes,
+                           n_types=meta.n_classes - 1, first_new_id=lut.size, config=engine_configs(LabelUpdateConfig()))
+    assert np.array_equal(one["cell"].to_numpy(), whole.cell)
+    np.testing.assert_allclose(one["prob"].to_numpy(), whole.prob, atol=1e-6)
+
+
+def test_nine_tiles_keep_every_cell_once(section):
+    assert main(["--step_name=segment", f"--work_dir={section}", "--net_sub_suffix=nine", "--tile_px=64",
+                 *COMMON]) == 0
+    if not (section / "checkpoints" / "t" / "one").is_dir():
+        assert main(["--step_name=segment", f"--work_dir={section}", "--net_sub_suffix=one", *COMMON]) == 0
+    one, cells_one, out = _results(section, "one")
+    nine, cells_nine, out9 = _results(section, "nine")
+    # each tile fits the spot model to its own window: 0.81 of the spots agree with one tile here (tiles of 64 px,
+    # ~20 cells each), 0.96-0.97 with 512-px tiles of ~570 cells (benchmarks/RESULTS.md)
+    assert (one["cell"] == nine["cell"]).mean() >= 0.75
+    assert cells_nine["cell"].is_unique and cells_one["cell"].is_unique
+    data = section / "data" / "t"
+    nuclei = stitch_patch_channel(data, load_metadata(data), "instance", dtype=np.int64)
+    assert set(np.unique(nuclei[nuclei > 0])) <= set(cells_nine["cell"])  # every nucleus is one cell
+    mask = tifffile.imread(out9 / "instance_mask.tif")
+    assert mask.shape == (192, 192) and set(np.unique(mask)) - {0} == set(cells_nine["cell"])
+    assert (cells_nine.set_index("cell")["area_px"] == pd.Series(*np.unique(mask[mask > 0], return_counts=True)[::-1])
+            ).all()
+    assert (out9 / "cells.h5ad").is_file() and (out9 / "celltype_mask.tif").is_file()
+
+
+def test_a_failing_tile_is_named_the_others_kept_and_a_rerun_resumes(section, capsys):
+    args = ["--step_name=segment", f"--work_dir={section}", "--net_sub_suffix=resume", "--tile_px=64", *COMMON]
+    assert main(args) == 0
+    first, _, _ = _results(section, "resume")
+    tiles = section / "checkpoints" / "t" / "resume" / "tiles"
+    done = {p.name: p.stat().st_mtime_ns for p in tiles.glob("t_*.npz")}
+    (tiles / "t_1_1.npz").unlink()  # as if killed before this tile finished
+    (tiles / "input" / "t_1_1.npz").write_bytes(b"truncated")  # and its input damaged
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 of 1 tile(s) failed (t_1_1)" in err and "rerun the same command" in err
+    assert {p.name for p in tiles.glob("t_*.npz")} == set(done) - {"t_1_1.npz"}  # the others kept, untouched
+    (tiles / "input" / "t_1_1.npz").unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "8 finished before, 1 to run" in capsys.readouterr().out
+    again, _, _ = _results(section, "resume")
+    assert again.equals(first)
+    assert all((tiles / n).stat().st_mtime_ns == t for n, t in done.items() if n != "t_1_1.npz")
+
+
+def test_other_tile_settings_need_overwrite(section, capsys):
+    args = ["--step_name=segment", f"--work_dir={section}", "--net_sub_suffix=plan", *COMMON]
+    assert main([*args, "--tile_px=64"]) == 0
+    assert main([*args, "--tile_px=128"]) == 2
+    assert "another plan" in capsys.readouterr().err
+    assert main([*args, "--tile_px=128", "--overwrite"]) == 0
