@@ -107,3 +107,31 @@ def test_other_tile_settings_need_overwrite(section, capsys):
     assert main([*args, "--tile_px=128"]) == 2
     assert "another plan" in capsys.readouterr().err
     assert main([*args, "--tile_px=128", "--overwrite"]) == 0
+
+
+def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(section):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["--step_name=segment", f"--work_dir={section}", "--tile_px=64", "--datasets_name=t", "--quiet",
+            "--dask_workers=1"]
+    assert main([*args, "--net_sub_suffix=straight"]) == 0
+    tiles = section / "checkpoints" / "t" / "killed" / "tiles"
+    proc = subprocess.Popen([sys.executable, str(root / "main.py"), *args, "--net_sub_suffix=killed"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(tiles.glob("t_*.npz"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run, its Dask scheduler and workers
+    proc.wait()
+    finished = len(list(tiles.glob("t_*.npz")))
+    assert 1 <= finished < 9
+    assert main([*args, "--net_sub_suffix=killed"]) == 0
+    killed, _, _ = _results(section, "killed")
+    straight, _, _ = _results(section, "straight")
+    assert killed.equals(straight)
