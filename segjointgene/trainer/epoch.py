@@ -401,9 +401,14 @@ def batches(loader: DataLoader) -> Iterator[dict[str, Any]]:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
     else:
         iterator = iter(loader)
-    for batch in iterator:
-        yield batch
-        interrupt.check()
+    try:
+        for batch in iterator:
+            yield batch
+            interrupt.check()
+    finally:  # an error or a stop mid-pass: its workers (which ignore SIGTERM) go now, not when it is collected
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def ignore_sigterm(worker_id: int) -> None:
