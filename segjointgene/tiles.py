@@ -226,7 +226,7 @@ def run_tiles(jobs: Sequence[TileJob], *, scheduler: str = "", n_workers: int = 
     from tqdm.auto import tqdm
 
     cluster = None if scheduler else LocalCluster(n_workers=n_workers or None, threads_per_worker=1,
-                                                   memory_limit=memory_limit, processes=True, dashboard_address=None)
+                                                   memory_limit=memory_limit, processes=True, dashboard_address=":0")
     done, failed = [], {}
     with Client(scheduler or cluster) as client:
         futures = {client.submit(segment_tile, job, key=f"segjointgene-{job.tile.name}", pure=False): job.tile.name
