@@ -21,6 +21,7 @@ Parquet needs ``pyarrow`` (``pip install segjointgene[platforms]``); Xenium's ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -78,6 +79,18 @@ def _need(table: pd.DataFrame, columns: tuple[str, ...], path: Path, fix: str) -
         raise ColumnError(f"{path}: missing column(s) {missing} (has {list(table.columns)[:12]}); {fix}")
 
 
+@contextlib.contextmanager
+def _parquet_errors(path: Path):
+    """A damaged parquet file (truncated by a copy, or not parquet at all) as a clear error naming it."""
+    import pyarrow
+
+    try:
+        yield
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowIOError, OSError) as err:
+        raise DataError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]}); it may be truncated or "
+                        "damaged - copy it again from the instrument's output folder") from None
+
+
 def _read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     if path.suffix == ".parquet":
         try:
@@ -85,14 +98,21 @@ def _read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
         except ImportError:
             raise InputNotFoundError(f"{path} is a parquet file and pyarrow is not installed; pip install pyarrow "
                                      "(or segjointgene[platforms])") from None
-        names = set(pq.ParquetFile(path).schema_arrow.names)
-        table = pq.read_table(path, columns=[c for c in columns if c in names] if columns else None)
+        with _parquet_errors(path):
+            names = set(pq.ParquetFile(path).schema_arrow.names)
+            table = pq.read_table(path, columns=[c for c in columns if c in names] if columns else None)
         frame = table.to_pandas()
         for c in frame.columns:  # Xenium stores ids and names as bytes in some versions
             if frame[c].dtype == object and len(frame) and isinstance(frame[c].iloc[0], bytes):
                 frame[c] = frame[c].str.decode("utf-8")
         return frame
     return pd.read_csv(path, usecols=lambda c: columns is None or c in columns)
+
+
+def _batches(pf, path: Path, batch_rows: int, columns: list[str]):
+    """The record batches of a parquet file; a damaged row group is a clear error naming the file."""
+    with _parquet_errors(path):
+        yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
 
 
 def read_transcripts_parquet(path: Path, *, gene: str, x: str, y: str, cell: str | None, qv: str | None,
@@ -103,7 +123,8 @@ def read_transcripts_parquet(path: Path, *, gene: str, x: str, y: str, cell: str
     ``y`` (px = um / scale), ``row`` (in the file), ``owner`` (the platform's cell as an id of ``id_of``, 0 = none)."""
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    with _parquet_errors(path):
+        pf = pq.ParquetFile(path)
     names = set(pf.schema_arrow.names)
     columns = [c for c in (gene, x, y, cell, qv) if c and c in names]
     total = pf.metadata.num_rows
@@ -111,7 +132,7 @@ def read_transcripts_parquet(path: Path, *, gene: str, x: str, y: str, cell: str
     rows, owners, codes = np.empty(total, np.int64), np.zeros(total, np.int32), np.empty(total, np.int16)
     vocab: dict[str, int] = {}
     n_kept = start = 0
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+    for batch in _batches(pf, path, batch_rows, columns):
         frame = batch.to_pandas(strings_to_categorical=True)
         n = len(frame)
         g = pd.Categorical(frame[gene])

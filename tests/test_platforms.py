@@ -210,3 +210,13 @@ def test_ca1_and_xenium_layouts_give_the_same_patches(sim, tmp_path):
         a, b = load_npz(tmp_path / "data" / "a" / name), load_npz(tmp_path / "data" / "b" / name)
         np.testing.assert_allclose(a["image"], b["image"], atol=1e-4)
         assert (a["spots"] == b["spots"]).all()
+
+
+def test_a_truncated_transcripts_parquet_is_named(sim, tmp_path, capsys):
+    folder = _xenium(sim, tmp_path / "raw")
+    path = folder / "transcripts.parquet"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy cut short
+    assert main(["--step_name=preprocess", f"--work_dir={tmp_path}", "--datasets_name=x", f"--raw_dir={folder}",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "truncated" in err
