@@ -4,7 +4,7 @@ For each size, a folder of ``bench_xenium.py`` (300 genes, one cell per 1 000 um
 square, a quarter unassigned) whose side grows with the count (20 M over 10 mm, as ``bench_xenium.py``), then, each
 in a fresh process and measured (wall seconds, CPU seconds of the process tree, peak RSS of the whole tree polled
 every 0.2 s): ``preprocess_CA1 --store_density false`` and ``segment`` (the spot-model engine tile by tile on a
-LocalCluster; tiles of 2048 px, 2 single-threaded workers here).
+LocalCluster; tiles of 2048 px, 2 single-threaded workers here; the network trained on ``--network_tiles`` tiles).
 
     python benchmarks/bench_tiles.py --out /tmp/bench_tiles --rows 2000000 5000000 20000000
 """
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", type=int, nargs="+", default=[2_000_000, 5_000_000, 20_000_000])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--network_tiles", type=int, default=0, help="--tile_network_tiles of segment (0 = no network)")
+    parser.add_argument("--reuse", action="store_true", help="keep a preprocessed dataset (segment only)")
     args = parser.parse_args(argv)
     for rows in args.rows:
         side = math.sqrt(rows / ROWS_PER_UM2)
@@ -55,9 +57,13 @@ def main(argv: list[str] | None = None) -> int:
             write_folder(folder, cells, side)
         name = f"x{rows // 1_000_000}M"
         work = args.out / "work"
-        prep = step(work, name, "--step_name=preprocess_CA1", f"--raw_dir={folder}", "--store_density=false",
-                    "--n_celltypes=8", "--overwrite")
-        seg = step(work, name, "--step_name=segment", f"--dask_workers={args.workers}", "--overwrite")
+        if args.reuse and (work / "data" / name / "metadata.json").is_file():
+            prep = {"wall_s": 0.0, "peak_tree_rss_gb": 0.0, "cpu_s_children": 0.0, "last_line": ["reused"]}
+        else:
+            prep = step(work, name, "--step_name=preprocess_CA1", f"--raw_dir={folder}", "--store_density=false",
+                        "--n_celltypes=8", "--overwrite")
+        seg = step(work, name, "--step_name=segment", f"--dask_workers={args.workers}",
+                   f"--tile_network_tiles={args.network_tiles}", "--overwrite")
         total_cpu = prep["cpu_s_children"] + seg["cpu_s_children"]
         print(json.dumps({"rows": rows, "side_um": round(side), "cells": cells, "preprocess": prep, "segment": seg,
                           "wall_s": round(prep["wall_s"] + seg["wall_s"], 1), "cpu_s": round(total_cpu, 1),

@@ -53,7 +53,7 @@ def oracle_model(model: S.CellModel, y, x, gene, true_row, nuclei: np.ndarray,
     cand = cKDTree(model.centre).query(np.stack([y, x], 1), k=k)[1].reshape(y.size, k)
     hit = cand == true_row[:, None]
     resp = np.concatenate([hit, ~hit.any(1, keepdims=True)], 1).astype(np.float64)
-    centre, area = S._nucleus_stats(nuclei, model.ids)
+    centre, area = S.nucleus_stats(nuclei, model.ids)
     n_types = model.profile.shape[0]
     typical = S._typical_cov(model, n_types, S._relative_log_area(area, model.cls, n_types))
     out = dataclasses.replace(model)

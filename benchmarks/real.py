@@ -45,7 +45,7 @@ from peers import PEERS, cpu_run, peer_python  # noqa: E402
 from segjointgene import metrics as M  # noqa: E402
 from segjointgene.baselines import (density_threshold, density_watershed, expand_nuclei, nearest_nucleus,  # noqa: E402
                                     spot_density)
-from segjointgene.evaluation import load_reference, markdown_table  # noqa: E402
+from segjointgene.evaluation import Spots, expansion_curve, load_reference, markdown_table  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 MERFISH = SHARED / "merfish_u2os_fov2"
@@ -218,14 +218,8 @@ def ca1_curves(out: Path) -> tuple[pd.DataFrame, dict[str, float]]:
     curves = [M.mecr_curve(run["cell"].to_numpy(np.int64), run["prob"].to_numpy(float), gene, genes, pairs)
               .assign(method=method) for method, run in runs.items()]
     nuclei = tifffile.imread(results / "initial_instance_mask.tif").astype(np.int64)
-    nearest = nearest_nucleus(nuclei)
-    x, y = ours["spotX"].to_numpy(float), ours["spotY"].to_numpy(float)
-    rows = []
-    for r in range(0, 31, 2):
-        cell = _mask_cell(expand_nuclei(nuclei, r, nearest=nearest), x, y)
-        rows.append((M.assigned_fraction(cell), float(r),
-                     M.mecr(M.cell_gene_counts(cell, gene, len(genes)), genes, pairs).value))
-    curves.append(pd.DataFrame(rows, columns=["coverage", "threshold", "MECR"]).assign(method="expansion"))
+    spots = Spots(x=ours["spotX"].to_numpy(float), y=ours["spotY"].to_numpy(float), gene=gene, genes=tuple(genes))
+    curves.append(expansion_curve(nuclei, spots, pairs).assign(method="expansion"))
     pciseq = pd.read_csv(raw / "spots_w_segmentation_leftCA1_3-1.csv")
     p_cell = pciseq["pciseq_cell"].to_numpy(np.int64)
     p_gene = np.searchsorted(genes, pciseq["gene"].to_numpy(str))

@@ -26,6 +26,7 @@ from typing import Any
 from . import interrupt
 from .config import Settings, StepOptions
 from .errors import ConfigError, UserError
+from .method import SPOTMODEL_ONLY, default_run_name, resolve_method
 from .runfolder import Paths
 
 log = logging.getLogger("segjointgene")
@@ -372,15 +373,15 @@ python main.py --help lists every step and option."""
 
 #: What each step reads: its config groups and single flags of other groups. A flag of any other group (runtime and
 #: path flags aside) on a step's command line is an error, so that none is silently ignored.
+#: The training flags the segment step's tile network reads.
+TILE_NETWORK = frozenset({"net_epoch", "net_batch_size", "net_lr", "net_width", "augment"})
 STEP_READS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "simulate": (frozenset({"simulate"}), frozenset()),
     "preprocess_CA1": (frozenset({"preprocess"}), frozenset({"reference_csv"})),
     "preprocess": (frozenset({"preprocess"}), frozenset({"reference_csv"})),
     "SegJointGene": (frozenset({"train", "labels", "attribution"}), frozenset({"reference_csv", "if_load_ckpt",
                                                                                "ckpt_load_epoch"})),
-    "segment": (frozenset({"tiles"}), frozenset({"reference_csv", *(f"model_{n}" for n in (
-        "temperature", "shape_power", "neighbours", "cell_profile", "nucleus_size", "tissue_bin", "smoothness",
-        "shape_weight", "partition_log_odds", "ambient", "boundaries"))})),
+    "segment": (frozenset({"tiles"}), SPOTMODEL_ONLY | TILE_NETWORK),  # the spot-model engine and its network
     "export": (frozenset(), frozenset({"ckpt_load_epoch"})),
     "evaluate": (frozenset({"evaluate"}), frozenset({"pixel_distance"})),
     "demo": (frozenset({"simulate", "preprocess", "train", "labels", "attribution", "evaluate"}), frozenset()),
@@ -414,8 +415,6 @@ def _run_step(args: argparse.Namespace) -> int:
     settings = configs(args)
     run_name = "tiled" if args.step_name == "segment" else None
     if args.step_name in ("SegJointGene", "demo"):
-        from .method import default_run_name, resolve_method
-
         method = resolve_method(settings, getattr(args, "explicit", set()))
         settings = method.settings
         run_name = default_run_name(method.name, settings.attribution.method)

@@ -341,12 +341,18 @@ class TileConfig:
                               "cluster); empty: a LocalCluster on this machine")
     dask_workers: int = opt(0, "LocalCluster: worker processes of one thread (0 = one per core)")
     dask_memory: str = opt("auto", "LocalCluster: memory limit per worker (e.g. 3GB; auto = RAM / workers)")
+    network_tiles: int = opt(0, "tiles drawn (weighted by their nuclei) to train the network once; every tile's spot "
+                                "model then takes its evidence, as untiled runs do (--net_epoch, --net_width, --net_lr, "
+                                "--net_batch_size, --model_net_weight, --model_background_weight). 0 = no network (the "
+                                "default: it changed simulated cells by < 0.02 at ~3x the time; benchmarks/RESULTS.md)",
+                             flag="--tile_network_tiles")
 
     def __post_init__(self) -> None:
         c = TileConfig
         _check(self.tile_px >= 16, c, "tile_px", self.tile_px, "must be >= 16")
         _check(self.overlap_px >= 0, c, "overlap_px", self.overlap_px, "must be >= 0")
         _check(self.dask_workers >= 0, c, "dask_workers", self.dask_workers, "must be >= 0")
+        _check(self.network_tiles >= 0, c, "network_tiles", self.network_tiles, "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from .preprocess import DENSITY_TRUNCATE, gene_density, stored_keys
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImagePatchDataset", "LabelStore", "collate_spot_lists", "load_label_cache", "read_class_lut", "save_label_cache"]
+__all__ = ["ImagePatchDataset", "LabelStore", "augment_patches", "collate_spot_lists", "load_label_cache", "read_class_lut", "save_label_cache"]
 
 
 def read_class_lut(data_dir: str | os.PathLike) -> np.ndarray:
@@ -295,3 +295,18 @@ def collate_spot_lists(items: Sequence[Mapping[str, torch.Tensor | int]]) -> dic
     batch["spots"] = torch.cat([sample[:, None], torch.cat(spots) if spots else torch.zeros((0, 3), dtype=torch.int32)],
                                dim=1)
     return batch
+
+
+def augment_patches(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random dihedral transform (flip + 90-degree rotation) of every image and its labels, per sample."""
+    b = images.shape[0]
+    codes = torch.randint(0, 8, (b,), generator=generator).tolist()
+    out_i, out_l = [], []
+    for i, code in enumerate(codes):
+        img, lab = images[i], labels[i]
+        if code & 4:
+            img, lab = img.flip(-1), lab.flip(-1)
+        k = code & 3
+        out_i.append(torch.rot90(img, k, dims=(-2, -1)))
+        out_l.append(torch.rot90(lab, k, dims=(-2, -1)))
+    return torch.stack(out_i), torch.stack(out_l)

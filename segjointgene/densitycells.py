@@ -30,10 +30,12 @@ from scipy.spatial import cKDTree
 
 from .baselines import density_watershed, spot_density
 from .constants import BACKGROUND
+from .spotmodel import nucleus_stats, typical_radius
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DensityCells", "DensityConfig", "DensityScale", "density_cells", "density_scale", "local_share"]
+__all__ = ["DensityCells", "DensityConfig", "DensityScale", "density_boundaries", "density_cells", "density_scale",
+           "local_share"]
 
 
 @dataclass(frozen=True)
@@ -96,15 +98,35 @@ class DensityCells:
     scale: DensityScale
 
 
-def _nucleus_radius(nuclei: np.ndarray) -> float:
-    """Half the median distance between nearest nucleus centroids (the equivalent radius with fewer than 2)."""
+def _radius_and_area(nuclei: np.ndarray) -> tuple[float, float]:
+    """A typical cell's radius (half the median distance between nearest nuclei) and the nuclei's total area."""
     ids = np.unique(nuclei[nuclei != BACKGROUND])
     if ids.size == 0:
-        return 1.0
-    centre = np.stack(ndimage.center_of_mass(np.ones(nuclei.shape), nuclei, ids))
-    if ids.size < 2:
-        return float(np.sqrt((nuclei != BACKGROUND).sum() / np.pi))
-    return 0.5 * float(np.median(cKDTree(centre).query(centre, k=2)[0][:, 1]))
+        return 1.0, 0.0
+    centre, area = nucleus_stats(nuclei, ids)
+    return typical_radius(centre, area), float(area.sum())
+
+
+def density_boundaries(x: np.ndarray, y: np.ndarray, nuclei: np.ndarray, boundaries: str,
+                       config: DensityConfig = DensityConfig()) -> DensityScale | None:
+    """The density's scale when the density engine should draw the cells (``--model_boundaries``: ``density``
+    always, ``auto`` when :attr:`DensityScale.resolves`), else None (the spot model's partition).
+
+    ``auto`` first bounds the cells' density by the spots per pixel of nucleus (the pixels near nuclei include the
+    nuclei): when even that bound cannot resolve the cells - sparse panels, e.g. CA1 - the frame-size distance
+    transform of :func:`density_scale` is skipped.
+    """
+    if boundaries == "partition":
+        return None
+    if boundaries == "auto":
+        radius, area = _radius_and_area(nuclei)
+        h, w = nuclei.shape
+        n = int(((x >= 0) & (y >= 0) & (x < w) & (y < h)).sum())
+        bound = n / max(area, 1.0)
+        if bound <= 0 or np.sqrt(config.spots_per_kernel / (4 * np.pi * bound)) > config.max_scale * radius:
+            return None
+    scale = density_scale(x, y, nuclei, config)
+    return scale if boundaries == "density" or scale.resolves else None
 
 
 def density_scale(x: np.ndarray, y: np.ndarray, nuclei: np.ndarray,
@@ -125,7 +147,7 @@ def density_scale(x: np.ndarray, y: np.ndarray, nuclei: np.ndarray,
     (100, 1.0, 1.0, False)
     """
     counts = spot_density(x, y, nuclei.shape, 0.0)
-    radius = _nucleus_radius(nuclei)
+    radius = _radius_and_area(nuclei)[0]
     dist = ndimage.distance_transform_edt(nuclei == BACKGROUND) if (nuclei != BACKGROUND).any() \
         else np.full(nuclei.shape, np.inf)
     near = dist <= radius

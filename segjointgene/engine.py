@@ -1,6 +1,7 @@
-"""The spot-model engine on one window of a section, without the network (layer 1.7: numpy, scipy, skimage).
+"""The spot-model engine on one window of a section (layer 1.7: numpy, scipy, skimage).
 
-:func:`segment_window` is what ``--method spotmodel`` does before its network trains: measure whether the spots
+:func:`segment_window` is what ``--method spotmodel`` does before its network trains (and, given the network's
+evidence, what it does after): measure whether the spots
 resolve the cells (:func:`segjointgene.densitycells.density_scale`); if so the density engine
 (:mod:`segjointgene.densitycells`, de novo cells typed by :func:`denovo_types`), else the spot model
 (:mod:`segjointgene.spotmodel`) refined into a pixel partition (:mod:`segjointgene.partition`). The tiled pipeline
@@ -10,23 +11,24 @@ resolve the cells (:func:`segjointgene.densitycells.density_scale`); if so the d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy.special import logsumexp
 
 from .constants import BACKGROUND
-from .densitycells import DensityConfig, density_cells, density_scale
+from .densitycells import DensityConfig, DensityScale, density_boundaries, density_cells
 from .errors import DataError
 from .partition import PartitionConfig, refine_partition
 from .spotmodel import SpotModelConfig, fit_spot_model, territories
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineConfig", "Segmentation", "denovo_types", "engine_configs", "reference_matrix", "segment_window",
-           "shift_log_odds"]
+__all__ = ["EngineConfig", "Segmentation", "denovo_types", "density_segmentation", "engine_configs", "network_evidence",
+           "reference_matrix", "segment_window", "shift_log_odds"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,25 @@ def reference_matrix(reference: pd.DataFrame, celltypes: list[str], genes: list[
     return out
 
 
+def network_evidence(log_post: np.ndarray, background_weight: float) -> np.ndarray:
+    """(n, K) log-evidence for the spot model from the network's (n, K) log posterior at the spots (column 0 =
+    background; rows of zeros = spots no patch predicted, which get no evidence).
+
+    The posterior is split into which type, given a cell (``log p(t | cell)``), and cell versus background
+    (``log p(bg) - log p(cell)``), each as a likelihood ratio against its mean over the spots; the second is
+    weighted by ``background_weight``. With 1 this is the full posterior's ratio (up to a constant per spot); less
+    trusts the network's call of where cells end less than its call of their types.
+    """
+    seen = log_post.any(1)
+    cell = logsumexp(log_post[:, 1:], axis=1, keepdims=True)
+    parts = np.concatenate([log_post[:, :1] - cell, log_post[:, 1:] - cell], 1)
+    mean = logsumexp(parts[seen], axis=0) - np.log(max(int(seen.sum()), 1))
+    out = parts - mean
+    out[:, 0] *= background_weight
+    out[~seen] = 0.0
+    return out
+
+
 def shift_log_odds(p: np.ndarray, delta: float) -> np.ndarray:
     """Probabilities with ``delta`` added to their log odds (0 and 1 stay; no division by zero).
 
@@ -137,9 +158,22 @@ def spot_types(nuclei: np.ndarray, ids: np.ndarray, cls: np.ndarray, x: np.ndarr
     return np.where(on > 0, row[on], -1)
 
 
+def density_segmentation(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.ndarray, ids: np.ndarray,
+                         cls: np.ndarray, scale: DensityScale, *, n_genes: int, n_types: int, first_new_id: int,
+                         config: DensityConfig = DensityConfig()) -> Segmentation:
+    """The density engine's cells (:func:`segjointgene.densitycells.density_cells`), its de novo cells typed by
+    :func:`denovo_types` (arguments as :func:`segment_window`)."""
+    cells = density_cells(x, y, nuclei, scale=scale, first_new_id=first_new_id, config=config)
+    types = denovo_types(cells.cell, np.asarray(gene, np.int64), spot_types(nuclei, ids, cls, x, y),
+                         cells.denovo_ids, n_types=n_types, n_genes=n_genes)
+    return Segmentation(mask=cells.mask, cell=cells.cell, prob=cells.prob, denovo_ids=cells.denovo_ids,
+                        denovo_types=types, engine="density")
+
+
 def segment_window(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.ndarray, ids: np.ndarray,
                    cls: np.ndarray, *, n_genes: int, n_types: int, first_new_id: int,
-                   reference: np.ndarray | None = None, config: EngineConfig = EngineConfig()) -> Segmentation:
+                   reference: np.ndarray | None = None, config: EngineConfig = EngineConfig(),
+                   evidence: Callable[[], np.ndarray] | None = None) -> Segmentation:
     """Segment the cells of one window with the spot-model engine (see the module docstring).
 
     Parameters
@@ -150,19 +184,20 @@ def segment_window(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
     ids, cls : (m,) the cells (nucleus ids, ascending) and their type indices 0..n_types-1.
     first_new_id : id of the first de novo cell (above every id of the section).
     reference : optional (n_types, n_genes) class means (NaN rows: types it lacks).
+    evidence : optional; returns (n, n_types + 1) log-evidence per spot for the spot model (e.g. a network's, see
+        :func:`network_evidence`). Called only when the spot model runs (the density
+        engine does not use it), so a costly source is not computed in vain.
 
     Deterministic: no randomness.
     """
     gene = np.asarray(gene, np.int64)
-    scale = density_scale(x, y, nuclei, config.density) if config.boundaries != "partition" else None
-    if config.boundaries == "density" or (config.boundaries == "auto" and scale.resolves):
-        cells = density_cells(x, y, nuclei, scale=scale, first_new_id=first_new_id, config=config.density)
-        types = denovo_types(cells.cell, gene, spot_types(nuclei, ids, cls, x, y), cells.denovo_ids,
-                             n_types=n_types, n_genes=n_genes)
-        return Segmentation(mask=cells.mask, cell=cells.cell, prob=cells.prob, denovo_ids=cells.denovo_ids,
-                            denovo_types=types, engine="density")
+    scale = density_boundaries(x, y, nuclei, config.boundaries, config.density)
+    if scale is not None:
+        return density_segmentation(x, y, gene, nuclei, ids, cls, scale, n_genes=n_genes, n_types=n_types,
+                                    first_new_id=first_new_id, config=config.density)
+    extra = evidence() if evidence is not None else None
     fit = fit_spot_model(x, y, gene, nuclei, ids, cls, n_genes=n_genes, n_types=n_types, config=config.spot,
-                         reference=reference)
+                         reference=reference, evidence=extra)
     none = np.zeros(0, np.int64)
     if fit.model is None:  # no cell or no spot
         return Segmentation(mask=np.asarray(nuclei, np.int64), cell=fit.cell, prob=fit.prob, denovo_ids=none,
@@ -171,7 +206,8 @@ def segment_window(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
     if config.partition is None:
         return Segmentation(mask=mask, cell=fit.cell, prob=fit.prob, denovo_ids=none, denovo_types=none,
                             engine="partition")
-    part = refine_partition(mask, nuclei != BACKGROUND, fit.model, x, y, gene, config=config.partition)
+    part = refine_partition(mask, nuclei != BACKGROUND, fit.model, x, y, gene, evidence=extra,
+                            config=config.partition)
     prob = shift_log_odds(fit.probability_of(part.cell), config.log_odds)
     return Segmentation(mask=part.mask, cell=part.cell, prob=prob, denovo_ids=none, denovo_types=none,
                         engine="partition")

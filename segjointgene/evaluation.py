@@ -67,6 +67,7 @@ __all__ = [
     "Spots",
     "Truth",
     "evaluate_masks",
+    "expansion_curve",
     "load_reference",
     "load_truth",
     "markdown_table",
@@ -650,6 +651,20 @@ def _run_cell_types(results: Path) -> dict[int, str] | None:
 CURVE_RADII = tuple(range(0, 31, 2))
 
 
+def expansion_curve(nuclei: np.ndarray, spots: Spots, pairs: list[tuple[str, str]], *,
+                    radii: tuple[int, ...] = CURVE_RADII) -> pd.DataFrame:
+    """Coverage against MECR of the nuclei expanded by each of ``radii`` (px): ``coverage, threshold (the radius),
+    MECR``, the curve a spot assignment is compared with when there is no truth."""
+    genes = list(spots.genes)
+    nearest = B.nearest_nucleus(nuclei)
+    rows = []
+    for r in radii:
+        cell = M.cells_at_spots(B.expand_nuclei(nuclei, r, nearest=nearest), spots.x, spots.y)
+        rows.append((M.assigned_fraction(cell), float(r),
+                     M.mecr(M.cell_gene_counts(cell, spots.gene, len(genes)), genes, pairs).value))
+    return pd.DataFrame(rows, columns=["coverage", "threshold", "MECR"])
+
+
 def coverage_curves(results: Path, sec: _Section, nuclei: np.ndarray) -> pd.DataFrame:
     """Coverage against MECR (:func:`segjointgene.metrics.mecr_curve`): the run's spots left out from the lowest
     ``prob`` up, the nuclei expanded by :data:`CURVE_RADII`, and pciSeq's ``pciseq_prob`` when the raw spots have it.
@@ -665,13 +680,7 @@ def coverage_curves(results: Path, sec: _Section, nuclei: np.ndarray) -> pd.Data
     if len(table) == gene.size and "prob" in table:
         parts.append(M.mecr_curve(table["cell"].to_numpy(np.int64), table["prob"].to_numpy(np.float64), gene, genes,
                                   sec.pairs).assign(method=OURS))
-    nearest = B.nearest_nucleus(nuclei)
-    rows = []
-    for r in CURVE_RADII:
-        cell = M.cells_at_spots(B.expand_nuclei(nuclei, r, nearest=nearest), sec.spots.x, sec.spots.y)
-        rows.append((M.assigned_fraction(cell), float(r),
-                     M.mecr(M.cell_gene_counts(cell, gene, len(genes)), genes, sec.pairs).value))
-    parts.append(pd.DataFrame(rows, columns=["coverage", "threshold", "MECR"]).assign(method="expansion"))
+    parts.append(expansion_curve(nuclei, sec.spots, sec.pairs).assign(method="expansion"))
     pciseq = _pciseq_assignment(sec.raw_dirs, sec.meta, sec.rows_in_file, column="pciseq_prob")
     if pciseq is not None:
         cell = _pciseq_assignment(sec.raw_dirs, sec.meta, sec.rows_in_file)

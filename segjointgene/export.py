@@ -34,7 +34,8 @@ from .polygons import cell_polygons, write_geojson, write_xenium_ranger
 from .ranking import differential_expression, rank_genes_groups_uns
 from .runfolder import FigureFiles, Paths, ResultFiles, RunFolder
 from .spatialstore import spatialdata_available, write_spatialdata
-from .stitch import (assign_spots, cell_table, celltype_table, class_map, stitch_label_cache, stitch_patch_channel)
+from .stitch import (assign_spots, cell_table, celltype_table, class_map, extend_lut, stitch_label_cache,
+                     stitch_patch_channel)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,10 @@ __all__ = [
     "gene_ranking_tables",
     "resolve_epoch",
     "run_export",
+    "write_anndata",
     "write_gene_ranking",
+    "with_microns",
+    "xenium_transcript_ids",
 ]
 
 _ATTR_KEYS = ("type_gene_sum", "type_pixels", "targets", "genes", "method")
@@ -236,10 +240,7 @@ def _with_denovo_cells(lut: np.ndarray, assignment: Path) -> np.ndarray:
     if ids.min() < lut.size:
         raise DataError(f"{assignment}: de novo cell ids from {ids.min()} collide with the dataset's cell ids "
                         f"(up to {lut.size - 1}); the run belongs to another preprocessing of the section")
-    out = np.zeros(int(ids.max()) + 1, lut.dtype)
-    out[:lut.size] = lut
-    out[ids] = extra["denovo_class"]
-    return out
+    return extend_lut(lut, ids, extra["denovo_class"])
 
 
 def _cache_names(path: Path) -> dict[str, list[str]]:
@@ -288,7 +289,7 @@ class _Views:
         return np.array(image[y0:y0 + h, x0:x0 + w])
 
 
-def _write_anndata(path: Path, cells: pd.DataFrame, spot_cell: np.ndarray, spot_gene: np.ndarray,
+def write_anndata(path: Path, cells: pd.DataFrame, spot_cell: np.ndarray, spot_gene: np.ndarray,
                    genes: list[str], uns: dict[str, Any], rank_genes_groups: dict | None = None):
     """cells x genes spot counts as ``.h5ad``; returns the AnnData, or None (and a logged hint) without anndata."""
     try:
@@ -441,8 +442,8 @@ def _export_final_labels(ex: _Export, figures: bool) -> tuple[np.ndarray, pd.Dat
         _write_xenium_ranger(ex, instance, spots, cells)
     del types
     _log_outside(ex, assigned)
-    write_csv(out / ResultFiles.SPOTS, _with_microns(spots, meta, ("spotX", "spotY")))
-    cells = _with_microns(cells, meta, ("x", "y"))
+    write_csv(out / ResultFiles.SPOTS, with_microns(spots, meta, ("spotX", "spotY")))
+    cells = with_microns(cells, meta, ("x", "y"))
     write_csv(out / ResultFiles.CELLS, cells)
     adata = _export_expression(ex, cells, spot_cell)
     _write_store(ex, instance, spots, rings, adata)
@@ -480,23 +481,14 @@ def _export_expression(ex: _Export, cells: pd.DataFrame, spot_cell: np.ndarray):
                                     cells["celltype"].to_numpy(), genes)
     log.info("differential expression of %d cells x %d genes in %.1f s", len(cells), len(genes),
              time.perf_counter() - t0)
-    return _write_anndata(ex.out / ResultFiles.ANNDATA, cells, spot_cell, ex.spot_gene, genes,
+    return write_anndata(ex.out / ResultFiles.ANNDATA, cells, spot_cell, ex.spot_gene, genes,
                           {"epoch": int(ex.epoch), "datasets_name": meta.datasets_name, "run": ex.run.path.name},
                           rank_genes_groups_uns(ex.de) if len(ex.de) else None)
 
 
 def _write_xenium_ranger(ex: _Export, instance: np.ndarray, spots: pd.DataFrame, cells: pd.DataFrame) -> None:
     """``results/xenium_ranger/``: what ``xeniumranger import-segmentation`` takes (see :mod:`.polygons`)."""
-    raw = Path(ex.meta.raw_dir)
-    tx_ids = None
-    source = ex.meta.source_file("spots")
-    if source and (raw / source).is_file() and (raw / source).suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        names = pq.ParquetFile(raw / source).schema_arrow.names
-        if "transcript_id" in names:
-            rows = load_npz(ex.data_dir / SPOTS_TABLE, ("row_in_file",))["row_in_file"].astype(np.int64)
-            tx_ids = pq.read_table(raw / source, columns=["transcript_id"]).column(0).to_numpy()[rows]
+    tx_ids = xenium_transcript_ids(ex.meta, ex.data_dir)
     nuclei = stitch_patch_channel(ex.data_dir, ex.meta, PatchKeys.INSTANCE, dtype=np.uint32)
     folder = write_xenium_ranger(ex.out / ResultFiles.XENIUM_RANGER, instance, nuclei, cells, spots,
                                  um_per_px=float(ex.meta.extra["um_per_px"]), transcript_id=tx_ids)
@@ -504,7 +496,21 @@ def _write_xenium_ranger(ex: _Export, instance: np.ndarray, spots: pd.DataFrame,
              "transcript_assignment.csv --viz-polygons viz_polygons.geojson --units microns)", folder)
 
 
-def _with_microns(table: pd.DataFrame, meta: DatasetMetadata, columns: tuple[str, str]) -> pd.DataFrame:
+def xenium_transcript_ids(meta: DatasetMetadata, data_dir: Path) -> np.ndarray | None:
+    """Xenium's ``transcript_id`` of every spot of the dataset (spots.npz order), when its transcripts file has one."""
+    raw = Path(meta.raw_dir)
+    source = meta.source_file("spots")
+    if not (source and (raw / source).is_file() and (raw / source).suffix == ".parquet"):
+        return None
+    import pyarrow.parquet as pq
+
+    if "transcript_id" not in pq.ParquetFile(raw / source).schema_arrow.names:
+        return None
+    rows = load_npz(data_dir / SPOTS_TABLE, ("row_in_file",))["row_in_file"].astype(np.int64)
+    return pq.read_table(raw / source, columns=["transcript_id"]).column(0).to_numpy()[rows]
+
+
+def with_microns(table: pd.DataFrame, meta: DatasetMetadata, columns: tuple[str, str]) -> pd.DataFrame:
     """``<x>_um, <y>_um`` columns in the platform's micron frame when the dataset came from an instrument folder."""
     um = meta.extra.get("um_per_px")
     if um is None:

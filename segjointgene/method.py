@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from .config import AttributionConfig, LabelUpdateConfig, Settings, TrainConfig, flag_of
+from .config import LabelUpdateConfig, Settings, TrainConfig, flag_of
 from .errors import ConfigError
 
 __all__ = ["METHODS", "ResolvedMethod", "default_run_name", "resolve_method"]
@@ -38,6 +38,7 @@ _IG_ONLY = ("IG_n_steps",)
 _ATTRIBUTION = ("attr_method", "attr_epoch", "attr_n_gene", "attr_n_celltype", "attr_every", *_CID_ONLY, *_IG_ONLY)
 PUBLISHED_ONLY = frozenset((*_RULE, *_ATTRIBUTION, "warmup_epochs", "train_targets"))
 #: Flags that only the spot-model engine reads (every ``--model_*`` flag; the reference fixes its type profiles).
+#: The tiled ``segment`` step reads them too, but for the network's two.
 SPOTMODEL_ONLY = frozenset([*((f.metadata.get("flag") or f"--{f.name}").lstrip("-")
                               for f in dataclasses.fields(LabelUpdateConfig) if f.name.startswith("model_")),
                             "reference_csv"])
@@ -101,28 +102,28 @@ def resolve_method(settings: Settings, explicit: Collection[str]) -> ResolvedMet
         resolved = dataclasses.replace(labels, method=method, rule="model")
         return ResolvedMethod(SPOTMODEL, dataclasses.replace(settings, labels=resolved), reason)
     rule = "v1" if labels.rule in ("auto", "model") else labels.rule
-    _check_published(rule, attr, train, explicit)
     start = attr.start_epoch if attr.start_epoch >= 0 else train.warmup_epochs
+    _check_published(rule, attr.method, start, train, explicit)
     return ResolvedMethod(PUBLISHED, dataclasses.replace(
         settings, labels=dataclasses.replace(labels, method=method, rule=rule),
         attribution=dataclasses.replace(attr, start_epoch=start)), reason)
 
 
-def _check_published(rule: str, attr: AttributionConfig, train: TrainConfig, explicit: Collection[str]) -> None:
-    """Flags of another rule or attribution method, and steps that would never run."""
+def _check_published(rule: str, attr_method: str, start: int, train: TrainConfig, explicit: Collection[str]) -> None:
+    """Flags of another rule or attribution method, and steps that would never run (``start``: the first epoch of
+    attribution)."""
     unused = {"v1": _V2_ONLY, "v2": _V1_ONLY}[rule]
     if _given(explicit, unused):
         raise ConfigError(f"{_given(explicit, unused)[0]} applies to the other label rule, not to --label_update={rule}")
-    unused_attr = {"none": (*_ATTRIBUTION[1:],), "CID": _IG_ONLY, "IG": _CID_ONLY}[attr.method]
+    unused_attr = {"none": (*_ATTRIBUTION[1:],), "CID": _IG_ONLY, "IG": _CID_ONLY}[attr_method]
     if _given(explicit, unused_attr):
-        raise ConfigError(f"{_given(explicit, unused_attr)[0]} has no effect with --attr_method={attr.method}")
+        raise ConfigError(f"{_given(explicit, unused_attr)[0]} has no effect with --attr_method={attr_method}")
     if train.warmup_epochs > train.net_epoch:
         raise ConfigError(f"{flag_of(TrainConfig, 'warmup_epochs')}={train.warmup_epochs} > "
                           f"{flag_of(TrainConfig, 'net_epoch')}={train.net_epoch}: the labels would never grow; lower "
                           "--warmup_epochs or raise --net_epoch")
-    start = attr.start_epoch if attr.start_epoch >= 0 else train.warmup_epochs
-    if attr.method != "none" and start > train.net_epoch:
-        raise ConfigError(f"--attr_epoch={start} > --net_epoch={train.net_epoch}: {attr.method} would never run; "
+    if attr_method != "none" and start > train.net_epoch:
+        raise ConfigError(f"--attr_epoch={start} > --net_epoch={train.net_epoch}: {attr_method} would never run; "
                           "lower --attr_epoch or raise --net_epoch")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from scipy import ndimage
 from .io import atomic_path
 from .windows import WindowReader
 
-__all__ = ["PolygonLabels", "cell_polygons", "write_geojson"]
+__all__ = ["GeoJSONWriter", "PolygonLabels", "cell_polygons", "transcript_assignment", "write_geojson",
+           "write_xenium_ranger"]
 
 
 class PolygonLabels(WindowReader):
@@ -79,25 +81,63 @@ class PolygonLabels(WindowReader):
         return out
 
 
-def cell_polygons(instance: np.ndarray, *, scale: float = 1.0) -> dict[int, list[list[float]]]:
-    """cell id -> closed ring ``[[x, y], ...]`` (first point repeated last), coordinates times ``scale``."""
+def cell_polygons(instance: np.ndarray, *, scale: float = 1.0, ids=None,
+                  origin: tuple[float, float] = (0.0, 0.0)) -> dict[int, list[list[float]]]:
+    """cell id -> closed ring ``[[x, y], ...]`` (first point repeated last) of every cell of ``instance`` (or of those
+    in ``ids``), for a mask whose top-left pixel is ``origin`` (y, x) of the frame, coordinates times ``scale``. Ids
+    may be sparse and large (labels are compacted first)."""
     from skimage.measure import find_contours
 
+    codes, labels = pd.factorize(np.asarray(instance).ravel())
+    compact = (codes + 1).reshape(np.shape(instance))
+    wanted = None if ids is None else {int(i) for i in ids}
     out = {}
-    for i, sl in enumerate(ndimage.find_objects(instance), start=1):
-        if sl is None:
+    for code, sl in enumerate(ndimage.find_objects(compact), start=1):
+        cell = int(labels[code - 1])
+        if sl is None or cell == 0 or (wanted is not None and cell not in wanted):
             continue
-        crop = np.pad(instance[sl] == i, 1)
+        crop = np.pad(compact[sl] == code, 1)
         rings = find_contours(crop.astype(np.float32), 0.5)
         if not rings:
             continue
         ring = max(rings, key=len)  # the outer outline of the largest piece
-        r0, c0 = sl[0].start - 1, sl[1].start - 1
+        r0, c0 = sl[0].start - 1 + origin[0], sl[1].start - 1 + origin[1]
         xy = np.stack([ring[:, 1] + c0 + 0.5, ring[:, 0] + r0 + 0.5], 1) * scale
         if not np.allclose(xy[0], xy[-1]):
             xy = np.vstack([xy, xy[:1]])
-        out[i] = np.round(xy, 3).tolist()
-    return out
+        out[cell] = np.round(xy, 3).tolist()
+    return dict(sorted(out.items()))
+
+
+class GeoJSONWriter:
+    """A FeatureCollection written feature by feature (bounded memory), atomically: a context manager whose
+    :meth:`add` takes cells (``cell, celltype, n_spots``) and their rings; feature ids ``<id_prefix><cell>``."""
+
+    def __init__(self, path: str | os.PathLike, *, unit: str = "pixel", id_prefix: str = ""):
+        self.path, self.unit, self.id_prefix, self.n = Path(path), unit, id_prefix, 0
+
+    def __enter__(self) -> GeoJSONWriter:
+        self._stack = ExitStack()  # the file is closed before the atomic rename (last in, first out)
+        self._fh = self._stack.enter_context(open(self._stack.enter_context(atomic_path(self.path)), "w"))
+        self._fh.write(f'{{"type": "FeatureCollection", "unit": {json.dumps(self.unit)}, "features": [')
+        return self
+
+    def add(self, cells: pd.DataFrame, rings: dict[int, list[list[float]]]) -> None:
+        for row in cells.itertuples(index=False):
+            ring = rings.get(int(row.cell))
+            if ring is None:
+                continue
+            feature = {"type": "Feature", "id": f"{self.id_prefix}{row.cell}",
+                       "geometry": {"type": "Polygon", "coordinates": [ring]},
+                       "properties": {"objectType": "cell", "cell": int(row.cell), "celltype": str(row.celltype),
+                                      "n_spots": int(row.n_spots), "classification": {"name": str(row.celltype)}}}
+            self._fh.write((", " if self.n else "") + json.dumps(feature))
+            self.n += 1
+
+    def __exit__(self, *exc) -> bool:
+        if exc[0] is None:
+            self._fh.write("]}")
+        return self._stack.__exit__(*exc)
 
 
 def write_geojson(path: str | os.PathLike, instance: np.ndarray, cells: pd.DataFrame, *, scale: float = 1.0,
@@ -105,19 +145,19 @@ def write_geojson(path: str | os.PathLike, instance: np.ndarray, cells: pd.DataF
     """FeatureCollection of the cells of ``cells`` (``cell, celltype, n_spots``) outlined in ``instance`` (or
     given as ``rings`` from :func:`cell_polygons` at this ``scale``); feature ids ``<id_prefix><cell>``."""
     rings = cell_polygons(instance, scale=scale) if rings is None else rings
-    features = []
-    for row in cells.itertuples(index=False):
-        ring = rings.get(int(row.cell))
-        if ring is None:
-            continue
-        features.append({"type": "Feature", "id": f"{id_prefix}{row.cell}",
-                         "geometry": {"type": "Polygon", "coordinates": [ring]},
-                         "properties": {"objectType": "cell", "cell": int(row.cell), "celltype": str(row.celltype),
-                                        "n_spots": int(row.n_spots), "classification": {"name": str(row.celltype)}}})
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps({"type": "FeatureCollection", "unit": unit, "features": features}))
-    return path
+    with GeoJSONWriter(path, unit=unit, id_prefix=id_prefix) as writer:
+        writer.add(cells, rings)
+    return Path(path)
+
+
+def transcript_assignment(transcript_id: np.ndarray, cell: np.ndarray, x: np.ndarray, y: np.ndarray, gene,
+                          um_per_px: float) -> pd.DataFrame:
+    """Rows of Xenium Ranger's ``transcript_assignment.csv`` (Baysor's columns: ``transcript_id, cell, is_noise,
+    x, y, gene``; cell ids ``cell-<id>`` as strings, ``""`` for unassigned; x, y in microns)."""
+    cell = np.asarray(cell, np.int64)
+    return pd.DataFrame({"transcript_id": transcript_id, "cell": np.where(cell > 0, "cell-" + cell.astype(str), ""),
+                         "is_noise": cell == 0, "x": np.asarray(x) * um_per_px, "y": np.asarray(y) * um_per_px,
+                         "gene": np.asarray(gene)})
 
 
 def write_xenium_ranger(folder: str | os.PathLike, instance: np.ndarray, nuclei: np.ndarray, cells: pd.DataFrame,
@@ -138,12 +178,10 @@ def write_xenium_ranger(folder: str | os.PathLike, instance: np.ndarray, nuclei:
     folder.mkdir(parents=True, exist_ok=True)
     write_tif(folder / "cells_label_mask.tif", instance.astype(np.uint32))
     write_tif(folder / "nuclei_label_mask.tif", nuclei.astype(np.uint32))
-    cell = spots["cell"].to_numpy(np.int64)
     ids = transcript_id if transcript_id is not None else np.arange(len(spots))
-    write_csv(folder / "transcript_assignment.csv", pd.DataFrame({
-        "transcript_id": ids, "cell": np.where(cell > 0, "cell-" + cell.astype(str), ""), "is_noise": cell == 0,
-        "x": spots["spotX"].to_numpy() * um_per_px, "y": spots["spotY"].to_numpy() * um_per_px,
-        "gene": spots["gene"].to_numpy()}))
+    write_csv(folder / "transcript_assignment.csv", transcript_assignment(
+        ids, spots["cell"].to_numpy(np.int64), spots["spotX"].to_numpy(), spots["spotY"].to_numpy(),
+        spots["gene"].to_numpy(), um_per_px))
     # Xenium Ranger matches the polygons to the assignment's cell ids
     write_geojson(folder / "viz_polygons.geojson", instance, cells, scale=um_per_px, unit="micron", id_prefix="cell-")
     return folder

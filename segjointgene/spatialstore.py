@@ -19,7 +19,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-__all__ = ["spatialdata_available", "write_spatialdata"]
+__all__ = ["spatialdata_available", "write_spatialdata", "write_spatialdata_from_results"]
 
 
 def spatialdata_available() -> bool:
@@ -30,9 +30,10 @@ def spatialdata_available() -> bool:
     return True
 
 
-def write_spatialdata(path: str | os.PathLike, *, instance: np.ndarray, spots: pd.DataFrame,
-                      rings: dict[int, list[list[float]]], adata, um_per_px: float | None = None) -> Path:
-    """Write the store (replacing an earlier one at ``path``); see the module docstring."""
+def write_spatialdata(path: str | os.PathLike, *, instance, spots, rings: dict[int, list[list[float]]], adata,
+                      um_per_px: float | None = None) -> Path:
+    """Write the store (replacing an earlier one at ``path``); see the module docstring. ``instance`` may be a
+    numpy or a dask array, ``spots`` a pandas or a dask DataFrame (``spotX, spotY, gene, cell, prob``)."""
     import dask.dataframe as dd
     import geopandas as gpd
     import spatialdata as sd
@@ -44,15 +45,19 @@ def write_spatialdata(path: str | os.PathLike, *, instance: np.ndarray, spots: p
     if um_per_px is not None:
         frames["microns"] = Scale([um_per_px, um_per_px], axes=("x", "y"))
     labels = Labels2DModel.parse(instance.astype(np.uint32), dims=("y", "x"), transformations=frames)
-    points_df = pd.DataFrame({"x": spots["spotX"].to_numpy(np.float64), "y": spots["spotY"].to_numpy(np.float64),
-                              "gene": pd.Categorical(spots["gene"].astype(str)),
-                              "cell": spots["cell"].to_numpy(np.int64), "prob": spots["prob"].to_numpy(np.float64)})
-    points = PointsModel.parse(dd.from_pandas(points_df, npartitions=1), coordinates={"x": "x", "y": "y"},
-                               feature_key="gene", instance_key="cell", transformations=frames)
+    if not isinstance(spots, dd.DataFrame):
+        spots = dd.from_pandas(spots, npartitions=1)
+    points_df = spots.assign(x=spots["spotX"].astype(np.float64), y=spots["spotY"].astype(np.float64),
+                             gene=spots["gene"].astype(str).astype("category"), cell=spots["cell"].astype(np.int64),
+                             prob=spots["prob"].astype(np.float64))[["x", "y", "gene", "cell", "prob"]]
+    points_df["gene"] = points_df["gene"].cat.as_known()  # known categories: PointsModel needs them
+    points = PointsModel.parse(points_df, coordinates={"x": "x", "y": "y"}, feature_key="gene", instance_key="cell",
+                               transformations=frames)
     ids = [int(c) for c in adata.obs.index.astype(int) if int(c) in rings]
     shapes = ShapesModel.parse(gpd.GeoDataFrame({"geometry": [Polygon(rings[c]) for c in ids]},
                                                 index=pd.Index(ids, name="cell")), transformations=frames)
     table = adata[[str(c) for c in ids]].copy()
+    table.obs.index.name = None  # cells.h5ad names it "cell", which anndata refuses beside the integer column
     table.obs["region"] = pd.Categorical(["cells"] * table.n_obs)
     table.obs["cell"] = np.asarray(ids, np.int64)
     table = TableModel.parse(table, region="cells", region_key="region", instance_key="cell")
@@ -61,3 +66,24 @@ def write_spatialdata(path: str | os.PathLike, *, instance: np.ndarray, spots: p
     path = Path(path)
     store.write(path, overwrite=True)
     return path
+
+
+def write_spatialdata_from_results(results: str | os.PathLike, adata, *, um_per_px: float | None = None) -> Path:
+    """The store of a results folder written tile by tile: the mask read lazily from ``instance_mask.tif`` (tiled),
+    the spots from ``spots_assigned.csv`` in blocks, the outlines from ``cells.geojson``; what a whole slide needs."""
+    import json
+
+    import dask.array as da
+    import dask.dataframe as dd
+    import tifffile
+    import zarr
+
+    results = Path(results)
+    store = tifffile.imread(results / "instance_mask.tif", aszarr=True)
+    instance = da.from_zarr(zarr.open(store, mode="r"))
+    spots = dd.read_csv(results / "spots_assigned.csv", usecols=["gene", "spotX", "spotY", "cell", "prob"],
+                        dtype={"gene": str}, blocksize="64MB")
+    doc = json.loads((results / "cells.geojson").read_text())
+    rings = {int(f["properties"]["cell"]): f["geometry"]["coordinates"][0] for f in doc["features"]}
+    return write_spatialdata(results / "segjointgene.zarr", instance=instance, spots=spots, rings=rings, adata=adata,
+                             um_per_px=um_per_px)

@@ -37,7 +37,7 @@ from .constants import BACKGROUND
 log = logging.getLogger(__name__)
 
 __all__ = ["CellGeneCounts", "CellModel", "SpotModelConfig", "SpotModelFit", "ellipse_distance2", "fit_spot_model",
-           "nucleus_concentration", "territories", "tissue_area"]
+           "nucleus_concentration", "nucleus_stats", "territories", "tissue_area", "typical_radius"]
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def _log_shape(dy: np.ndarray, dx: np.ndarray, cov: np.ndarray, power: float) ->
     return -0.5 * np.log(det) + _shape_core(m2, power) - _log_norm(power)
 
 
-def _nucleus_stats(nuclei: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def nucleus_stats(nuclei: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Centroid (y, x) in pixel-centre coordinates and area of each nucleus id."""
     index = ids.astype(np.int64)
     area = ndimage.sum_labels(np.ones(nuclei.shape, np.float32), nuclei, index)
@@ -200,7 +200,7 @@ def _initial_model(centre: np.ndarray, area: np.ndarray, ids: np.ndarray, cls: n
                    gene: np.ndarray, spot_nucleus: np.ndarray, n_genes: int, cfg: SpotModelConfig,
                    reference: np.ndarray | None) -> CellModel:
     """The cells at their nuclei (``centre``, ``area``), typical discs, profiles from the nuclei's spots."""
-    radius = _typical_radius(centre, area)
+    radius = typical_radius(centre, area)
     var = radius * radius / 4.0 / _moment_factor(cfg.shape_power)  # a uniform disc's second moment
     cov = np.tile(np.eye(2) * var, (len(ids), 1, 1))
     freq = (np.bincount(gene, minlength=n_genes) + 1.0) / (gene.size + n_genes)
@@ -240,7 +240,7 @@ def reference_profile(reference: np.ndarray, floor: float = 1e-3) -> np.ndarray:
     return ref / np.maximum(ref.sum(1, keepdims=True), 1e-300)
 
 
-def _typical_radius(centre: np.ndarray, area: np.ndarray) -> float:
+def typical_radius(centre: np.ndarray, area: np.ndarray) -> float:
     """A typical cell's radius: half the median distance to the nearest other nucleus (a touching tissue's)."""
     if len(centre) > 1:
         return 0.5 * float(np.median(cKDTree(centre).query(centre, k=2)[0][:, 1]))
@@ -445,7 +445,7 @@ def fit_spot_model(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.nd
     h, w = nuclei.shape
     iy, ix = np.clip(sy.astype(np.int64), 0, h - 1), np.clip(sx.astype(np.int64), 0, w - 1)
     spot_nucleus = row_of[nuclei[iy, ix]]
-    nucleus_centre, area = _nucleus_stats(nuclei, ids)
+    nucleus_centre, area = nucleus_stats(nuclei, ids)
     model = _initial_model(nucleus_centre, area, ids, cls, n_types, gene, spot_nucleus, n_genes, cfg := config,
                            reference)
     rel_area = _relative_log_area(area, cls, n_types) if cfg.size_from_nucleus else None

@@ -45,6 +45,7 @@ __all__ = [
     "cell_table",
     "celltype_table",
     "class_map",
+    "extend_lut",
     "patch_from_raw",
     "raw_window",
     "stitch_label_cache",
@@ -400,6 +401,23 @@ def cell_table(instance: np.ndarray, class_lut: np.ndarray, celltypes: list[str]
         "area_px": np.asarray(props["area"]).astype(np.int64),
         "n_spots": counts[cells].astype(np.int64),
     })
+
+
+def extend_lut(lut: np.ndarray, ids: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """A cell id -> class id lookup with more cells (e.g. those found without a nucleus), grown as needed.
+
+    Examples
+    --------
+    >>> extend_lut(np.array([0, 2, 1]), np.array([5]), np.array([1])).tolist()
+    [0, 2, 1, 0, 0, 1]
+    """
+    ids = np.asarray(ids, np.int64)
+    if ids.size == 0:
+        return lut
+    out = np.zeros(max(int(ids.max()) + 1, lut.size), lut.dtype)
+    out[:lut.size] = lut
+    out[ids] = classes
+    return out
 
 
 def class_map(instance: np.ndarray, class_lut: np.ndarray, dtype: np.dtype | type = np.uint16) -> np.ndarray:

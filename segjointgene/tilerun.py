@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -11,30 +12,85 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.spatial import cKDTree
 
 from .config import Settings
 from .constants import CELLS_TABLE
+from .dataset import read_class_lut
 from .engine import engine_configs, reference_matrix
 from .errors import UserError
-from .io import remove_stale_temps, write_json
+from .io import load_npz, remove_stale_temps, write_json
 from .metadata import load_metadata
 from .runfolder import Paths
-from .tiles import TileJob, merge_tiles, plan_tiles, prepare_tiles, read_lut, run_tiles
+from .spotmodel import typical_radius
+from .stitch import extend_lut
+from .labels import IGNORE
+from .tilenet import NetworkSpec, TrainingWindow, sample_tiles, save_network, train_network
+from .tilemerge import merge_tiles
+from .tiles import Tile, TileJob, plan_tiles, prepare_tiles, read_tile_input, result_path, run_tiles
 
 log = logging.getLogger(__name__)
+
+NETWORK_FILE = "network.pt"
 
 __all__ = ["run_segment"]
 
 
 def _overlap(data_dir: Path, requested: int) -> int:
-    """The margin: as requested, else 4 typical cell radii (half the median nearest-nucleus distance)."""
+    """The margin: as requested, else 4 typical cell radii (half the median nearest-nucleus distance; with one cell,
+    that of a 200-px nucleus)."""
     if requested:
         return requested
     cells = pd.read_csv(data_dir / CELLS_TABLE, usecols=["x", "y"])
-    xy = cells[["x", "y"]].to_numpy(float)
-    radius = 0.5 * float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1])) if len(xy) > 1 else 16.0
-    return int(math.ceil(4 * radius))
+    return int(math.ceil(4 * typical_radius(cells[["y", "x"]].to_numpy(float), np.full(len(cells), 200.0))))
+
+
+def _network_settings(settings: Settings) -> dict:
+    """What the tile network depends on (recorded in the plan: a change needs --overwrite)."""
+    t, lab = settings.train, settings.labels
+    if not settings.tiles.network_tiles:
+        return {}
+    return {"tiles": settings.tiles.network_tiles, "net_epoch": t.net_epoch, "net_batch_size": t.net_batch_size,
+            "net_lr": t.net_lr, "net_width": t.net_width, "augment": t.augment,
+            "random_seed": settings.runtime.random_seed, "model_net_weight": lab.model_net_weight,
+            "model_background_weight": lab.model_background_weight}
+
+
+def _network_sample(data_dir: Path, meta, tiles: list[Tile], n: int, seed: int) -> list[Tile]:
+    """``n`` tiles drawn with probability proportional to their nuclei (the cells table's centres in their cores)."""
+    if not n:
+        return []
+    cells = pd.read_csv(data_dir / CELLS_TABLE, usecols=["x", "y"])
+    y = cells["y"].to_numpy(float) - meta.crop_offset[0]
+    x = cells["x"].to_numpy(float) - meta.crop_offset[1]
+    counts = np.array([np.count_nonzero((y >= t.core[0]) & (y < t.core[1]) & (x >= t.core[2]) & (x < t.core[3]))
+                       for t in tiles])
+    return [tiles[i] for i in sample_tiles(counts, n, seed)]
+
+
+def _train_on_sample(job: TileJob, sample: list[Tile], meta, settings: Settings, path: Path, dask_args: dict) -> None:
+    """The engine alone on the sampled tiles (kept under ``engine/``), then the network trained on their cells'
+    types in their cores, saved to ``path``."""
+    folder = Path(job.folder)
+    todo = [t for t in sample if not result_path(folder, t, "engine").is_file()]
+    print(f"segment: training the network on {len(sample)} tile(s) ({', '.join(t.name for t in sample)})")
+    run_tiles([dataclasses.replace(job, tile=t, out="engine") for t in todo], **dask_args)
+    windows = []
+    for t in sample:
+        data = read_tile_input(folder, t)
+        res = load_npz(result_path(folder, t, "engine"), ("mask", "denovo_cell", "denovo_class"))
+        lut = extend_lut(job.lut, res["denovo_cell"], res["denovo_class"])
+        labels = np.full(data["nuclei"].shape, IGNORE, np.int64)
+        cy0, cy1, cx0, cx1 = (v - o for v, o in zip(t.core, (t.outer[0], t.outer[0], t.outer[2], t.outer[2])))
+        labels[cy0:cy1, cx0:cx1] = lut[res["mask"]]
+        windows.append(TrainingWindow(data["x"], data["y"], data["gene"].astype(np.int64), labels))
+    t_cfg = settings.train
+    spec = NetworkSpec(n_genes=meta.n_genes, n_classes=meta.n_classes, patch_size=meta.patch_size,
+                       width=t_cfg.net_width, sigma=float(meta.density_sigma), halo=int(meta.density_halo))
+    t0 = time.perf_counter()
+    net = train_network(windows, spec, epochs=max(t_cfg.net_epoch, 1), batch_size=t_cfg.net_batch_size,
+                        lr=t_cfg.net_lr, seed=settings.runtime.random_seed, augment=t_cfg.augment)
+    save_network(path, net, spec, t_cfg.net_epoch)
+    print(f"segment: network trained in {time.perf_counter() - t0:.0f} s -> {path}")
 
 
 def run_segment(settings: Settings, paths: Paths, *, progress: bool = True) -> int:
@@ -61,19 +117,28 @@ def run_segment(settings: Settings, paths: Paths, *, progress: bool = True) -> i
     if folder.is_dir():
         remove_stale_temps(folder)
         remove_stale_temps(folder / "input") if (folder / "input").is_dir() else None
+    net = _network_settings(settings)
     record = {"tile_px": tile_px, "overlap_px": overlap, "data_dir": str(data_dir.resolve()),
-              "engine": repr(engine), "reference_csv": settings.evaluate.reference_csv}
-    todo = prepare_tiles(data_dir, meta, folder, tiles, record)
+              "engine": repr(engine), "reference_csv": settings.evaluate.reference_csv, "network": net}
+    lut = read_class_lut(data_dir)
+    sample = _network_sample(data_dir, meta, tiles, cfg.network_tiles, settings.runtime.random_seed)
+    network_file = folder / NETWORK_FILE
+    todo = prepare_tiles(data_dir, meta, folder, tiles, record,
+                         also=sample if cfg.network_tiles and not network_file.is_file() else ())
     print(f"segment: {len(tiles)} tile(s) of {tile_px} px with a {overlap}-px margin; {len(tiles) - len(todo)} "
           f"finished before, {len(todo)} to run")
-    lut = read_lut(data_dir)
-    jobs = [TileJob(tile=t, folder=str(folder), lut=lut, n_genes=meta.n_genes, n_types=meta.n_classes - 1,
-                    config=engine, reference=reference) for t in todo]
+    job = TileJob(tile=tiles[0], folder=str(folder), lut=lut, n_genes=meta.n_genes, n_types=meta.n_classes - 1,
+                  config=engine, reference=reference)
+    dask_args = dict(scheduler=cfg.scheduler, n_workers=cfg.dask_workers, memory_limit=cfg.dask_memory, progress=progress)
     t0 = time.perf_counter()
-    run_tiles(jobs, scheduler=cfg.scheduler, n_workers=cfg.dask_workers, memory_limit=cfg.dask_memory,
-              progress=progress)
+    if cfg.network_tiles and todo:
+        if not network_file.is_file():
+            _train_on_sample(job, sample, meta, settings, network_file, dask_args)
+        job = dataclasses.replace(job, network=str(network_file), net_weight=settings.labels.model_net_weight,
+                                  background_weight=settings.labels.model_background_weight)
+    run_tiles([dataclasses.replace(job, tile=t) for t in todo], **dask_args)
     seconds_tiles = time.perf_counter() - t0
-    cells = merge_tiles(folder, tiles, meta, data_dir, run.results, lut)
+    cells = merge_tiles(folder, tiles, meta, data_dir, run.results, lut, margin=overlap)
     write_json(run.path / "run.json", {"datasets_name": paths.datasets_name, "data_dir": str(data_dir.resolve()),
                                        "step": "segment", **{k: v for k, v in record.items() if k != "data_dir"}})
     print(f"segmented {paths.datasets_name}: {len(cells)} cells from {len(tiles)} tiles ({seconds_tiles:.1f} s on "

@@ -4,7 +4,8 @@ A preprocessed section is cut into square tiles of the padded patch frame (whole
 with a margin (``overlap_px``) on every side. Every tile runs the spot-model engine without the network
 (:func:`segjointgene.engine.segment_window`) on a Dask cluster (a ``LocalCluster`` by default, or an existing one
 by its scheduler's address, e.g. from dask-jobqueue on SLURM), from its own input file: its spots and the nuclei of
-its window, so a worker never holds more than one window.
+its window, so a worker never holds more than one window. With a tile network (:mod:`segjointgene.tilenet`,
+trained on a sample of tiles' engine results under ``engine/``), each tile's spot model takes its evidence.
 
 Seams: a tile is the *home* of the pixels and spots of its core (the tile without its margin) and only its results
 there are kept; cells keep their nucleus ids across tiles, so a cell that straddles a seam is one cell, its pixels on
@@ -12,22 +13,20 @@ either side labelled by their home tiles, which both saw the whole cell when the
 cell found de novo belongs to the tile whose core holds its centre; elsewhere its pixels and spots are background.
 
 Every finished tile is written atomically under ``<run>/tiles/``; a rerun (after a kill, or a failed tile) keeps
-the finished ones and runs the rest. :func:`merge_tiles` writes the run's results from the tile files, one band of
-tiles at a time.
+the finished ones and runs the rest. :mod:`segjointgene.tilemerge` writes the run's results from the tile files.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from .constants import BACKGROUND, CELLS_TABLE, SPOTS_TABLE, SPLITS, PatchKeys
+from .constants import BACKGROUND, SPOTS_TABLE, SPLITS, PatchKeys
 from .engine import EngineConfig, segment_window
 from .errors import UserError
 from .io import load_npz, npz_headers, save_npz, write_json
@@ -36,8 +35,8 @@ from .metadata import DatasetMetadata
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Tile", "TileError", "TileJob", "merge_tiles", "plan_tiles", "prepare_tiles", "read_lut", "run_tiles",
-           "segment_tile"]
+__all__ = ["Tile", "TileError", "TileJob", "plan_tiles", "prepare_tiles", "patch_paths", "read_tile_input",
+           "result_path", "run_tiles", "segment_tile", "tile_window"]
 
 #: Ids reserved for the de novo cells of each tile (above every nucleus id).
 DENOVO_STRIDE = 1 << 16
@@ -84,11 +83,11 @@ def plan_tiles(shape: tuple[int, int], tile_px: int, overlap_px: int) -> list[Ti
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def _patch_paths(data_dir: Path, meta: DatasetMetadata) -> dict[tuple[int, int], Path]:
+def patch_paths(data_dir: Path, meta: DatasetMetadata) -> dict[tuple[int, int], Path]:
     return {parse_patch_name(n): data_dir / split / n for split in SPLITS for n in meta.split.get(split, [])}
 
 
-def _window(paths: dict[tuple[int, int], Path], p: int, outer: tuple[int, int, int, int]) -> np.ndarray:
+def tile_window(paths: dict[tuple[int, int], Path], p: int, outer: tuple[int, int, int, int]) -> np.ndarray:
     """The nucleus (instance) channel of the patches over a window; absent (empty) patches are background."""
     y0, y1, x0, x1 = outer
     out = np.zeros((y1 - y0, x1 - x0), np.int64)
@@ -105,10 +104,11 @@ def _window(paths: dict[tuple[int, int], Path], p: int, outer: tuple[int, int, i
 
 
 def prepare_tiles(data_dir: Path, meta: DatasetMetadata, folder: Path, tiles: Sequence[Tile],
-                  settings: dict) -> list[Tile]:
-    """Write each tile's input (``<folder>/input/<tile>.npz``: spot rows, positions, genes and the nuclei of its outer
-    window) unless it is there; returns the tiles without a result yet. The plan and ``settings`` are recorded in
-    ``plan.json``; a folder of another plan or other settings is an error (rerun with --overwrite)."""
+                  settings: dict, *, also: Sequence[Tile] = ()) -> list[Tile]:
+    """Write the input (``<folder>/input/<tile>.npz``: spot rows, positions, genes and the nuclei of its outer
+    window) of each tile without a result, and of the tiles ``also`` (e.g. the network's sample), unless it is there;
+    returns the tiles without a result yet. The plan and ``settings`` are recorded in ``plan.json``; a folder of
+    another plan or other settings is an error (rerun with --overwrite)."""
     folder.mkdir(parents=True, exist_ok=True)
     record = {"tiles": [asdict(t) for t in tiles], "settings": settings,
               "spots": int(npz_headers(data_dir / SPOTS_TABLE)["x"][0][0])}
@@ -118,7 +118,8 @@ def prepare_tiles(data_dir: Path, meta: DatasetMetadata, folder: Path, tiles: Se
                         "use the same tile and engine flags to resume")
     write_json(plan, record)
     todo = [t for t in tiles if not (folder / f"{t.name}.npz").is_file()]
-    need = [t for t in todo if not (folder / "input" / f"{t.name}.npz").is_file()]
+    wanted = {t.index: t for t in [*todo, *also]}
+    need = [t for _, t in sorted(wanted.items()) if not (folder / "input" / f"{t.name}.npz").is_file()]
     if need:
         _write_inputs(data_dir, meta, folder / "input", need, tiles)
     return todo
@@ -140,7 +141,7 @@ def _write_inputs(data_dir: Path, meta: DatasetMetadata, folder: Path, tiles: Se
     key = np.where((r >= 0) & (c >= 0) & (c < cols), r * cols + c, -1)
     order = np.argsort(key, kind="stable")
     sorted_key = key[order]
-    paths, p = _patch_paths(data_dir, meta), meta.patch_size
+    paths, p = patch_paths(data_dir, meta), meta.patch_size
     for t in tiles:
         oy0, oy1, ox0, ox1 = t.outer
         reach = [(t.row + dr) * cols + t.col + dc for dr in (-1, 0, 1) for dc in (-1, 0, 1)
@@ -149,7 +150,7 @@ def _write_inputs(data_dir: Path, meta: DatasetMetadata, folder: Path, tiles: Se
         cand = np.sort(np.concatenate([order[lo:hi] for lo, hi in bounds]))
         rows = cand[(y[cand] >= oy0) & (y[cand] < oy1) & (x[cand] >= ox0) & (x[cand] < ox1)]
         save_npz(folder / f"{t.name}.npz", {"rows": rows.astype(np.int64), "x": x[rows] - ox0, "y": y[rows] - oy0,
-                                            "gene": gene[rows], "nuclei": _window(paths, p, t.outer).astype(np.uint32)})
+                                            "gene": gene[rows], "nuclei": tile_window(paths, p, t.outer).astype(np.uint32)})
 
 
 # ------------------------------------------------------------------------------------------------ one tile
@@ -164,19 +165,55 @@ class TileJob:
     n_types: int
     config: EngineConfig
     reference: np.ndarray | None = None
+    network: str = ""  # the tile network's file (:mod:`segjointgene.tilenet`); empty: the engine alone
+    net_weight: float = 0.5  # --model_net_weight
+    background_weight: float = 0.25  # --model_background_weight
+    out: str = ""  # sub-folder of ``folder`` for the result
+
+
+def read_tile_input(folder: Path, tile: Tile) -> dict[str, np.ndarray]:
+    """A tile's input: spot ``rows`` (in spots.npz), ``x, y`` (outer-window frame), ``gene``, ``nuclei``."""
+    return load_npz(folder / "input" / f"{tile.name}.npz", ("rows", "x", "y", "gene", "nuclei"))
+
+
+def result_path(folder: Path, tile: Tile, out: str = "") -> Path:
+    return folder / out / f"{tile.name}.npz"
+
+
+_NETWORKS: dict[str, tuple] = {}  # a worker's loaded tile network, by file
+
+
+def _network_evidence(job: TileJob, data: dict[str, np.ndarray]) -> np.ndarray:
+    """The tile network's weighted log-evidence at the tile's spots (the network loaded once per worker)."""
+    import torch
+
+    from .engine import network_evidence
+    from .tilenet import load_network, spot_log_posterior
+
+    if job.network not in _NETWORKS:
+        torch.set_num_threads(1)  # a Dask worker has one thread
+        _NETWORKS.clear()
+        _NETWORKS[job.network] = load_network(job.network)
+    net, spec = _NETWORKS[job.network]
+    log_post = spot_log_posterior(net, spec, data["x"], data["y"], data["gene"].astype(np.int64),
+                                  data["nuclei"].shape)
+    return job.net_weight * network_evidence(log_post, job.background_weight)
 
 
 def segment_tile(job: TileJob) -> str:
-    """Run the engine on one tile and write ``<folder>/<tile>.npz`` (the home spots' rows, cells and probabilities,
-    the core's mask, the de novo cells it owns); returns the tile's name. A Dask task."""
+    """Run the engine (with the tile network's evidence when ``job.network``) on one tile and write its result,
+    ``<folder>/<out>/<tile>.npz`` (the home spots' rows, cells and probabilities, the core's mask, the de novo cells it
+    owns); returns the tile's name. A Dask task."""
     t, folder = job.tile, Path(job.folder)
-    data = load_npz(folder / "input" / f"{t.name}.npz", ("rows", "x", "y", "gene", "nuclei"))
+    data = read_tile_input(folder, t)
     nuclei = data["nuclei"].astype(np.int64)
     ids = np.unique(nuclei[nuclei > 0])
     ids = ids[ids < job.lut.size]
     first_new = job.lut.size + t.index * DENOVO_STRIDE
+    evidence = (lambda: _network_evidence(job, data)) if job.network else None
     seg = segment_window(data["x"], data["y"], data["gene"], nuclei, ids, job.lut[ids] - 1, n_genes=job.n_genes,
-                         n_types=job.n_types, first_new_id=first_new, reference=job.reference, config=job.config)
+                         n_types=job.n_types, first_new_id=first_new, reference=job.reference, config=job.config,
+                         evidence=evidence)
     oy0, _, ox0, _ = t.outer
     cy0, cy1, cx0, cx1 = t.core
     owned = _owned_denovo(seg.mask, seg.denovo_ids, (cy0 - oy0, cy1 - oy0, cx0 - ox0, cx1 - ox0))
@@ -187,11 +224,12 @@ def segment_tile(job: TileJob) -> str:
     y, x = data["y"] + oy0, data["x"] + ox0
     home = (y >= cy0) & (y < cy1) & (x >= cx0) & (x < cx1)
     keep = np.isin(seg.denovo_ids, owned)
-    save_npz(folder / f"{t.name}.npz", {
+    result_path(folder, t, job.out).parent.mkdir(exist_ok=True)
+    save_npz(result_path(folder, t, job.out), {
         "rows": data["rows"][home], "cell": cell[home].astype(np.int64), "prob": seg.prob[home],
         "mask": mask[cy0 - oy0:cy1 - oy0, cx0 - ox0:cx1 - ox0].astype(np.uint32),
         "denovo_cell": seg.denovo_ids[keep], "denovo_class": seg.denovo_types[keep] + 1,
-        "engine": np.array(seg.engine)})
+        "engine": np.array(seg.engine), "network": np.array(bool(job.network) and seg.engine != "density")})
     return t.name
 
 
@@ -247,142 +285,3 @@ def run_tiles(jobs: Sequence[TileJob], *, scheduler: str = "", n_workers: int = 
                         f"{type(err).__name__}: {err}. The {len(done)} finished tile(s) are kept: rerun the same "
                         "command to retry the rest")
     return done
-
-
-# ------------------------------------------------------------------------------------------------ merge
-#: Edge of the TIFF tiles of the merged masks.
-TIFF_TILE = 256
-
-
-def merge_tiles(folder: Path, tiles: Sequence[Tile], meta: DatasetMetadata, data_dir: Path, out: Path,
-                lut: np.ndarray) -> pd.DataFrame:
-    """Write the run's results from its tiles (one band of tiles in memory at a time): ``spots_assigned.csv``,
-    ``cells.csv``, ``cells.h5ad`` (with anndata), ``instance_mask.tif`` and ``celltype_mask.tif`` (raw frame, tiled
-    TIFF), ``celltypes.csv``; returns the cell table."""
-    from .export import _write_anndata
-    from .io import write_csv
-    from .stitch import celltype_table
-
-    out.mkdir(parents=True, exist_ok=True)
-    spots = load_npz(data_dir / SPOTS_TABLE, ("gene", "x", "y"))
-    n = spots["x"].size
-    cell, prob = np.zeros(n, np.int64), np.ones(n, np.float32)
-    parts, extra = [], {}
-    for t in tiles:
-        res = load_npz(folder / f"{t.name}.npz", ("rows", "cell", "prob", "mask", "denovo_cell", "denovo_class"))
-        cell[res["rows"]], prob[res["rows"]] = res["cell"], res["prob"]
-        extra.update(zip(res["denovo_cell"].tolist(), res["denovo_class"].tolist()))
-        parts.append(_pixel_sums(res["mask"], t.core[0] + meta.crop_offset[0], t.core[2] + meta.crop_offset[1]))
-    lut = _extend(lut, extra)
-    cells = _cell_table(pd.concat(parts), cell, lut, list(meta.celltypes))
-    names = np.asarray(meta.celltypes, dtype=object)
-    _write_spots(out / "spots_assigned.csv", np.asarray(meta.genes, dtype=object)[spots["gene"]], spots["x"],
-                 spots["y"], cell, names[lut[cell]], prob)
-    write_csv(out / "cells.csv", cells)
-    write_csv(out / "celltypes.csv", celltype_table(list(meta.celltypes)))
-    _write_masks(folder, tiles, meta, out, lut)
-    _write_anndata(out / "cells.h5ad", cells, cell, spots["gene"].astype(np.int64), list(meta.genes),
-                   {"tiles": len(tiles), "datasets_name": meta.datasets_name})
-    return cells
-
-
-def _pixel_sums(mask: np.ndarray, y0: int, x0: int) -> pd.DataFrame:
-    """Per cell of a core mask: pixel count and sums of the raw-frame pixel centres (y, x)."""
-    ids, inverse, area = np.unique(mask.ravel(), return_inverse=True, return_counts=True)
-    yy, xx = np.indices(mask.shape)
-    return pd.DataFrame({"cell": ids.astype(np.int64), "area_px": area,
-                         "sy": np.bincount(inverse, (yy.ravel() + y0 + 0.5)),
-                         "sx": np.bincount(inverse, (xx.ravel() + x0 + 0.5))}).query("cell != 0")
-
-
-def _extend(lut: np.ndarray, extra: dict[int, int]) -> np.ndarray:
-    """The cell -> class lookup with the de novo cells."""
-    if not extra:
-        return lut
-    out = np.zeros(max(max(extra) + 1, lut.size), lut.dtype)
-    out[:lut.size] = lut
-    out[list(extra)] = list(extra.values())
-    return out
-
-
-def _cell_table(sums: pd.DataFrame, spot_cell: np.ndarray, lut: np.ndarray, celltypes: list[str]) -> pd.DataFrame:
-    """``cell, celltype, x, y, area_px, n_spots``: one row per cell of the mask (the contract of ``cells.csv``)."""
-    per = sums.groupby("cell", sort=True)[["area_px", "sy", "sx"]].sum()
-    ids, n_spots = np.unique(spot_cell[spot_cell > 0], return_counts=True)
-    spots = pd.Series(n_spots, index=ids).reindex(per.index, fill_value=0)
-    return pd.DataFrame({"cell": per.index.to_numpy(np.int64),
-                         "celltype": np.asarray(celltypes, dtype=object)[lut[per.index.to_numpy()]],
-                         "x": (per["sx"] / per["area_px"]).to_numpy(), "y": (per["sy"] / per["area_px"]).to_numpy(),
-                         "area_px": per["area_px"].to_numpy(np.int64), "n_spots": spots.to_numpy(np.int64)})
-
-
-def _write_spots(path: Path, gene, x, y, cell, celltype, prob, chunk: int = 1 << 21) -> None:
-    """``gene,spotX,spotY,cell,celltype,prob`` in the spots' order, in chunks, atomically."""
-    from .io import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w") as fh:
-        for i in range(0, len(x), chunk):
-            sl = slice(i, i + chunk)
-            pd.DataFrame({"gene": gene[sl], "spotX": x[sl], "spotY": y[sl], "cell": cell[sl], "celltype": celltype[sl],
-                          "prob": prob[sl]}).to_csv(fh, index=False, header=i == 0)
-
-
-def _write_masks(folder: Path, tiles: Sequence[Tile], meta: DatasetMetadata, out: Path, lut: np.ndarray) -> None:
-    """The instance and cell-type masks in the raw frame, as tiled TIFFs written band by band."""
-    import tifffile
-
-    from .io import atomic_path
-
-    h, w = meta.raw_shape
-    y0, x0 = meta.crop_offset
-    rows = sorted({t.row for t in tiles})
-    band_of = {r: [t for t in tiles if t.row == r] for r in rows}
-    cache: dict[int, np.ndarray] = {}
-
-    def band(r: int) -> np.ndarray:  # (core height, padded width) uint32 of one row of tiles
-        if r not in cache:
-            cache.clear()
-            ts = band_of[r]
-            img = np.zeros((ts[0].core[1] - ts[0].core[0], max(t.core[3] for t in ts)), np.uint32)
-            for t in ts:
-                img[:, t.core[2]:t.core[3]] = load_npz(folder / f"{t.name}.npz", ("mask",))["mask"]
-            cache[r] = img
-        return cache[r]
-
-    side = tiles[0].core[1] - tiles[0].core[0]
-
-    def raw_rows(r0: int, r1: int) -> np.ndarray:  # raw-frame rows [r0, r1) of the instance mask
-        out_rows = np.zeros((r1 - r0, w), np.uint32)
-        for r in range(r0, r1):
-            pr = r - y0
-            if pr < 0 or pr // side not in band_of:
-                continue
-            line = band(pr // side)[pr % side]
-            ww = min(w - x0, line.size)
-            out_rows[r - r0, x0:x0 + ww] = line[:ww]
-        return out_rows
-
-    def tiles_of(mapping) -> Iterable[np.ndarray]:
-        for r0 in range(0, h, TIFF_TILE):
-            rows_img = mapping(raw_rows(r0, min(r0 + TIFF_TILE, h)))
-            for c0 in range(0, w, TIFF_TILE):
-                tile = np.zeros((TIFF_TILE, TIFF_TILE), rows_img.dtype)
-                part = rows_img[:, c0:c0 + TIFF_TILE]
-                tile[:part.shape[0], :part.shape[1]] = part
-                yield tile
-
-    class_dtype = np.uint8 if meta.n_classes <= 256 else np.uint16
-    for name, mapping, dtype in (("instance_mask.tif", lambda a: a, np.uint32),
-                                 ("celltype_mask.tif", lambda a: lut[a].astype(class_dtype), class_dtype)):
-        with atomic_path(out / name) as tmp:
-            tifffile.imwrite(tmp, tiles_of(mapping), shape=(h, w), dtype=dtype, tile=(TIFF_TILE, TIFF_TILE),
-                             compression="zlib")
-        cache.clear()
-
-
-def read_lut(data_dir: Path) -> np.ndarray:
-    """cell id -> class id of the dataset (``cells.csv``)."""
-    cells = pd.read_csv(data_dir / CELLS_TABLE)
-    lut = np.zeros(int(cells["cell"].max()) + 1 if len(cells) else 1, np.int64)
-    lut[cells["cell"].to_numpy()] = cells["celltype_id"].to_numpy()
-    return lut

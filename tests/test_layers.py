@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "segjointgene"
 #: layer of STYLE.md §12 (e.g. ``preprocess`` builds on ``io``); a module imports only from strictly lower values.
 LAYERS = {
     "__init__": 0, "constants": 0, "errors": 0, "interrupt": 0, "config": 0.5,
-    "io": 1, "runfolder": 1, "windows": 1.1, "metadata": 1.2, "geometry": 1.3, "dapi": 1.3, "platforms": 1.6, "simulate": 1.5, "preprocess": 1.5, "stitch": 1.5, "metrics": 1.5, "baselines": 1.5, "densitycells": 1.6, "engine": 1.7, "tiles": 2.6, "tilerun": 2.7, "method": 0.6, "spotmodel": 1.5, "partition": 1.6, "ranking": 1.5, "polygons": 1.5, "spatialstore": 1.5,
+    "io": 1, "runfolder": 1, "windows": 1.1, "metadata": 1.2, "geometry": 1.3, "dapi": 1.3, "platforms": 1.6, "simulate": 1.5, "preprocess": 1.5, "stitch": 1.5, "metrics": 1.5, "baselines": 1.5, "densitycells": 1.6, "engine": 1.7, "tilenet": 2.55, "tiles": 2.6, "tilemerge": 2.65, "tilerun": 2.7, "method": 0.6, "spotmodel": 1.5, "partition": 1.6, "ranking": 1.5, "polygons": 1.5, "spatialstore": 1.5,
     "labels": 2, "dataset": 2, "model": 2, "checkpoint": 2, "attribution": 2, "plots": 2, "distributed": 2, "density": 2,
     "export": 2.5, "evaluation": 2.5, "embed": 2.5, "classify": 2.5,
     "trainer": 3,

@@ -220,3 +220,41 @@ def test_a_truncated_transcripts_parquet_is_named(sim, tmp_path, capsys):
                  "--quiet"]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "truncated" in err
+
+
+def test_a_tiled_xenium_run_writes_the_outputs_of_an_untiled_one(sim, tmp_path):
+    pytest.importorskip("dask.distributed")
+    anndata = pytest.importorskip("anndata")
+    folder = _xenium(sim, tmp_path / "data" / "x_raw" / "run1")
+    common = [f"--work_dir={tmp_path}", "--datasets_name=x", "--quiet"]
+    assert main(["--step_name=preprocess", *common, f"--raw_dir={folder}", "--patch_size=64", "--n_celltypes=3"]) == 0
+    assert main(["--step_name=segment", *common, "--tile_px=64", "--dask_workers=2", "--tile_network_tiles=1",
+                 "--net_epoch=1", "--net_width=4"]) == 0
+    results = tmp_path / "checkpoints" / "x" / "tiled" / "results"
+    cells = pd.read_csv(results / "cells.csv")
+    np.testing.assert_allclose(cells["x_um"], cells["x"] * PX)
+    spots = pd.read_csv(results / "spots_assigned.csv")
+    np.testing.assert_allclose(spots["spotY_um"], spots["spotY"] * PX)
+    mask = tifffile.imread(results / "instance_mask.tif")
+    features = json.loads((results / "cells.geojson").read_text())["features"]
+    assert sorted(f["properties"]["cell"] for f in features) == cells["cell"].tolist()  # every cell, once
+    area = cells.set_index("cell")["area_px"]
+    for f in features:  # each outline is its cell's whole mask (traced across seams), not a tile's piece
+        xy = np.asarray(f["geometry"]["coordinates"][0])
+        shoelace = 0.5 * abs(np.dot(xy[:-1, 0], xy[1:, 1]) - np.dot(xy[1:, 0], xy[:-1, 1]))
+        if area[f["properties"]["cell"]] >= 30:
+            assert abs(shoelace - area[f["properties"]["cell"]]) < 0.25 * area[f["properties"]["cell"]] + 6
+    ranger = results / "xenium_ranger"
+    assert np.array_equal(tifffile.imread(ranger / "cells_label_mask.tif"), mask)
+    nuclei = tifffile.imread(ranger / "nuclei_label_mask.tif")
+    assert nuclei.shape == mask.shape == sim.dapi.shape and set(np.unique(nuclei)) - {0} <= set(cells["cell"])
+    assign = pd.read_csv(ranger / "transcript_assignment.csv", keep_default_na=False)
+    kept = np.ones(len(sim.spots), bool)
+    kept[::50] = False
+    assert (assign["transcript_id"].to_numpy() == np.flatnonzero(kept) + 281474976710656).all()
+    assert (assign["cell"] == np.where(spots["cell"] > 0, "cell-" + spots["cell"].astype(str), "")).all()
+    viz = json.loads((ranger / "viz_polygons.geojson").read_text())
+    assert sorted(f["id"] for f in viz["features"]) == sorted(f"cell-{c}" for c in cells["cell"])
+    assert viz["unit"] == "micron"
+    ad = anndata.read_h5ad(results / "cells.h5ad")
+    assert ad.n_obs == len(cells) and ad.obsm["spatial_um"].shape == (len(cells), 2)

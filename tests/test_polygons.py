@@ -39,3 +39,32 @@ def test_disc_area_and_geojson(tmp_path):
     f = doc["features"][1]
     assert f["geometry"]["type"] == "Polygon" and f["properties"]["celltype"] == "B"
     assert f["properties"]["classification"]["name"] == "B" and f["properties"]["objectType"] == "cell"
+
+
+def test_sparse_large_ids_a_subset_and_an_origin():
+    mask = np.zeros((6, 7), np.uint32)
+    mask[1:4, 2:5] = 4_000_000_000  # an id far above the cell count (a tiled run's de novo ids)
+    mask[4:6, 0:2] = 7
+    rings = cell_polygons(mask, ids=[4_000_000_000], origin=(100, 50))
+    assert list(rings) == [4_000_000_000]
+    xy = np.asarray(rings[4_000_000_000])
+    assert xy[:, 0].min() == 52.0 and xy[:, 1].min() == 101.0  # shifted by the origin (y, x) = (100, 50)
+    assert rings[4_000_000_000] == [[x + 50, y + 100] for x, y in cell_polygons(mask)[4_000_000_000]]
+
+
+def test_a_failed_stream_leaves_no_file(tmp_path):
+    from segjointgene.polygons import GeoJSONWriter
+
+    cells = pd.DataFrame({"cell": [1], "celltype": ["A"], "n_spots": [3]})
+    try:
+        with GeoJSONWriter(tmp_path / "c.geojson") as w:
+            w.add(cells, {1: [[0, 0], [1, 0], [1, 1], [0, 0]]})
+            raise RuntimeError("killed")
+    except RuntimeError:
+        pass
+    assert list(tmp_path.iterdir()) == []
+    with GeoJSONWriter(tmp_path / "c.geojson", unit="micron", id_prefix="cell-") as w:
+        w.add(cells, {1: [[0, 0], [1, 0], [1, 1], [0, 0]]})
+        w.add(cells.assign(cell=2), {})  # a cell without a ring is left out
+    doc = json.loads((tmp_path / "c.geojson").read_text())
+    assert doc["unit"] == "micron" and [f["id"] for f in doc["features"]] == ["cell-1"]

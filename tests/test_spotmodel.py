@@ -59,7 +59,7 @@ def test_temperature_softens_the_probability_but_not_the_assignment():
 
 
 def test_network_evidence_splits_type_from_background():
-    from segjointgene.trainer.spots import network_evidence
+    from segjointgene.engine import network_evidence
 
     post = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.4, 0.4]])
     log_post = np.log(np.vstack([post, np.zeros((1, 3))]))  # the last spot was not predicted

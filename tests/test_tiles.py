@@ -11,7 +11,8 @@ from segjointgene.engine import engine_configs, segment_window
 from segjointgene.io import load_npz
 from segjointgene.metadata import load_metadata
 from segjointgene.stitch import stitch_patch_channel
-from segjointgene.tiles import plan_tiles, read_lut
+from segjointgene.dataset import read_class_lut
+from segjointgene.tiles import plan_tiles
 
 pytest.importorskip("dask.distributed")
 
@@ -51,7 +52,7 @@ def test_one_tile_is_the_engine_on_the_whole_section(section):
     meta = load_metadata(data)
     spots = load_npz(data / "spots.npz", ("gene", "x", "y"))
     nuclei = stitch_patch_channel(data, meta, "instance", dtype=np.int64)  # the raw frame (no crop here)
-    lut = read_lut(data)
+    lut = read_class_lut(data)
     ids = np.unique(nuclei[nuclei > 0])
     whole = segment_window(spots["x"], spots["y"], spots["gene"], nuclei, ids, lut[ids] - 1, n_genes=meta.n_genes,
                            n_types=meta.n_classes - 1, first_new_id=lut.size, config=engine_configs(LabelUpdateConfig()))
@@ -77,6 +78,12 @@ def test_nine_tiles_keep_every_cell_once(section):
     assert mask.shape == (192, 192) and set(np.unique(mask)) - {0} == set(cells_nine["cell"])
     assert (cells_nine.set_index("cell")["area_px"] == pd.Series(*np.unique(mask[mask > 0], return_counts=True)[::-1])
             ).all()
+    # the nuclei are there too, so the evaluate step scores a tiled run against the truth and the baselines
+    assert tifffile.imread(out9 / "initial_instance_mask.tif").shape == (192, 192)
+    assert main(["--step_name=evaluate", f"--work_dir={section}", "--datasets_name=t", "--net_sub_suffix=nine",
+                 "--quiet"]) == 0
+    scores = pd.read_csv(out9 / "evaluation.csv", index_col=0)
+    assert scores.loc["ours", "spot_acc"] > scores.loc["nuclei", "spot_acc"]
     assert (out9 / "cells.h5ad").is_file() and (out9 / "celltype_mask.tif").is_file()
 
 
@@ -118,8 +125,9 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(section):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
+    # with the tile network (trained once, bit-identical for one thread count)
     args = ["--step_name=segment", f"--work_dir={section}", "--tile_px=64", "--datasets_name=t", "--quiet",
-            "--dask_workers=1"]
+            "--dask_workers=1", "--num_threads=1", "--tile_network_tiles=1", "--net_width=4", "--net_epoch=2"]
     assert main([*args, "--net_sub_suffix=straight"]) == 0
     tiles = section / "checkpoints" / "t" / "killed" / "tiles"
     proc = subprocess.Popen([sys.executable, str(root / "main.py"), *args, "--net_sub_suffix=killed"],
@@ -135,3 +143,33 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(section):
     killed, _, _ = _results(section, "killed")
     straight, _, _ = _results(section, "straight")
     assert killed.equals(straight)
+
+
+def test_the_network_learns_on_a_sample_and_the_tiles_take_its_evidence(section, capsys):
+    args = ["--step_name=segment", f"--work_dir={section}", "--net_sub_suffix=net", "--tile_px=64", "--datasets_name=t",
+            "--quiet", "--dask_workers=2", "--tile_network_tiles=2", "--net_epoch=2", "--net_width=4"]
+    assert main(args) == 0
+    assert "training the network on 2 tile(s)" in capsys.readouterr().out
+    tiles = section / "checkpoints" / "t" / "net" / "tiles"
+    assert (tiles / "network.pt").is_file() and len(list((tiles / "engine").glob("t_*.npz"))) == 2
+    results = [load_npz(p, ("engine", "network")) for p in sorted(tiles.glob("t_*.npz"))]
+    assert all(bool(r["network"]) == (str(r["engine"]) != "density") for r in results)
+    assert any(bool(r["network"]) for r in results)
+    if not (section / "checkpoints" / "t" / "nine").is_dir():
+        assert main(["--step_name=segment", f"--work_dir={section}", "--net_sub_suffix=nine", "--tile_px=64",
+                     *COMMON]) == 0
+    net, cells, _ = _results(section, "net")
+    alone, _, _ = _results(section, "nine")
+    assert (net["cell"] == alone["cell"]).mean() > 0.6  # a barely trained network moves few spots, if any
+    assert not np.allclose(net["prob"], alone["prob"])  # but its evidence enters every sparse tile's posterior
+    assert cells["cell"].is_unique
+    # a rerun keeps the network and the finished tiles; other network settings need --overwrite
+    stamp = (tiles / "network.pt").stat().st_mtime_ns
+    (tiles / "t_0_0.npz").unlink()
+    assert main(args) == 0
+    assert "training the network" not in capsys.readouterr().out
+    assert (tiles / "network.pt").stat().st_mtime_ns == stamp
+    again, _, _ = _results(section, "net")
+    assert again.equals(net)
+    assert main([*args, "--net_epoch=3"]) == 2
+    assert "another plan" in capsys.readouterr().err

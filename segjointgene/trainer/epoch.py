@@ -28,7 +28,7 @@ from torch.utils.data.distributed import DistributedSampler
 from .. import distributed, interrupt
 from ..attribution import AttributionSummary, summarize
 from ..config import AttributionConfig, LabelUpdateConfig, TrainConfig
-from ..dataset import LabelStore
+from ..dataset import LabelStore, augment_patches
 from ..io import write_csv
 from ..labels import IGNORE, reach, training_targets, update_labels
 from ..metadata import DatasetMetadata
@@ -61,21 +61,6 @@ def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     denom = probs.sum((2, 3)) + onehot.sum((2, 3))
     dice = (2 * inter + 1) / (denom + 1)  # (B, K)
     return 1 - dice[:, 1:].mean() if dice.shape[1] > 1 else dice.new_zeros(())
-
-
-def augment(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same random dihedral transform (flip + 90-degree rotation) of every image and its labels, per sample."""
-    b = images.shape[0]
-    codes = torch.randint(0, 8, (b,), generator=generator).tolist()
-    out_i, out_l = [], []
-    for i, code in enumerate(codes):
-        img, lab = images[i], labels[i]
-        if code & 4:
-            img, lab = img.flip(-1), lab.flip(-1)
-        k = code & 3
-        out_i.append(torch.rot90(img, k, dims=(-2, -1)))
-        out_l.append(torch.rot90(lab, k, dims=(-2, -1)))
-    return torch.stack(out_i), torch.stack(out_l)
 
 
 def class_weights(stores: list[LabelStore], n_classes: int) -> torch.Tensor:
@@ -230,7 +215,7 @@ class EpochRunner:
                                   lut[batch["core"]].to(rc.device, non_blocking=True), images.sum(1),
                                   margin=cfg.ignore_margin, mode=rc.train_targets, density_floor=rc.density_floor)
         if plan.step and cfg.augment:
-            images, labels = augment(images, labels, state.generators["augment"])
+            images, labels = augment_patches(images, labels, state.generators["augment"])
         with autocast(rc.device, cfg.amp), torch.set_grad_enabled(plan.step):
             logits = self.net(images)
             loss = F.cross_entropy(logits.float(), labels, weight=plan.weights, ignore_index=IGNORE)

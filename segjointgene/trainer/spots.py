@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.special import logsumexp
 
 from .. import distributed
 from ..config import LabelUpdateConfig
 from ..constants import SPOTS_TABLE
 from ..dataset import ImagePatchDataset, LabelStore
-from ..densitycells import DensityCells, density_cells, density_scale
-from ..engine import denovo_types, engine_configs, shift_log_odds, spot_types
+from ..densitycells import density_boundaries
+from ..engine import Segmentation, density_segmentation, engine_configs, network_evidence, shift_log_odds
 from ..io import load_npz, save_npz
 from ..metadata import DatasetMetadata
 from ..partition import refine_partition
@@ -36,25 +35,6 @@ from ..runfolder import RunFolder
 from ..spotmodel import SpotModelFit, fit_spot_model, territories
 
 log = logging.getLogger(__name__)
-
-
-def network_evidence(log_post: np.ndarray, background_weight: float) -> np.ndarray:
-    """(n, K) log-evidence for the spot model from the network's (n, K) log posterior at the spots (column 0 =
-    background; rows of zeros = spots no patch predicted, which get no evidence).
-
-    The posterior is split into which type, given a cell (``log p(t | cell)``), and cell versus background
-    (``log p(bg) - log p(cell)``), each as a likelihood ratio against its mean over the spots; the second is
-    weighted by ``background_weight``. With 1 this is the full posterior's ratio (up to a constant per spot); less
-    trusts the network's call of where cells end less than its call of their types.
-    """
-    seen = log_post.any(1)
-    cell = logsumexp(log_post[:, 1:], axis=1, keepdims=True)
-    parts = np.concatenate([log_post[:, :1] - cell, log_post[:, 1:] - cell], 1)
-    mean = logsumexp(parts[seen], axis=0) - np.log(max(int(seen.sum()), 1))
-    out = parts - mean
-    out[:, 0] *= background_weight
-    out[~seen] = 0.0
-    return out
 
 
 class SpotEngine:
@@ -82,15 +62,10 @@ class SpotEngine:
         self.n_classes = meta.n_classes
         self.evidence = np.zeros((self.x.size, self.n_classes), np.float64)
         self.fit: SpotModelFit | None = None
-        self.dense: DensityCells | None = None  # the density engine's cells, when the spots resolve the cells
-        self.boundaries = config.model_boundaries
-        self.scale = density_scale(self.x, self.y, self.nuclei) if self.boundaries != "partition" else None
-        if self.boundaries == "auto":
-            log.debug("spots: %.3g per pixel near the nuclei, cell radius %.1f px: the density's scale %.2f px %s "
-                     "the cells (--model_boundaries auto -> %s)", self.scale.cell_rate, self.scale.radius,
-                     self.scale.sigma, "resolves" if self.scale.resolves else "does not resolve",
-                     "density" if self.scale.resolves else "partition")
-        self.use_density = self.boundaries == "density" or (self.boundaries == "auto" and self.scale.resolves)
+        self.dense: Segmentation | None = None  # the density engine's cells, when the spots resolve the cells
+        # the density's scale when it draws the cells (--model_boundaries), else None
+        self.scale = density_boundaries(self.x, self.y, self.nuclei, config.model_boundaries)
+        self.use_density = self.scale is not None
         #: what segments the cells, for the run's report
         self.engine = ("spot density (watershed from the nuclei, de novo cells)" if self.use_density
                        else "spot model + pixel partition" if self.partition is not None else "spot model")
@@ -146,19 +121,15 @@ class SpotEngine:
         explains their spots best and join the label stores' class lookup."""
         if self.dense is None:
             t0 = time.perf_counter()
-            self.dense = density_cells(self.x, self.y, self.nuclei, scale=self.scale, first_new_id=self.lut_size)
-            self.denovo_cls = self._types_of(self.dense.denovo_ids)
+            self.dense = density_segmentation(self.x, self.y, self.gene, self.nuclei, self.ids, self.cls, self.scale,
+                                              n_genes=self.meta.n_genes, n_types=self.n_classes - 1,
+                                              first_new_id=self.lut_size)
             for store in self.stores.values():
                 store.class_lut = torch.cat([store.class_lut[:self.lut_size],
-                                             torch.as_tensor(self.denovo_cls + 1, dtype=torch.int64)])
+                                             torch.as_tensor(self.dense.denovo_types + 1, dtype=torch.int64)])
             log.debug("density engine: %.1f s", time.perf_counter() - t0)
         self.fit = SpotModelFit(cell=self.dense.cell, prob=self.dense.prob, model=None, n_iter=0)
         return self.fit
-
-    def _types_of(self, ids: np.ndarray) -> np.ndarray:
-        """The type index of each de novo cell ``ids`` (:func:`segjointgene.engine.denovo_types`)."""
-        return denovo_types(self.dense.cell, self.gene, spot_types(self.nuclei, self.ids, self.cls, self.x, self.y),
-                            ids, n_types=self.n_classes - 1, n_genes=self.meta.n_genes)
 
     def write_labels(self) -> int:
         """Cut the fitted territories (refined into a partition, which then assigns the spots) - or the density
@@ -212,7 +183,7 @@ class SpotEngine:
         """The spot assignment of the latest fit, as ``spot_assignment_<epoch>.npz`` (spots.npz order)."""
         arrays = {"cell": self.fit.cell, "prob": self.fit.prob}
         if self.dense is not None:  # the de novo cells' ids and type ids (the dataset's cells.csv lacks them)
-            arrays.update(denovo_cell=self.dense.denovo_ids, denovo_class=self.denovo_cls + 1)
+            arrays.update(denovo_cell=self.dense.denovo_ids, denovo_class=self.dense.denovo_types + 1)
         save_npz(run.spot_assignment(epoch), arrays)
 
 
