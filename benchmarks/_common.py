@@ -179,20 +179,20 @@ def start(script: str, args, argv: Sequence[str] | None):
 class FittedSection:
     """A hard simulated section in memory and the spot model fitted to it with the true nuclei."""
 
-    sim: Any  # segjointgene.simulate.SimulatedSection
+    sim: Any  # segjointgene.evaluate.simulate.SimulatedSection
     x: np.ndarray
     y: np.ndarray
     gene: np.ndarray  # gene index of each spot (genes sorted by name)
     true: np.ndarray  # each spot's true cell (0 = noise)
-    fit: Any  # segjointgene.spotmodel.SpotModelFit
+    fit: Any  # segjointgene.methods.spotmodel.model.SpotModelFit
 
 
 def fitted_hard_section(mode: str, noise: float, seed: int, size: int, density: float = 1.0,
                         config=None) -> FittedSection:
     """Simulate a hard section (``density`` x the simulator's spots per pixel) and fit the spot model alone to it."""
     from segjointgene.config import SimulateConfig
-    from segjointgene.simulate import simulate_section
-    from segjointgene.spotmodel import SpotModelConfig, fit_spot_model
+    from segjointgene.evaluate.simulate import simulate_section
+    from segjointgene.methods.spotmodel.model import SpotModelConfig, fit_spot_model
 
     sim = simulate_section(SimulateConfig(size_px=size, mode=mode, noise_fraction=noise, preset="hard",
                                           spot_density=SimulateConfig().spot_density * density), rng=seed)

@@ -41,9 +41,9 @@ from _common import batch_parser, best_time, start  # noqa: E402
 
 def stitched_labels(data_dir: Path, meta: dict, grow: int) -> np.ndarray:
     """Instance map of the whole padded patch frame from the patch files (nuclei, grown by ``grow`` px)."""
-    from segjointgene.baselines import expand_nuclei
-    from segjointgene.geometry import iter_patch_grid
-    from segjointgene.io import load_npz
+    from segjointgene.evaluate.baselines import expand_nuclei
+    from segjointgene.preprocess.geometry import iter_patch_grid
+    from segjointgene.io.files import load_npz
 
     p = int(meta.patch_size)
     rows, cols = meta.grid
@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     from segjointgene.attribution import CID, select_targets
     from segjointgene.attribution.summary import needed_rows
     from segjointgene.config import AttributionConfig, LabelUpdateConfig
-    from segjointgene.dataset import ImagePatchDataset, read_class_lut
-    from segjointgene.labels import reach
-    from segjointgene.metadata import load_metadata
-    from segjointgene.io import load_npz
-    from segjointgene.model import UNet
+    from segjointgene.preprocess.dataset import ImagePatchDataset, read_class_lut
+    from segjointgene.methods.segjointgene.labels import reach
+    from segjointgene.io.metadata import load_metadata
+    from segjointgene.io.files import load_npz
+    from segjointgene.methods.segjointgene.unet import UNet
 
     device, rec, sync = start("bench_cid", args, argv)
     cfg, label_cfg = AttributionConfig(method="CID"), LabelUpdateConfig(rule="v1")

@@ -9,7 +9,7 @@ delivery of every batch *as the training step receives it*, i.e. on ``--device``
   processes (persistent, with pinned memory on CUDA), images moved to the device;
 * ``npz_cached``: the same with ``cache_images`` after a first pass (every image in shared memory);
 * ``spots_w0``: ``ImagePatchDataset(spot_lists=True)`` + ``collate_spot_lists`` in the main process, the density
-  images built on the device by ``segjointgene.density.batch_images`` (the fast path; nothing is read from disk).
+  images built on the device by ``segjointgene.preprocess.density.batch_images`` (the fast path; nothing is read from disk).
 
 Throughput is the minimum epoch time over the passes (the first pass of a worker loader includes starting the
 workers). The training step's consumption is measured on the same machine and run (``train_step`` of
@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from segjointgene.dataset import ImagePatchDataset, collate_spot_lists
-    from segjointgene.density import batch_images
-    from segjointgene.model import UNet
+    from segjointgene.preprocess.dataset import ImagePatchDataset, collate_spot_lists
+    from segjointgene.preprocess.density import batch_images
+    from segjointgene.methods.segjointgene.unet import UNet
 
     device, rec, sync = start("bench_loader", args, argv)
     pin = device.type == "cuda"

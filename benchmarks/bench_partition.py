@@ -17,8 +17,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fitted_hard_section  # noqa: E402
-from segjointgene.partition import refine_partition  # noqa: E402
-from segjointgene.spotmodel import territories  # noqa: E402
+from segjointgene.methods.spotmodel.partition import refine_partition  # noqa: E402
+from segjointgene.methods.spotmodel.model import territories  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

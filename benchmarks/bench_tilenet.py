@@ -23,9 +23,9 @@ import tifffile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from segjointgene.cli import main as cli  # noqa: E402
-from segjointgene.evaluation import Spots, load_truth, score_segmentation  # noqa: E402
-from segjointgene.io import load_npz  # noqa: E402
-from segjointgene.metadata import load_metadata  # noqa: E402
+from segjointgene.evaluate.scoring import Spots, load_truth, score_segmentation  # noqa: E402
+from segjointgene.io.files import load_npz  # noqa: E402
+from segjointgene.io.metadata import load_metadata  # noqa: E402
 
 KEEP = ["spot_acc", "F1@0.5", "F1@0.75", "gene_mIoU"]
 

@@ -8,7 +8,7 @@ On ``--batch`` patches of the train split (drawn with ``--seed``) of a preproces
 * ``train_step``: forward + cross-entropy + backward + Adam step of the UNet of ``--width`` (64 = published), float32
   (with ``--amp`` on CUDA: the trainer's autocast); reported as seconds per step and patches per second;
 * ``eval_forward``: the no-grad eval-mode forward the propagation runs after each step;
-* ``label_update``: :func:`segjointgene.labels.update_labels` (the default rule V1, no attribution) on the batch
+* ``label_update``: :func:`segjointgene.methods.segjointgene.labels.update_labels` (the default rule V1, no attribution) on the batch
   enlarged by the label halo, with the logits of that forward: the per-batch cost of growing the labels.
 """
 
@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch.nn.functional as F
 
     from segjointgene.config import LabelUpdateConfig
-    from segjointgene.dataset import ImagePatchDataset
-    from segjointgene.labels import reach, update_labels
-    from segjointgene.model import UNet
-    from segjointgene.trainer import nucleus_seeds
+    from segjointgene.preprocess.dataset import ImagePatchDataset
+    from segjointgene.methods.segjointgene.labels import reach, update_labels
+    from segjointgene.methods.segjointgene.unet import UNet
+    from segjointgene.methods.segjointgene.trainer import nucleus_seeds
 
     device, rec, sync = start("bench_train", args, argv)
     ds = ImagePatchDataset(args.data, "train")

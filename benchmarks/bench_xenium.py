@@ -2,7 +2,7 @@
 
 Writes a synthetic ``transcripts.parquet`` of ``--rows`` transcripts (Xenium's columns, a 300-gene panel plus
 control probes, 2 M-row row groups) over a ``--side_um`` square, then, each in a fresh process, times and measures
-the peak resident memory of (a) ``segjointgene.platforms.read_transcripts_parquet`` (record batches, categorical
+the peak resident memory of (a) ``segjointgene.io.platforms.read_transcripts_parquet`` (record batches, categorical
 genes, integer cell ids) and (b) a plain ``pandas.read_parquet`` of the same columns, for comparison.
 
 With ``--preprocess`` it completes the folder (``cells.parquet``, ``nucleus_boundaries.parquet`` with a 13-vertex
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 READERS = {
     "segjointgene (streamed)": (
         "import sys, numpy as np; sys.path.insert(0, {root!r}); from pathlib import Path;"
-        "from segjointgene.platforms import read_transcripts_parquet as r;"
+        "from segjointgene.io.platforms import read_transcripts_parquet as r;"
         "ids = {{f'cell-{{i}}': i + 1 for i in range({cells})}};"
         "t = r(Path({path!r}), gene='feature_name', x='x_location', y='y_location', cell='cell_id', qv='qv',"
         " min_qv=20.0, scale=0.2125, id_of=ids); import resource;"
@@ -47,8 +47,8 @@ PX = 0.2125  # Xenium's um per morphology pixel
 
 #: preprocess of the folder in one process, the frames read lazily (as shipped) or whole first ("dense")
 PREPROCESS = (
-    "import sys, time, numpy as np; sys.path.insert(0, {root!r}); from segjointgene.platforms import read_platform;"
-    "from segjointgene.preprocess import preprocess_section; from segjointgene.config import PreprocessConfig;"
+    "import sys, time, numpy as np; sys.path.insert(0, {root!r}); from segjointgene.io.platforms import read_platform;"
+    "from segjointgene.preprocess.pipeline import preprocess_section; from segjointgene.config import PreprocessConfig;"
     "import dataclasses, resource; t0 = time.perf_counter();"
     "sec = read_platform({folder!r}, n_celltypes=8); t1 = time.perf_counter();"
     "sec = dataclasses.replace(sec, nuclei=np.asarray(sec.nuclei), dapi=np.asarray(sec.dapi)) if {dense} else sec;"

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from segjointgene.attribution import summarize  # noqa: E402
 from segjointgene.config import AttributionConfig  # noqa: E402
-from segjointgene.model import UNet  # noqa: E402
+from segjointgene.methods.segjointgene.unet import UNet  # noqa: E402
 
 #: Dense peak TFLOP/s by device name fragment (bf16 tensor core, fp32 without TF32), from the vendors' sheets.
 PEAK_TFLOPS = {"H200": (989.4, 66.9), "H100": (989.4, 66.9), "A100": (312.0, 19.5), "L40S": (362.1, 91.6)}
@@ -139,7 +139,7 @@ def loader_rate(out: Path, device: torch.device, step_patches_per_s: float, smok
     cmd = [sys.executable, str(ROOT / "main.py"), f"--work_dir={work}", "--datasets_name=sim", "--quiet"]
     subprocess.run([*cmd, "--step_name=simulate", f"--sim_size={size}", "--overwrite"], check=True)
     subprocess.run([*cmd, "--step_name=preprocess"], check=True)
-    from segjointgene.dataset import ImagePatchDataset
+    from segjointgene.preprocess.dataset import ImagePatchDataset
 
     ds = ImagePatchDataset(work / "data" / "sim", "train")
     loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, num_workers=0 if smoke else 4)

@@ -32,9 +32,9 @@ from skimage.segmentation import find_boundaries
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fitted_hard_section  # noqa: E402
-from segjointgene import metrics as M  # noqa: E402
-from segjointgene import spotmodel as S  # noqa: E402
-from segjointgene.partition import refine_partition  # noqa: E402
+from segjointgene.evaluate import metrics as M  # noqa: E402
+from segjointgene.methods.spotmodel import model as S  # noqa: E402
+from segjointgene.methods.spotmodel.partition import refine_partition  # noqa: E402
 
 
 def true_moments(instance: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -25,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fitted_hard_section  # noqa: E402
-from segjointgene import metrics as M  # noqa: E402
-from segjointgene import spotmodel as S  # noqa: E402
-from segjointgene.partition import _EDGE2, PartitionConfig, refine_partition  # noqa: E402
+from segjointgene.evaluate import metrics as M  # noqa: E402
+from segjointgene.methods.spotmodel import model as S  # noqa: E402
+from segjointgene.methods.spotmodel.partition import _EDGE2, PartitionConfig, refine_partition  # noqa: E402
 
 
 def energy_terms(mask: np.ndarray, model: S.CellModel, x: np.ndarray, y: np.ndarray, gene: np.ndarray,

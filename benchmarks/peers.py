@@ -32,10 +32,10 @@ from scipy.spatial import cKDTree
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from segjointgene.evaluation import Spots, load_truth, markdown_table, score_assignment  # noqa: E402
-from segjointgene.metrics import calibration_error, reliability  # noqa: E402
-from segjointgene.io import load_npz  # noqa: E402
-from segjointgene.metadata import load_metadata  # noqa: E402
+from segjointgene.evaluate.scoring import Spots, load_truth, markdown_table, score_assignment  # noqa: E402
+from segjointgene.evaluate.metrics import calibration_error, reliability  # noqa: E402
+from segjointgene.io.files import load_npz  # noqa: E402
+from segjointgene.io.metadata import load_metadata  # noqa: E402
 
 METRICS = ["spot_acc_cell", "gene_mIoU", "F1@0.5", "F1@0.75", "noise_out", "cpu_s"]
 #: peer -> (pip requirements of its own venv, runner script, whether the runner takes the class-mean reference,

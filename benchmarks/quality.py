@@ -20,7 +20,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segjointgene.cli import main  # noqa: E402
-from segjointgene.evaluation import markdown_table  # noqa: E402
+from segjointgene.evaluate.scoring import markdown_table  # noqa: E402
 
 #: The demo-size training used for the quality numbers unless overridden after "--".
 #: (the first release's demo settings, with the published label rule v1)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from segjointgene.evaluation import markdown_table  # noqa: E402
+from segjointgene.evaluate.scoring import markdown_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,10 +42,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from peers import PEERS, cpu_run, peer_python  # noqa: E402
 
-from segjointgene import metrics as M  # noqa: E402
-from segjointgene.baselines import (density_threshold, density_watershed, expand_nuclei, nearest_nucleus,  # noqa: E402
+from segjointgene.evaluate import metrics as M  # noqa: E402
+from segjointgene.evaluate.baselines import (density_threshold, density_watershed, expand_nuclei, nearest_nucleus,  # noqa: E402
                                     spot_density)
-from segjointgene.evaluation import Spots, expansion_curve, load_reference, markdown_table  # noqa: E402
+from segjointgene.evaluate.scoring import Spots, expansion_curve, load_reference, markdown_table  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 MERFISH = SHARED / "merfish_u2os_fov2"

@@ -50,7 +50,7 @@ from segjointgene.config import ClassifyConfig, EmbedConfig, SimulateConfig  # n
 from segjointgene.embed import (SectionInputs, cell_pixels, compute_embeddings, embed_section,  # noqa: E402
                                 make_encoder)
 from segjointgene.embed.figures import plot_embedding  # noqa: E402
-from segjointgene.simulate import simulate_section  # noqa: E402
+from segjointgene.evaluate.simulate import simulate_section  # noqa: E402
 
 log = logging.getLogger("segclr_eval")
 

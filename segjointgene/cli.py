@@ -26,8 +26,8 @@ from typing import Any
 from . import interrupt
 from .config import Settings, StepOptions
 from .errors import ConfigError, UserError
-from .method import SPOTMODEL_ONLY, default_run_name, resolve_method
-from .runfolder import Paths
+from .io.runfolder import Paths
+from .methods.choice import SPOTMODEL_ONLY, default_run_name, resolve_method
 
 log = logging.getLogger("segjointgene")
 
@@ -107,7 +107,7 @@ def _dest(f: dataclasses.Field) -> str:
 
 
 def step_simulate(settings: Settings, paths: Paths) -> int:
-    from .simulate import simulate_section, truth_dir_of, write_simulated
+    from .evaluate.simulate import simulate_section, truth_dir_of, write_simulated
 
     raw = paths.raw_dir
     existing = [p for p in (raw, truth_dir_of(raw)) if p.exists() and any(p.iterdir())]
@@ -121,7 +121,7 @@ def step_simulate(settings: Settings, paths: Paths) -> int:
 
 
 def step_preprocess(settings: Settings, paths: Paths) -> int:
-    from .preprocess import preprocess_section
+    from .preprocess.pipeline import preprocess_section
 
     start = time.perf_counter()
     section = _read_raw(settings, paths)
@@ -142,8 +142,8 @@ def step_preprocess(settings: Settings, paths: Paths) -> int:
 
 def _read_raw(settings: Settings, paths: Paths):
     """The raw section: the CA1 layout, or an instrument's folder (``--input_format``, default auto)."""
-    from .io import read_section
-    from .platforms import detect_format, read_platform
+    from .io.files import read_section
+    from .io.platforms import detect_format, read_platform
 
     cfg = settings.preprocess
     fmt = detect_format(paths.raw_dir) if cfg.input_format == "auto" and paths.raw_dir.is_dir() else cfg.input_format
@@ -151,7 +151,7 @@ def _read_raw(settings: Settings, paths: Paths):
         return read_section(paths.raw_dir)
     reference = None
     if settings.evaluate.reference_csv:
-        from .evaluation import load_reference
+        from .evaluate.scoring import load_reference
 
         reference = load_reference(settings.evaluate.reference_csv).T  # types x genes
     return read_platform(paths.raw_dir, fmt, min_qv=cfg.min_qv, reference=reference,
@@ -161,7 +161,7 @@ def _read_raw(settings: Settings, paths: Paths):
 def step_train(settings: Settings, paths: Paths) -> int:
     import torch
 
-    from .trainer import run_training
+    from .methods.segjointgene.trainer import run_training
 
     # Every draw of the run comes from generators the trainer seeds; the global generator (random per process in
     # recent torch) is seeded too, once, so that its state saved in the checkpoints - and anything a dependency
@@ -171,13 +171,13 @@ def step_train(settings: Settings, paths: Paths) -> int:
 
 
 def step_export(settings: Settings, paths: Paths) -> int:
-    from .export import run_export
+    from .results.export import run_export
 
     return run_export(paths, epoch=settings.step.ckpt_load_epoch)
 
 
 def step_evaluate(settings: Settings, paths: Paths) -> int:
-    from .evaluation import run_evaluate
+    from .evaluate.scoring import run_evaluate
 
     return run_evaluate(settings, paths)
 
@@ -217,7 +217,7 @@ def step_demo(settings: Settings, paths: Paths) -> int:
 
 
 def step_segment(settings: Settings, paths: Paths) -> int:
-    from .tilerun import run_segment
+    from .methods.tiled.run import run_segment
 
     return run_segment(settings, paths, progress=not settings.step.quiet)
 

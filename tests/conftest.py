@@ -59,9 +59,9 @@ def make_sim(work_dir: Path, *, name: str = "sim", size: int = 128, patch_size: 
              nucleus_seeds: str = "region") -> SimPaths:
     """Simulate a small section under ``work_dir`` and (optionally) preprocess it."""
     from segjointgene.config import PreprocessConfig, SimulateConfig
-    from segjointgene.io import read_section
-    from segjointgene.preprocess import preprocess_section
-    from segjointgene.simulate import simulate_section, write_simulated
+    from segjointgene.io.files import read_section
+    from segjointgene.preprocess.pipeline import preprocess_section
+    from segjointgene.evaluate.simulate import simulate_section, write_simulated
 
     raw = work_dir / "data" / f"{name}_raw" / "section"
     sim = simulate_section(SimulateConfig(size_px=size, n_genes=n_genes, n_celltypes=n_celltypes, markers_per_type=2,

@@ -88,7 +88,7 @@ def _damage_cases():
 
     def small_label_image(raw):
         _file(raw, "*.tif").unlink()
-        from segjointgene.io import write_raw_section  # a nucleus image far smaller than the section
+        from segjointgene.io.files import write_raw_section  # a nucleus image far smaller than the section
         lab = np.zeros((16, 16), np.uint32)
         import scipy.sparse
         scipy.sparse.save_npz(raw / "label_image.coo.npz", scipy.sparse.coo_matrix(lab))
@@ -198,7 +198,7 @@ def trained_template(tmp_path_factory) -> Path:
 @pytest.fixture()
 def work(trained_template, tmp_path) -> Path:
     """A private copy of the template (run.json re-pointed at the copy's dataset)."""
-    from segjointgene.io import read_json, write_json
+    from segjointgene.io.files import read_json, write_json
 
     dst = tmp_path / "work"
     shutil.copytree(trained_template, dst)
@@ -226,7 +226,7 @@ def _first_patch(work: Path) -> Path:
 
 
 def _rewrite_patch(work: Path, edit) -> None:
-    from segjointgene.io import load_npz, save_npz
+    from segjointgene.io.files import load_npz, save_npz
 
     path = _first_patch(work)
     save_npz(path, edit(load_npz(path)))
@@ -246,8 +246,8 @@ def _with_nan(arrays):
 def _repreprocess(work: Path, **sim_kwargs) -> None:
     """Replace the section and its dataset by another simulation (as a user would with --overwrite)."""
     from segjointgene.config import PreprocessConfig
-    from segjointgene.io import read_section
-    from segjointgene.preprocess import preprocess_section
+    from segjointgene.io.files import read_section
+    from segjointgene.preprocess.pipeline import preprocess_section
 
     raw = work / "data" / f"{NAME}_raw" / "section"
     shutil.rmtree(raw)
@@ -313,7 +313,7 @@ def _snapshot(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
 
 def _relabel_one_pixel(work: Path) -> None:
     """Re-save the epoch-1 label cache with one pixel changed (a cache that is not the one saved with net_1.pt)."""
-    from segjointgene.io import load_npz, save_npz
+    from segjointgene.io.files import load_npz, save_npz
 
     path = _run_dir(work) / "labels_cache_1.npz"
     arrays = load_npz(path)
@@ -395,7 +395,7 @@ class _Payload:
 def test_checkpoint_with_a_pickled_object_is_refused_and_never_run(work, tmp_path, capsys):
     import torch
 
-    from segjointgene.checkpoint import load_checkpoint
+    from segjointgene.methods.segjointgene.checkpoint import load_checkpoint
 
     marker = tmp_path / "payload_ran"
     path = _run_dir(work) / "net_1.pt"
@@ -456,7 +456,7 @@ def test_results_folder_blocked_after_training_keeps_the_checkpoints(work, capsy
     assert _train(work, f"--net_sub_suffix={NEW}", "--net_epoch=1") == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(err) == 1 and "cannot write" in err[0] and "results" in err[0], err
-    from segjointgene.checkpoint import list_epochs
+    from segjointgene.methods.segjointgene.checkpoint import list_epochs
 
     assert list_epochs(run) == [0, 1]
     (run / "results").unlink()

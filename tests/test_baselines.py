@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from skimage.segmentation import expand_labels
 
-from segjointgene import baselines as B
-from segjointgene import metrics as M
+from segjointgene.evaluate import baselines as B
+from segjointgene.evaluate import metrics as M
 
 
 def _random_nuclei(rng, shape=(40, 50), n=9):

@@ -13,8 +13,8 @@ from segjointgene.attribution import CID, summarize
 from segjointgene.attribution.cid import _COMPILED, fold_batchnorm
 from segjointgene.attribution.summary import needed_rows
 from segjointgene.config import AttributionConfig
-from segjointgene.dataset import ImagePatchDataset
-from segjointgene.model import UNet
+from segjointgene.preprocess.dataset import ImagePatchDataset
+from segjointgene.methods.segjointgene.unet import UNet
 
 #: The default budget of the training loop, shortened (the speed-ups do not depend on the number of steps).
 BUDGET = dict(n_steps=6, lr=0.1, lambda_=0.01, stop="steps", warm_start=True)

@@ -57,7 +57,7 @@ def _leave_temp(target: Path) -> Path:
     """Have a child process die inside ``atomic_path(target)``: returns the temporary file it leaves behind."""
     code = textwrap.dedent(f"""
         import os
-        from segjointgene.io import atomic_path
+        from segjointgene.io.files import atomic_path
         with atomic_path({str(target)!r}) as tmp:
             tmp.write_bytes(b"half a file")
             print(tmp.name, flush=True)
@@ -75,7 +75,7 @@ def _visible(folder: Path) -> list[str]:
 
 # ============================================================================================ temporary files
 def test_atomic_write_killed_midway_keeps_the_old_file(tmp_path):
-    from segjointgene.io import write_json
+    from segjointgene.io.files import write_json
 
     target = tmp_path / "metadata.json"
     write_json(target, {"complete": True})
@@ -88,7 +88,7 @@ def test_atomic_write_killed_midway_keeps_the_old_file(tmp_path):
 
 
 def test_remove_stale_temps_keeps_live_and_foreign_ones(tmp_path):
-    from segjointgene.io import atomic_path, remove_stale_temps
+    from segjointgene.io.files import atomic_path, remove_stale_temps
 
     stale = _leave_temp(tmp_path / "p_0_0.npz")  # its process has exited
     pid, host = stale.name.split("-")[1:3]
@@ -122,8 +122,8 @@ def _train_args(work: Path, suffix: str, *extra: str) -> list[str]:
 def test_kill_training_and_resume_gives_the_uninterrupted_result(section):
     import torch
 
-    from segjointgene.checkpoint import list_epochs, load_checkpoint
-    from segjointgene.dataset import load_label_cache
+    from segjointgene.methods.segjointgene.checkpoint import list_epochs, load_checkpoint
+    from segjointgene.preprocess.dataset import load_label_cache
 
     work = section.work_dir
     runs = work / "checkpoints" / NAME
@@ -180,7 +180,7 @@ def test_kill_training_and_resume_gives_the_uninterrupted_result(section):
 
 def test_sigterm_stops_training_cleanly(section):
     """A scheduler's SIGTERM: exit status 143, one line saying how to resume, no temporary file left at all."""
-    from segjointgene.checkpoint import list_epochs, load_checkpoint
+    from segjointgene.methods.segjointgene.checkpoint import list_epochs, load_checkpoint
 
     work = section.work_dir
     run = work / "checkpoints" / NAME / "term"
@@ -201,7 +201,7 @@ def test_sigterm_stops_training_cleanly(section):
 def test_sigterm_to_the_process_group_with_loader_workers(section, delay_s):
     """What SLURM and most schedulers do: SIGTERM to the whole process group while DataLoader workers run. Every
     time: exit 143 with the one-line message, no traceback, nothing half-written; the run then resumes."""
-    from segjointgene.checkpoint import list_epochs
+    from segjointgene.methods.segjointgene.checkpoint import list_epochs
 
     work = section.work_dir
     suffix = f"pgterm{int(delay_s * 100)}"
@@ -230,7 +230,7 @@ def test_resume_removes_the_killed_runs_temporary_files(section):
 
     work = section.work_dir
     run = work / "checkpoints" / NAME / "temps"
-    no_cid = [a for a in TRAIN if not a.startswith(("--attr_", "--CID_"))]  # CID's flags need CID (segjointgene.method)
+    no_cid = [a for a in TRAIN if not a.startswith(("--attr_", "--CID_"))]  # CID's flags need CID (segjointgene.methods.choice)
     args = [*no_cid, f"--work_dir={work}", "--net_sub_suffix=temps", "--net_epoch=1", "--save_interval=1",
             "--warmup_epochs=1"]
     threads = torch.get_num_threads()
@@ -258,7 +258,7 @@ def _preprocess_args(work: Path, raw: Path, *extra: str) -> list[str]:
 def test_kill_preprocessing_and_rerun_gives_identical_files(big_raw, tmp_path):
     import psutil
 
-    from segjointgene.metadata import load_metadata
+    from segjointgene.io.metadata import load_metadata
 
     reference = tmp_path / "reference"
     assert main(_preprocess_args(reference, big_raw, "--num_workers=0")) == 0
@@ -303,7 +303,7 @@ def test_kill_preprocessing_and_rerun_gives_identical_files(big_raw, tmp_path):
 def test_sigterm_to_the_process_group_while_preprocessing(big_raw, tmp_path):
     """A scheduler's SIGTERM to the process group of a preprocessing run with pool workers: exit 143 with the
     one-line message, no traceback, and the re-run finishes the dataset."""
-    from segjointgene.metadata import load_metadata
+    from segjointgene.io.metadata import load_metadata
 
     work = tmp_path / "term"
     data = work / "data" / NAME

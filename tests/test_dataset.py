@@ -8,10 +8,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from segjointgene.constants import PatchKeys
-from segjointgene.dataset import ImagePatchDataset, LabelStore, load_label_cache, save_label_cache
-from segjointgene.metadata import load_metadata
+from segjointgene.preprocess.dataset import ImagePatchDataset, LabelStore, load_label_cache, save_label_cache
+from segjointgene.io.metadata import load_metadata
 from segjointgene.errors import DataError, InputNotFoundError
-from segjointgene.io import load_npz, save_npz
+from segjointgene.io.files import load_npz, save_npz
 
 
 def test_items_hold_current_and_fixed_labels(sim128):
@@ -120,8 +120,8 @@ def test_image_cache_returns_the_same_images(sim128):
 
 def test_patches_without_stored_density_read_the_same_images(sim128, tmp_path):
     from segjointgene.config import PreprocessConfig
-    from segjointgene.io import npz_headers, read_section
-    from segjointgene.preprocess import preprocess_section
+    from segjointgene.io.files import npz_headers, read_section
+    from segjointgene.preprocess.pipeline import preprocess_section
 
     meta = preprocess_section(read_section(sim128.raw_dir), tmp_path / "lean",
                               PreprocessConfig(patch_size=64, store_density=False), progress=False)

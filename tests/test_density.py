@@ -9,12 +9,12 @@ from torch.utils.data import DataLoader
 
 from segjointgene.config import PreprocessConfig
 from segjointgene.constants import PatchKeys
-from segjointgene.dataset import ImagePatchDataset, collate_spot_lists
-from segjointgene.metadata import load_metadata
-from segjointgene.density import batch_density, batch_images, gaussian_kernel1d
+from segjointgene.preprocess.dataset import ImagePatchDataset, collate_spot_lists
+from segjointgene.io.metadata import load_metadata
+from segjointgene.preprocess.density import batch_density, batch_images, gaussian_kernel1d
 from segjointgene.errors import InputNotFoundError
-from segjointgene.io import load_npz, read_section
-from segjointgene.preprocess import density_halo, gene_density, preprocess_section
+from segjointgene.io.files import load_npz, read_section
+from segjointgene.preprocess.pipeline import density_halo, gene_density, preprocess_section
 
 
 def _random_spots(rng: np.random.Generator, n: int, n_genes: int, p: int, margin: int) -> np.ndarray:
@@ -51,7 +51,7 @@ def test_a_single_spot_is_the_separable_kernel():
 
 
 def test_large_batches_are_summed_in_blocks(monkeypatch):
-    import segjointgene.density as density
+    import segjointgene.preprocess.density as density
 
     rng = np.random.default_rng(1)
     s = _random_spots(rng, 300, 4, 16, 8)

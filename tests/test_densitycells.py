@@ -1,9 +1,9 @@
-"""The density engine: cells from the spot density where spots are dense (segjointgene.densitycells)."""
+"""The density engine: cells from the spot density where spots are dense (segjointgene.methods.spotmodel.densitycells)."""
 
 import numpy as np
 import pytest
 
-from segjointgene.densitycells import DensityConfig, density_cells, density_scale, local_share
+from segjointgene.methods.spotmodel.densitycells import DensityConfig, density_cells, density_scale, local_share
 
 
 def _blob(rng, centre, radius, n, decay=None):

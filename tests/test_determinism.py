@@ -52,7 +52,7 @@ def _files(folder: Path) -> dict[str, Path]:
 def test_same_seed_same_bytes_other_seed_other_run(section, tmp_path):
     import torch
 
-    from segjointgene.checkpoint import list_epochs, load_checkpoint
+    from segjointgene.methods.segjointgene.checkpoint import list_epochs, load_checkpoint
 
     # two copies of the project: the same command in each must give the same bytes everywhere
     first, second = section.work_dir, tmp_path / "second"

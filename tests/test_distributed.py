@@ -1,4 +1,4 @@
-"""Data-parallel training: the collectives of ``segjointgene.distributed`` (2 Gloo processes), and end-to-end
+"""Data-parallel training: the collectives of ``segjointgene.methods.segjointgene.distributed`` (2 Gloo processes), and end-to-end
 ``torchrun --nproc_per_node=2 main.py --step_name=SegJointGene`` runs on a small simulated section (CPU, Gloo):
 one set of outputs, labels gathered from both ranks, attribution sums reduced, rank-0 errors stopping every rank, and
 resume from a DDP run in one process and from a one-process run under torchrun.
@@ -20,13 +20,13 @@ import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from segjointgene import distributed
-from segjointgene.checkpoint import list_epochs, load_checkpoint
+from segjointgene.methods.segjointgene import distributed
+from segjointgene.methods.segjointgene.checkpoint import list_epochs, load_checkpoint
 from segjointgene.cli import main
-from segjointgene.dataset import ImagePatchDataset, load_label_cache
-from segjointgene.distributed import DistContext, ShardCursor
+from segjointgene.preprocess.dataset import ImagePatchDataset, load_label_cache
+from segjointgene.methods.segjointgene.distributed import DistContext, ShardCursor
 from segjointgene.errors import ConfigError
-from segjointgene.model import UNet
+from segjointgene.methods.segjointgene.unet import UNet
 
 from tests.conftest import make_sim
 
@@ -94,7 +94,7 @@ def test_single_process_helpers_are_identities():
 _WORKER = """
 import json, sys
 import torch
-from segjointgene import distributed
+from segjointgene.methods.segjointgene import distributed
 from segjointgene.errors import DataError
 
 torch.set_num_threads(1)

@@ -256,7 +256,7 @@ def make_run(work: Path) -> tuple:
     """A simulated, preprocessed section plus a run folder whose results are the true masks."""
     import tifffile
 
-    from segjointgene.io import write_csv, write_tif
+    from segjointgene.io.files import write_csv, write_tif
 
     sp = make_sim(work, size=96, n_genes=8, n_celltypes=3)
     results = work / "checkpoints" / sp.name / "run" / "results"

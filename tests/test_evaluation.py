@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segjointgene import evaluation as E
+from segjointgene.evaluate import scoring as E
 from segjointgene.config import EvaluateConfig, Settings
 from segjointgene.constants import TruthFiles
-from segjointgene.metadata import load_metadata
-from segjointgene.runfolder import Paths, ResultFiles, RunFolder
+from segjointgene.io.metadata import load_metadata
+from segjointgene.io.runfolder import Paths, ResultFiles, RunFolder
 from segjointgene.errors import ColumnError, DataError, InputNotFoundError
-from segjointgene.io import read_section, write_csv, write_tif
-from segjointgene.preprocess import seeded_watershed
+from segjointgene.io.files import read_section, write_csv, write_tif
+from segjointgene.preprocess.pipeline import seeded_watershed
 
 from tests.conftest import make_sim
 
@@ -175,7 +175,7 @@ def test_evaluate_masks_library_call():
     rng = np.random.default_rng(0)
     x, y = rng.uniform(0, 20, 200), rng.uniform(0, 20, 200)
     spots = E.Spots(x, y, rng.integers(0, 3, 200).astype(np.int32), ("g0", "g1", "g2"))
-    from segjointgene.metrics import cells_at_spots
+    from segjointgene.evaluate.metrics import cells_at_spots
 
     truth = E.Truth(inst, types, cells_at_spots(inst, x, y))
     ref = pd.DataFrame({"T1": [5.0, 0.0, 1.0], "T2": [0.0, 5.0, 1.0]}, index=["g0", "g1", "g2"])
@@ -205,7 +205,7 @@ def test_load_reference(tmp_path):
 
 
 def test_real_ca1_reference_gives_exclusive_pairs(real_raw):
-    from segjointgene.metrics import exclusive_gene_pairs
+    from segjointgene.evaluate.metrics import exclusive_gene_pairs
 
     ref = E.load_reference(real_raw.parents[1] / "pciseq_inputs" / "test_scRNAseq.csv")
     assert ref.shape == (92, 71)
@@ -232,9 +232,9 @@ def test_evaluate_on_the_real_ca1_section(real_raw, tmp_path, capsys):
     the pciSeq row; the dataset files are written as preprocessing writes them, without the patches."""
     import time
 
-    from segjointgene.baselines import celltype_mask, expand_nuclei
+    from segjointgene.evaluate.baselines import celltype_mask, expand_nuclei
     from segjointgene.constants import BACKGROUND_NAME
-    from segjointgene.io import save_npz, write_json
+    from segjointgene.io.files import save_npz, write_json
 
     s = read_section(real_raw)
     nuclei = s.nuclei.toarray().astype(np.uint32)

@@ -1,4 +1,4 @@
-"""Run outputs (segjointgene.export): the SPEC §5 files from a label cache, AnnData, gene ranking, the CLI step."""
+"""Run outputs (segjointgene.results.export): the SPEC §5 files from a label cache, AnnData, gene ranking, the CLI step."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ from skimage.segmentation import expand_labels
 
 from segjointgene.cli import main
 from segjointgene.config import PreprocessConfig, SimulateConfig
-from segjointgene.runfolder import FigureFiles, ResultFiles
+from segjointgene.io.runfolder import FigureFiles, ResultFiles
 from segjointgene.errors import InputNotFoundError
-from segjointgene.export import (available_epochs, export_results, gene_ranking_tables, resolve_epoch,
+from segjointgene.results.export import (available_epochs, export_results, gene_ranking_tables, resolve_epoch,
                                  write_gene_ranking)
-from segjointgene.metadata import DatasetMetadata, load_metadata
-from segjointgene.io import load_npz, read_section, save_npz, write_csv, write_json, write_raw_section
-from segjointgene.geometry import parse_patch_name
-from segjointgene.preprocess import preprocess_section
-from segjointgene.simulate import simulate_section
-from segjointgene.stitch import patch_from_raw, raw_window, stitch_patch_channel
+from segjointgene.io.metadata import DatasetMetadata, load_metadata
+from segjointgene.io.files import load_npz, read_section, save_npz, write_csv, write_json, write_raw_section
+from segjointgene.preprocess.geometry import parse_patch_name
+from segjointgene.preprocess.pipeline import preprocess_section
+from segjointgene.evaluate.simulate import simulate_section
+from segjointgene.results.stitch import patch_from_raw, raw_window, stitch_patch_channel
 from tests.conftest import make_sim
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -43,7 +43,7 @@ def make_run(work: Path, name: str, data: Path, *, grow: int = 3, epoch: int = 5
              attribution: bool = True, train_log: bool = True) -> tuple[Path, np.ndarray]:
     """A run folder with a label cache whose labels are the nuclei grown by ``grow`` px (the trainer's format)."""
     torch = pytest.importorskip("torch")
-    from segjointgene.dataset import LabelStore, save_label_cache
+    from segjointgene.preprocess.dataset import LabelStore, save_label_cache
 
     meta = load_metadata(data)
     run = work / "checkpoints" / name / "run"
@@ -250,7 +250,7 @@ def _offset_section(root: Path, *, dapi: bool):
 def test_exported_masks_are_in_the_raw_frame(tmp_path, dapi):
     data, nuclei, section = _offset_section(tmp_path, dapi=dapi)
     if dapi:
-        from segjointgene.preprocess import seeded_watershed
+        from segjointgene.preprocess.pipeline import seeded_watershed
 
         nuclei = seeded_watershed(section.dapi, section.cells).astype(np.uint32)
     run, grown = make_run(tmp_path, "off", data, grow=4)

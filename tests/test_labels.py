@@ -1,4 +1,4 @@
-"""Label update rules V1 and V2 (segjointgene.labels) on hand-made 12x12 cases, invariants and tie-breaking."""
+"""Label update rules V1 and V2 (segjointgene.methods.segjointgene.labels) on hand-made 12x12 cases, invariants and tie-breaking."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from skimage.segmentation import expand_labels
 
 from segjointgene.config import LabelUpdateConfig
 from segjointgene.errors import ConfigError
-from segjointgene.labels import (STAT_KEYS, LabelUpdateResult, _alternating_dilate, _balanced_dilate, _box_mean,
+from segjointgene.methods.segjointgene.labels import (STAT_KEYS, LabelUpdateResult, _alternating_dilate, _balanced_dilate, _box_mean,
                                  _disc_offsets, _fill_holes, _keep_cored_pieces, _nearest_label, update_labels)
 
 K = 3  # classes: 0 background, 1 and 2 cell types
@@ -739,7 +739,7 @@ def test_nucleus_territory_needs_seeds():
 
 
 def test_training_targets_nuclei_mode_keeps_only_certain_labels():
-    from segjointgene.labels import IGNORE, training_targets
+    from segjointgene.methods.segjointgene.labels import IGNORE, training_targets
 
     labels = torch.tensor([[[0, 0, 1, 1, 1, 0, 0, 0, 0]]])  # a cell grown from its nucleus at x=3
     nuclei = torch.tensor([[[0, 0, 0, 1, 0, 0, 0, 0, 0]]])

@@ -1,4 +1,4 @@
-"""--method: which engine runs, and no flag is silently ignored (segjointgene.method, cli.check_step_flags)."""
+"""--method: which engine runs, and no flag is silently ignored (segjointgene.methods.choice, cli.check_step_flags)."""
 
 import dataclasses
 
@@ -7,7 +7,7 @@ import pytest
 from segjointgene.cli import STEP_READS, build_parser, check_step_flags, configs, main
 from segjointgene.config import Settings
 from segjointgene.errors import ConfigError
-from segjointgene.method import PUBLISHED_ONLY, SPOTMODEL_ONLY, default_run_name, resolve_method
+from segjointgene.methods.choice import PUBLISHED_ONLY, SPOTMODEL_ONLY, default_run_name, resolve_method
 
 
 def _resolve(*argv):
@@ -60,7 +60,7 @@ def test_attr_method_none_is_the_spot_model_engine_too():
 
 
 def test_every_training_flag_belongs_to_a_method_or_to_both():
-    """The tables of segjointgene.method name only real flags, and each flag of the label and attribution groups
+    """The tables of segjointgene.methods.choice name only real flags, and each flag of the label and attribution groups
     is read by exactly one method, or by both (the method itself, the shared label-update rule)."""
     parser = build_parser()
     dests = {a.dest for a in parser._actions}

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segjointgene import metrics as M
+from segjointgene.evaluate import metrics as M
 
 
 def _all_truth_scores(pred_inst, pred_type, truth_inst, truth_type, x, y, true_cell, n_classes):

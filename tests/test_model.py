@@ -7,9 +7,9 @@ import pickle
 import pytest
 import torch
 
-from segjointgene.checkpoint import load_checkpoint, save_checkpoint
+from segjointgene.methods.segjointgene.checkpoint import load_checkpoint, save_checkpoint
 from segjointgene.errors import ConfigError, DataError, InputNotFoundError
-from segjointgene.model import UNet, check_patch_size
+from segjointgene.methods.segjointgene.unet import UNet, check_patch_size
 
 
 @pytest.mark.parametrize("width, size", [(4, 64), (8, 32)])

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segjointgene import partition
+from segjointgene.methods.spotmodel import partition
 from segjointgene.config import LabelUpdateConfig, SimulateConfig
-from segjointgene.partition import PartitionConfig, refine_partition
-from segjointgene.simulate import simulate_section
-from segjointgene.spotmodel import CellModel, fit_spot_model, territories
-from segjointgene.engine import shift_log_odds
+from segjointgene.methods.spotmodel.partition import PartitionConfig, refine_partition
+from segjointgene.evaluate.simulate import simulate_section
+from segjointgene.methods.spotmodel.model import CellModel, fit_spot_model, territories
+from segjointgene.methods.spotmodel.engine import shift_log_odds
 
 
 def _two_cells(rng, n: int = 120):

@@ -14,12 +14,12 @@ import tifffile
 
 from segjointgene.cli import main
 from segjointgene.config import SimulateConfig
-from segjointgene.io import read_section
-from segjointgene.metadata import load_metadata
-from segjointgene.platforms import derive_celltypes, detect_format, read_platform
-from segjointgene.polygons import PolygonLabels, cell_polygons
-from segjointgene.simulate import simulate_section, write_simulated
-from segjointgene.windows import TiffWindows
+from segjointgene.io.files import read_section
+from segjointgene.io.metadata import load_metadata
+from segjointgene.io.platforms import derive_celltypes, detect_format, read_platform
+from segjointgene.io.polygons import PolygonLabels, cell_polygons
+from segjointgene.evaluate.simulate import simulate_section, write_simulated
+from segjointgene.io.windows import TiffWindows
 
 pq = pytest.importorskip("pyarrow.parquet")
 import pyarrow as pa  # noqa: E402
@@ -195,7 +195,7 @@ def test_without_centroids_the_nuclei_come_from_the_dapi(sim, tmp_path):
 def test_ca1_and_xenium_layouts_give_the_same_patches(sim, tmp_path):
     """The same section written in the CA1 layout and as a Xenium folder preprocesses to the same patches: the
     same grid, and density images equal to float32 rounding of the micron round trip."""
-    from segjointgene.io import load_npz
+    from segjointgene.io.files import load_npz
 
     write_simulated(sim, tmp_path / "data" / "a_raw" / "s")
     _xenium(sim, tmp_path / "data" / "b_raw" / "s", low_qv=False)

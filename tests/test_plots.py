@@ -1,4 +1,4 @@
-"""Figures (segjointgene.plots): display helpers with known answers, and every plot writes a readable PNG."""
+"""Figures (segjointgene.results.plots): display helpers with known answers, and every plot writes a readable PNG."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segjointgene.plots import (densest_window, display_factor, downsample_labels, downsample_mean,
+from segjointgene.results.plots import (densest_window, display_factor, downsample_labels, downsample_mean,
                                 plot_gene_ranking_heatmap, plot_initial_vs_final, plot_section_overview,
                                 plot_training_curves, plot_zoom, spot_density)
 

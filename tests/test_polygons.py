@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from segjointgene.polygons import cell_polygons, write_geojson
+from segjointgene.io.polygons import cell_polygons, write_geojson
 
 
 def _area(ring):
@@ -53,7 +53,7 @@ def test_sparse_large_ids_a_subset_and_an_origin():
 
 
 def test_a_failed_stream_leaves_no_file(tmp_path):
-    from segjointgene.polygons import GeoJSONWriter
+    from segjointgene.io.polygons import GeoJSONWriter
 
     cells = pd.DataFrame({"cell": [1], "celltype": ["A"], "n_spots": [3]})
     try:

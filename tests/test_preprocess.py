@@ -11,15 +11,15 @@ from scipy import ndimage
 
 from segjointgene.config import PreprocessConfig
 from segjointgene.constants import PatchKeys
-from segjointgene.metadata import load_metadata
+from segjointgene.io.metadata import load_metadata
 from segjointgene.errors import DataError
-from segjointgene.io import load_npz, read_section, write_raw_section
-from segjointgene.geometry import parse_patch_name
-from segjointgene.preprocess import DENSITY_TRUNCATE, gene_density, preprocess_section, seeded_watershed
+from segjointgene.io.files import load_npz, read_section, write_raw_section
+from segjointgene.preprocess.geometry import parse_patch_name
+from segjointgene.preprocess.pipeline import DENSITY_TRUNCATE, gene_density, preprocess_section, seeded_watershed
 
 
 def _stitch(data_dir, key, meta=None):
-    """Test-local stitcher (independent of segjointgene.stitch): padded frame of one patch key."""
+    """Test-local stitcher (independent of segjointgene.results.stitch): padded frame of one patch key."""
     meta = meta or load_metadata(data_dir)
     p = meta.patch_size
     first = load_npz(next((data_dir / s / n) for s in ("train", "test") for n in meta.split[s]), (key,))[key]
@@ -126,7 +126,7 @@ def test_seeded_watershed_loses_seed_on_background():
 
 def test_preprocess_of_simulated_section_round_trips_nuclei(sim128):
     meta = load_metadata(sim128.data_dir)
-    from segjointgene.io import read_section as rs
+    from segjointgene.io.files import read_section as rs
 
     inst = _stitch(sim128.data_dir, PatchKeys.INSTANCE, meta)
     y0, x0 = meta.crop_offset
@@ -232,8 +232,8 @@ def test_region_seeds_keep_the_nuclei_that_point_seeds_lose():
     region seeds keep almost all (measured: 512-px sections <= 1.6 % lost vs 30-46 % with point seeds; this 384-px
     section 0.6 % vs 24 %; small sections with < 100 cells up to 7.5 %)."""
     from segjointgene.config import SimulateConfig
-    from segjointgene.preprocess import seeded_watershed
-    from segjointgene.simulate import simulate_section
+    from segjointgene.preprocess.pipeline import seeded_watershed
+    from segjointgene.evaluate.simulate import simulate_section
 
     sim = simulate_section(SimulateConfig(size_px=384, preset="hard"), rng=0)
     ids = sim.cells["cell"].to_numpy()

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from segjointgene.ranking import benjamini_hochberg, differential_expression, normalise_counts, rank_genes_groups_uns
+from segjointgene.results.ranking import benjamini_hochberg, differential_expression, normalise_counts, rank_genes_groups_uns
 
 
 def _counts(seed=0):

@@ -9,8 +9,8 @@ import tifffile
 
 from segjointgene.config import SimulateConfig
 from segjointgene.constants import TruthFiles
-from segjointgene.io import read_section
-from segjointgene.simulate import simulate_section, write_simulated
+from segjointgene.io.files import read_section
+from segjointgene.evaluate.simulate import simulate_section, write_simulated
 
 
 @pytest.fixture(scope="module", params=["dense", "sparse"])

@@ -6,13 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segjointgene.polygons import cell_polygons
+from segjointgene.io.polygons import cell_polygons
 
 
 def test_store_round_trips(tmp_path):
     sd = pytest.importorskip("spatialdata")
     anndata = pytest.importorskip("anndata")
-    from segjointgene.spatialstore import write_spatialdata
+    from segjointgene.io.spatialstore import write_spatialdata
 
     mask = np.zeros((40, 50), np.uint32)
     mask[5:15, 5:20], mask[20:35, 25:45] = 1, 2

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from segjointgene.config import SimulateConfig
-from segjointgene.metrics import calibration_error
-from segjointgene.simulate import simulate_section
-from segjointgene.spotmodel import (CellGeneCounts, CellModel, SpotModelConfig, _moment_factor, _relative_log_area,
+from segjointgene.evaluate.metrics import calibration_error
+from segjointgene.evaluate.simulate import simulate_section
+from segjointgene.methods.spotmodel.model import (CellGeneCounts, CellModel, SpotModelConfig, _moment_factor, _relative_log_area,
                                     _typical_cov, fit_spot_model, nucleus_concentration, territories, tissue_area)
 
 
@@ -59,7 +59,7 @@ def test_temperature_softens_the_probability_but_not_the_assignment():
 
 
 def test_network_evidence_splits_type_from_background():
-    from segjointgene.engine import network_evidence
+    from segjointgene.methods.spotmodel.engine import network_evidence
 
     post = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.4, 0.4]])
     log_post = np.log(np.vstack([post, np.zeros((1, 3))]))  # the last spot was not predicted

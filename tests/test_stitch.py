@@ -1,4 +1,4 @@
-"""Stitching patches back to the raw frame, spot assignment and the cell table (segjointgene.stitch)."""
+"""Stitching patches back to the raw frame, spot assignment and the cell table (segjointgene.results.stitch)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 
 from segjointgene.config import PreprocessConfig, SimulateConfig
 from segjointgene.errors import DataError
-from segjointgene.io import load_npz, read_json, read_section, save_npz, write_raw_section
-from segjointgene.metadata import DatasetMetadata
-from segjointgene.preprocess import preprocess_section, seeded_watershed
-from segjointgene.simulate import simulate_section
-from segjointgene.stitch import (assign_spots, cell_table, celltype_table, class_map, patch_from_raw, raw_window,
+from segjointgene.io.files import load_npz, read_json, read_section, save_npz, write_raw_section
+from segjointgene.io.metadata import DatasetMetadata
+from segjointgene.preprocess.pipeline import preprocess_section, seeded_watershed
+from segjointgene.evaluate.simulate import simulate_section
+from segjointgene.results.stitch import (assign_spots, cell_table, celltype_table, class_map, patch_from_raw, raw_window,
                                  stitch_label_cache, stitch_patch_channel, stitch_patches, to_raw_frame)
 
 RAW_SHAPE = (150, 170)
@@ -98,7 +98,7 @@ def test_padded_frame_path_equals_streaming_path(label_section):
 
 def test_label_cache_file_and_mapping_round_trip(label_section, tmp_path):
     torch = pytest.importorskip("torch")
-    from segjointgene.dataset import LabelStore, load_label_cache, read_class_lut, save_label_cache
+    from segjointgene.preprocess.dataset import LabelStore, load_label_cache, read_class_lut, save_label_cache
 
     data, meta = label_section["data"], label_section["meta"]
     lut = read_class_lut(data)

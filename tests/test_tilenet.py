@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from segjointgene.tilenet import (NetworkSpec, TrainingWindow, load_network, patch_origins, sample_tiles,
+from segjointgene.methods.tiled.network import (NetworkSpec, TrainingWindow, load_network, patch_origins, sample_tiles,
                                   save_network, spot_log_posterior, train_network)
 
 
@@ -47,7 +47,7 @@ def test_a_known_answer_is_learnt_and_read_at_the_spots(tmp_path):
     np.testing.assert_allclose(np.exp(lp[inside]).sum(1), 1.0, atol=1e-5)
     # the posterior at a spot is the network's output at the spot's pixel of its patch
     with torch.no_grad():
-        from segjointgene.tilenet import _forward
+        from segjointgene.methods.tiled.network import _forward
 
         full = torch.log_softmax(_forward(net2, x2, y2, g2, np.array([[0, 0]])), 1)[0].numpy()
     k = next(i for i in range(3, 400) if x2[i] < 32 and y2[i] < 32)
@@ -64,8 +64,8 @@ def test_training_is_deterministic():
 
 def test_the_first_layer_from_the_spots_is_the_convolution_of_the_densities():
     """K * (W * S) = W * (K * S): inside the patch (away from the zero padding of the image convolution) equal."""
-    from segjointgene.density import batch_density
-    from segjointgene.tilenet import SpotUNet, _batch_spots
+    from segjointgene.preprocess.density import batch_density
+    from segjointgene.methods.tiled.network import SpotUNet, _batch_spots
 
     rng = np.random.default_rng(2)
     spec = NetworkSpec(n_genes=5, n_classes=3, patch_size=32, width=4, sigma=2.0, halo=6)
@@ -80,7 +80,7 @@ def test_the_first_layer_from_the_spots_is_the_convolution_of_the_densities():
 
 
 def test_spots_turn_with_their_labels():
-    from segjointgene.tilenet import _dihedral
+    from segjointgene.methods.tiled.network import _dihedral
 
     labels = torch.arange(16).view(1, 4, 4).repeat(8, 1, 1)
     spots = torch.tensor([[i, 0, r, c] for i in range(8) for r in range(4) for c in range(4)])

@@ -1,4 +1,4 @@
-"""The tiled pipeline on Dask (segjointgene.tiles, --step_name=segment): seams, resume, a failing tile."""
+"""The tiled pipeline on Dask (segjointgene.methods.tiled.tiles, --step_name=segment): seams, resume, a failing tile."""
 
 import numpy as np
 import pandas as pd
@@ -7,12 +7,12 @@ import tifffile
 
 from segjointgene.cli import main
 from segjointgene.config import LabelUpdateConfig
-from segjointgene.engine import engine_configs, segment_window
-from segjointgene.io import load_npz
-from segjointgene.metadata import load_metadata
-from segjointgene.stitch import stitch_patch_channel
-from segjointgene.dataset import read_class_lut
-from segjointgene.tiles import plan_tiles
+from segjointgene.methods.spotmodel.engine import engine_configs, segment_window
+from segjointgene.io.files import load_npz
+from segjointgene.io.metadata import load_metadata
+from segjointgene.results.stitch import stitch_patch_channel
+from segjointgene.preprocess.dataset import read_class_lut
+from segjointgene.methods.tiled.tiles import plan_tiles
 
 pytest.importorskip("dask.distributed")
 

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from segjointgene.checkpoint import list_epochs, load_checkpoint
+from segjointgene.methods.segjointgene.checkpoint import list_epochs, load_checkpoint
 from segjointgene.cli import main
 from segjointgene.config import AttributionConfig, LabelUpdateConfig, RuntimeConfig, TrainConfig
-from segjointgene.dataset import ImagePatchDataset, load_label_cache
-from segjointgene.trainer import self_train
+from segjointgene.preprocess.dataset import ImagePatchDataset, load_label_cache
+from segjointgene.methods.segjointgene.trainer import self_train
 
 FAST = TrainConfig(net_epoch=4, net_batch_size=4, net_lr=1e-2, net_width=8, passes_per_epoch=6, warmup_epochs=1,
                    save_interval=2, cache_patches="yes")

@@ -38,10 +38,10 @@ def run_tiny(tmp_path):
     """4 epochs with CID on a 96 x 96 section; returns the digests and log columns."""
     import torch
 
-    from segjointgene.checkpoint import load_checkpoint
+    from segjointgene.methods.segjointgene.checkpoint import load_checkpoint
     from segjointgene.config import AttributionConfig, LabelUpdateConfig, RuntimeConfig, TrainConfig
-    from segjointgene.dataset import load_label_cache
-    from segjointgene.trainer import self_train
+    from segjointgene.preprocess.dataset import load_label_cache
+    from segjointgene.methods.segjointgene.trainer import self_train
 
     # the first release's preprocessing (point seeds), so that only the main loop is pinned
     sim = make_sim(tmp_path, name="golden", size=96, patch_size=32, n_genes=8, seed=3, nucleus_seeds="point")

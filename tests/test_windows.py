@@ -10,8 +10,8 @@ import scipy.sparse
 import tifffile
 from skimage.draw import polygon
 
-from segjointgene.polygons import PolygonLabels
-from segjointgene.windows import TiffWindows, frame_bands, frame_values_at
+from segjointgene.io.polygons import PolygonLabels
+from segjointgene.io.windows import TiffWindows, frame_bands, frame_values_at
 
 
 def _random_polygons(rng, shape, n):
@@ -76,7 +76,7 @@ def test_tiff_windows_refuse_a_stack(tmp_path):
 
 
 def test_band_cache_serves_the_same_windows():
-    from segjointgene.windows import BandCache
+    from segjointgene.io.windows import BandCache
 
     shape = (200, 150)
     ys, xs, starts, ids, painted = _random_polygons(np.random.default_rng(3), shape, 60)

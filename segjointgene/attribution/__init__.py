@@ -14,8 +14,8 @@ returns the full (B, T, n_gene, H, W) scores for small inputs.
 
 from ._base import Attribution, AttributionOutOfMemoryError, frozen_model
 from .cid import CID, SCORE_SCALE, STOP_RULES, CIDResult
-from .ig import IG, IGResult
 from .dispatch import summarize
+from .ig import IG, IGResult
 from .summary import AttributionSummary
 from .targets import ClassLogitMap, MaskedClassSum, prediction_masks, select_targets
 

@@ -60,8 +60,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._base import (Attribution, ForwardFunc, TargetType, batch_forward_oom, format_genes, format_inputs, format_targets,
-                    frozen_model, is_out_of_memory, mixed_precision, split_on_oom)
+from ._base import (
+    Attribution,
+    ForwardFunc,
+    TargetType,
+    batch_forward_oom,
+    format_genes,
+    format_inputs,
+    format_targets,
+    frozen_model,
+    is_out_of_memory,
+    mixed_precision,
+    split_on_oom,
+)
 from .summary import AttributionSummary, SummaryAccumulator, check_labels, check_rows
 from .targets import ClassLogitMap
 

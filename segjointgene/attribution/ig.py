@@ -16,8 +16,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._base import (Attribution, ForwardFunc, TargetType, batch_forward_oom, format_genes, format_inputs, format_targets,
-                    frozen_model, mixed_precision, split_on_oom)
+from ._base import (
+    Attribution,
+    ForwardFunc,
+    TargetType,
+    batch_forward_oom,
+    format_genes,
+    format_inputs,
+    format_targets,
+    frozen_model,
+    mixed_precision,
+    split_on_oom,
+)
 from .summary import AttributionSummary, SummaryAccumulator, check_labels
 from .targets import MaskedClassSum, prediction_masks
 

@@ -5,10 +5,24 @@ predictions carry a mean-field probability and a Dempster-Shafer uncertainty, an
 held-out in-distribution cells are flagged out-of-distribution.
 """
 
-from .evaluate import (auroc, expected_calibration_error, fpr_at_tpr, linear_probe_f1, mahalanobis_score,
-                       spatial_blocks, spatial_split)
-from .sngp import (BoundedSpectralNorm, RandomFeatureGP, SNGPNet, add_bounded_spectral_norm, dempster_shafer,
-                   mean_field_logits, random_fourier_features)
+from .evaluate import (
+                       auroc,
+                       expected_calibration_error,
+                       fpr_at_tpr,
+                       linear_probe_f1,
+                       mahalanobis_score,
+                       spatial_blocks,
+                       spatial_split,
+)
+from .sngp import (
+                       BoundedSpectralNorm,
+                       RandomFeatureGP,
+                       SNGPNet,
+                       add_bounded_spectral_norm,
+                       dempster_shafer,
+                       mean_field_logits,
+                       random_fourier_features,
+)
 from .train import FittedSNGP, Prediction, fit_sngp, predict
 
 __all__ = [

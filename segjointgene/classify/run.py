@@ -30,12 +30,12 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..checkpoint import save_checkpoint
 from ..config import ClassifyConfig, RuntimeConfig, Settings
 from ..constants import CELLS_TABLE
-from ..runfolder import ClassifyFiles, EmbeddingFiles, Paths, ResultFiles
 from ..errors import ColumnError, ConfigError, DataError, InputNotFoundError
-from ..io import atomic_path, load_npz, write_csv, write_json
+from ..io.files import atomic_path, load_npz, write_csv, write_json
+from ..io.runfolder import ClassifyFiles, EmbeddingFiles, Paths, ResultFiles
+from ..methods.segjointgene.checkpoint import save_checkpoint
 from .evaluate import spatial_split
 from .train import FittedSNGP, Prediction, fit_sngp, predict
 

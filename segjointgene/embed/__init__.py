@@ -8,11 +8,10 @@ exported per point and per cell (``embeddings.h5ad``) and in SegCLR's sharded CS
 from .aggregate import cell_mean, coherence, radius_mean
 from .augment import ViewParams, apply_d4, draw_view_params, identity_params
 from .crops import MASK_MODES, ChannelStats, CropBuilder, SectionInputs, cell_counts, fit_channel_stats
-from .export import (CellEmbeddings, EmbeddingFiles, md5_shard, read_cell, read_csvzip, read_manifest,
-                     write_csvzip)
+from .export import CellEmbeddings, EmbeddingFiles, md5_shard, read_cell, read_csvzip, read_manifest, write_csvzip
 from .loss import collapse_metric, contrastive_topk, decorrelation_loss, nt_xent
 from .model import PRESETS, EncoderSpec, SegCLRNet, build_model
-from .pipeline import EmbedRun, Embeddings, compute_embeddings, embed_section, make_builder, make_encoder
+from .pipeline import Embeddings, EmbedRun, compute_embeddings, embed_section, make_builder, make_encoder
 from .sampling import CellPixels, batch_cells, cell_pixels, export_points, sample_pairs
 from .train import TrainResult, embed_points, train_encoder
 

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..runfolder import EmbeddingFiles
 from ..errors import DataError, InputNotFoundError
-from ..io import atomic_path, save_npz, write_csv, write_json
+from ..io.files import atomic_path, save_npz, write_csv, write_json
+from ..io.runfolder import EmbeddingFiles
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_path
+from ..io.files import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,13 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..checkpoint import save_checkpoint
 from ..config import EmbedConfig, Settings
 from ..constants import CELLS_TABLE, SPOTS_TABLE
-from ..metadata import load_metadata
-from ..runfolder import EmbeddingFiles, Paths, ResultFiles, RunFolder
 from ..errors import ConfigError, DataError, InputNotFoundError
-from ..io import load_npz, read_section, write_csv
+from ..io.files import load_npz, read_section, write_csv
+from ..io.metadata import load_metadata
+from ..io.runfolder import EmbeddingFiles, Paths, ResultFiles, RunFolder
+from ..methods.segjointgene.checkpoint import save_checkpoint
 from .crops import SectionInputs
 from .export import write_csvzip, write_table
 from .figures import plot_embedding

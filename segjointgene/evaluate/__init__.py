@@ -1,0 +1,1 @@
+"""Scoring segmentations: metrics, baselines, simulated sections with truth."""

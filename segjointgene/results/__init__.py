@@ -1,0 +1,1 @@
+"""From labels to what users load: stitching, export, gene rankings, figures."""
