@@ -56,12 +56,17 @@ def merge_tiles(folder: Path, tiles: Sequence[Tile], meta: DatasetMetadata, data
     spots["x"], spots["y"] = spots["x"].astype(np.float64), spots["y"].astype(np.float64)  # as the export's
     n = spots["x"].size
     cell, prob = np.zeros(n, np.int64), np.ones(n, np.float32)
+    claims, claimed_spots = _claims(folder, tiles)
     parts, new_ids, new_classes = [], [], []
     for t in tiles:
         res = load_npz(result_path(folder, t), ("rows", "cell", "prob", "mask", "denovo_cell", "denovo_class"))
         cell[res["rows"]], prob[res["rows"]] = res["cell"], res["prob"]
         new_ids.append(res["denovo_cell"]), new_classes.append(res["denovo_class"])
-        parts.append(_pixel_sums(res["mask"], t.core[0] + meta.crop_offset[0], t.core[2] + meta.crop_offset[1]))
+        mask = _with_claims(res["mask"], claims.get(t.name))
+        parts.append(_pixel_sums(mask, t.core[0] + meta.crop_offset[0], t.core[2] + meta.crop_offset[1]))
+    rows, claim_cell, claim_prob = claimed_spots
+    free = cell[rows] == 0  # a de novo cell's spots beyond its tile's core, where their home tile left background
+    cell[rows[free]], prob[rows[free]] = claim_cell[free], claim_prob[free]
     lut = extend_lut(lut, np.concatenate(new_ids), np.concatenate(new_classes))
     cells = with_microns(_cell_table(pd.concat(parts), cell, lut, list(meta.celltypes)), meta, ("x", "y"))
     names = np.asarray(meta.celltypes, dtype=object)
@@ -71,11 +76,11 @@ def merge_tiles(folder: Path, tiles: Sequence[Tile], meta: DatasetMetadata, data
         "celltype": names[lut[cell[sl]]], "prob": prob[sl]}), meta, ("spotX", "spotY")), n)
     write_csv(out / ResultFiles.CELLS, cells)
     write_csv(out / ResultFiles.CELLTYPES, celltype_table(list(meta.celltypes)))
-    _write_masks(folder, tiles, meta, out, lut)
+    _write_masks(folder, tiles, meta, out, lut, claims)
     _write_nuclei(data_dir, meta, out / ResultFiles.INITIAL_MASK)
     xenium = meta.extra.get("input_format") == "xenium" and meta.extra.get("um_per_px") is not None
     um = float(meta.extra["um_per_px"]) if xenium else None
-    _write_outlines(folder, tiles, meta, out, cells, margin, um)
+    _write_outlines(folder, tiles, meta, out, cells, margin, um, claims)
     if xenium:
         xr = out / ResultFiles.XENIUM_RANGER
         shutil.copyfile(out / ResultFiles.INSTANCE_MASK, xr / "cells_label_mask.tif")
@@ -89,6 +94,43 @@ def merge_tiles(folder: Path, tiles: Sequence[Tile], meta: DatasetMetadata, data
                           {"tiles": len(tiles), "datasets_name": meta.datasets_name})
     _write_store(out, adata, um)
     return cells
+
+
+# ------------------------------------------------------------------------------------------------ claims
+def _claims(folder: Path, tiles: Sequence[Tile]) -> tuple[dict[str, tuple[np.ndarray, ...]], tuple[np.ndarray, ...]]:
+    """The de novo cells' pixels and spots beyond their owners' cores (see :mod:`.tiles`): pixel claims by the tile
+    whose core holds them (core-local rows, columns, ids), and the spot claims (rows, cells, probabilities)."""
+    side = tiles[0].core[1] - tiles[0].core[0]
+    by_pos = {(t.row, t.col): t for t in tiles}
+    pixels: dict[str, list[np.ndarray]] = {}
+    rows, cells, probs = [], [], []
+    for t in tiles:
+        c = load_npz(result_path(folder, t), ("claim_y", "claim_x", "claim_id", "claim_rows", "claim_cell",
+                                              "claim_prob"))
+        rows.append(c["claim_rows"]), cells.append(c["claim_cell"]), probs.append(c["claim_prob"])
+        if not c["claim_y"].size:
+            continue
+        key = np.stack([c["claim_y"] // side, c["claim_x"] // side], 1)
+        for pos in np.unique(key, axis=0).tolist():
+            target = by_pos.get(tuple(pos))
+            if target is None:
+                continue
+            sel = (key == pos).all(1)
+            pixels.setdefault(target.name, []).append(np.stack(
+                [c["claim_y"][sel] - target.core[0], c["claim_x"][sel] - target.core[2], c["claim_id"][sel]], 1))
+    return ({k: tuple(np.concatenate(v).T) for k, v in pixels.items()},
+            (np.concatenate(rows).astype(np.int64), np.concatenate(cells), np.concatenate(probs)))
+
+
+def _with_claims(mask: np.ndarray, claim: tuple[np.ndarray, ...] | None) -> np.ndarray:
+    """A tile's core mask with the claims on it taken where it is background."""
+    if claim is None:
+        return mask
+    ys, xs, ids = claim
+    mask = mask.copy()
+    free = mask[ys, xs] == 0
+    mask[ys[free], xs[free]] = ids[free]
+    return mask
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -157,8 +199,8 @@ def _padded_rows(meta: DatasetMetadata, r0: int, r1: int, band: Callable[[int, i
 class _Grid:
     """The tiles' core masks by grid cell, with a small cache; windows of the merged mask assembled from them."""
 
-    def __init__(self, folder: Path, tiles: Sequence[Tile], keep: int = 12):
-        self.folder, self.keep = folder, keep
+    def __init__(self, folder: Path, tiles: Sequence[Tile], claims: dict, keep: int = 12):
+        self.folder, self.keep, self.claims = folder, keep, claims
         self.by_pos = {(t.row, t.col): t for t in tiles}
         self.side = tiles[0].core[1] - tiles[0].core[0]
         self.shape = (max(t.core[1] for t in tiles), max(t.core[3] for t in tiles))
@@ -166,7 +208,8 @@ class _Grid:
 
     def mask(self, t: Tile) -> np.ndarray:
         if t.name not in self._cache:
-            self._cache[t.name] = load_npz(result_path(self.folder, t), ("mask",))["mask"]
+            self._cache[t.name] = _with_claims(load_npz(result_path(self.folder, t), ("mask",))["mask"],
+                                               self.claims.get(t.name))
             while len(self._cache) > self.keep:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(t.name)
@@ -188,9 +231,10 @@ class _Grid:
         return out
 
 
-def _write_masks(folder: Path, tiles: Sequence[Tile], meta: DatasetMetadata, out: Path, lut: np.ndarray) -> None:
+def _write_masks(folder: Path, tiles: Sequence[Tile], meta: DatasetMetadata, out: Path, lut: np.ndarray,
+                 claims: dict) -> None:
     """The instance and cell-type masks in the raw frame."""
-    grid = _Grid(folder, tiles, keep=2 * (max(t.col for t in tiles) + 1))  # a band of tiles and the next
+    grid = _Grid(folder, tiles, claims, keep=2 * (max(t.col for t in tiles) + 1))  # a band of tiles and the next
 
     def rows(r0: int, r1: int) -> np.ndarray:
         return _padded_rows(meta, r0, r1, lambda p0, p1: grid.window(p0, p1, 0, grid.shape[1]))
@@ -211,10 +255,10 @@ def _write_nuclei(data_dir: Path, meta: DatasetMetadata, path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ outlines
 def _write_outlines(folder: Path, tiles: Sequence[Tile], meta: DatasetMetadata, out: Path, cells: pd.DataFrame,
-                    margin: int, um_per_px: float | None) -> None:
+                    margin: int, um_per_px: float | None, claims: dict) -> None:
     """``cells.geojson`` (pixels), and ``xenium_ranger/viz_polygons.geojson`` (microns) when ``um_per_px``: each
     cell traced in the merged mask over the core of the tile holding its centre and ``margin`` around it."""
-    grid = _Grid(folder, tiles)
+    grid = _Grid(folder, tiles, claims)
     y0, x0 = meta.crop_offset
     cy = np.floor(cells["y"].to_numpy() - y0).astype(np.int64) // grid.side
     cx = np.floor(cells["x"].to_numpy() - x0).astype(np.int64) // grid.side

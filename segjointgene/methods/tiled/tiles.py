@@ -10,7 +10,8 @@ trained on a sample of tiles' engine results under ``engine/``), each tile's spo
 Seams: a tile is the *home* of the pixels and spots of its core (the tile without its margin) and only its results
 there are kept; cells keep their nucleus ids across tiles, so a cell that straddles a seam is one cell, its pixels on
 either side labelled by their home tiles, which both saw the whole cell when the margin exceeds a cell's diameter. A
-cell found de novo belongs to the tile whose core holds its centre; elsewhere its pixels and spots are background.
+cell found de novo belongs to the tile whose core holds its centre (the others drop their copy of it); its pixels and
+spots beyond that core are claims, which the merge gives it wherever the home tile left background.
 
 Every finished tile is written atomically under ``<run>/tiles/``; a rerun (after a kill, or a failed tile) keeps
 the finished ones and runs the rest. :mod:`segjointgene.methods.tiled.merge` writes the run's results from the tile files.
@@ -225,11 +226,19 @@ def segment_tile(job: TileJob) -> str:
     y, x = data["y"] + oy0, data["x"] + ox0
     home = (y >= cy0) & (y < cy1) & (x >= cx0) & (x < cx1)
     keep = np.isin(seg.denovo_ids, owned)
+    # the owned de novo cells beyond the core: claims on the neighbours' background (see merge)
+    claim = np.isin(mask, owned)
+    claim[cy0 - oy0:cy1 - oy0, cx0 - ox0:cx1 - ox0] = False
+    claim_y, claim_x = np.nonzero(claim)
+    claim_spot = np.isin(cell, owned) & ~home
     result_path(folder, t, job.out).parent.mkdir(exist_ok=True)
     save_npz(result_path(folder, t, job.out), {
         "rows": data["rows"][home], "cell": cell[home].astype(np.int64), "prob": seg.prob[home],
         "mask": mask[cy0 - oy0:cy1 - oy0, cx0 - ox0:cx1 - ox0].astype(np.uint32),
         "denovo_cell": seg.denovo_ids[keep], "denovo_class": seg.denovo_types[keep] + 1,
+        "claim_y": (claim_y + oy0).astype(np.int64), "claim_x": (claim_x + ox0).astype(np.int64),
+        "claim_id": mask[claim].astype(np.int64), "claim_rows": data["rows"][claim_spot],
+        "claim_cell": cell[claim_spot].astype(np.int64), "claim_prob": seg.prob[claim_spot],
         "engine": np.array(seg.engine), "network": np.array(bool(job.network) and seg.engine != "density")})
     return t.name
 
@@ -240,7 +249,8 @@ def _owned_denovo(mask: np.ndarray, ids: np.ndarray, core: tuple[int, int, int, 
         return ids
     from scipy import ndimage
 
-    cy, cx = (np.asarray(v) for v in ndimage.center_of_mass(np.ones(mask.shape), mask, ids))
+    centres = np.asarray(ndimage.center_of_mass(np.ones(mask.shape), mask, ids), np.float64).reshape(-1, 2)
+    cy, cx = centres[:, 0], centres[:, 1]  # one (y, x) per id
     y0, y1, x0, x1 = core
     return ids[(cy >= y0) & (cy < y1) & (cx >= x0) & (cx < x1)]
 
