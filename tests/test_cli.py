@@ -122,6 +122,8 @@ def test_demo_runs_end_to_end_and_refuses_to_overwrite(tmp_path, capsys):
     assert "ours_mask" not in set(evaluation["method"])
     assert (results / "gene_ranking.csv").is_file() and any(results.glob("*.tif"))
     assert (runs[0] / "spot_assignment_3.npz").is_file() and (results / "border_genes.csv").is_file()
+    border = pd.read_csv(results / "border_genes.csv")  # the spots either side, with the network's IG beside
+    assert {"score", "rank", "spots_a", "spots_b", "ig_score", "ig_rank"} <= set(border.columns)
     assert main(args) == 2  # a second run needs --overwrite
     assert "--overwrite" in capsys.readouterr().err
     # --model_ambient: the same masks, some spots on cell pixels sent to background, the rest keep the mask's cell

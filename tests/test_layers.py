@@ -27,7 +27,7 @@ LAYERS = {
     "methods.segjointgene.distributed": 2, "methods.segjointgene.trainer": 3,
     "methods.tiled.network": 2.55, "methods.tiled.tiles": 2.6, "methods.tiled.merge": 2.65, "methods.tiled.run": 2.7,
     # results/
-    "results.stitch": 1.5, "results.ranking": 1.5, "results.plots": 2, "results.export": 2.5,
+    "results.stitch": 1.5, "results.ranking": 1.5, "results.borders": 1.5, "results.plots": 2, "results.export": 2.5,
     "attribution": 2, "embed": 2.5, "classify": 2.5,
     "cli": 4, "api": 4.5,
     **{f"{pkg}.__init__": 0 for pkg in ("io", "preprocess", "evaluate", "methods", "methods.spotmodel",

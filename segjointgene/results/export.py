@@ -392,7 +392,7 @@ def export_results(run_dir: str | os.PathLike, *, epoch: int | None = None, figu
     spot_cell, cells = _export_final_labels(ex, figures)
     _export_initial_labels(ex, figures)
     _export_gene_ranking(ex, figures)
-    _export_border_genes(ex)
+    _export_border_genes(ex, spot_cell, cells)
     if figures:
         _export_figures(ex, cells, spot_cell)
     log.info("exported epoch %d of %s to %s in %.1f s", ex.epoch, run.path, ex.out, time.perf_counter() - start)
@@ -614,9 +614,38 @@ def _export_gene_ranking(ex: _Export, figures: bool) -> None:
         plot_dotplot(ex.run.figure(FigureFiles.DOTPLOT), ex.de, title=ex.title)
 
 
-def _export_border_genes(ex: _Export) -> None:
-    """``border_genes.csv`` from the epoch's network and labels (IG of the two types' logit difference at their
-    borders); skipped, with a log line, when the epoch has no checkpoint."""
+def _export_border_genes(ex: _Export, spot_cell: np.ndarray, cells: pd.DataFrame) -> None:
+    """``border_genes.csv``: the genes that change across the borders of touching types (:mod:`.borders`, from the
+    final spot assignment and cell-type mask, one typical cell radius deep); with the epoch's network, its integrated
+    gradients of the two types' logit difference at their borders as ``ig_score`` / ``ig_rank`` columns."""
+    import tifffile
+
+    from ..methods.spotmodel.model import typical_radius
+    from .borders import border_expression
+
+    if _single_type(ex, "border genes", ex.out / ResultFiles.BORDER_GENES):
+        return
+    t0 = time.perf_counter()
+    classes = tifffile.imread(ex.out / ResultFiles.CELLTYPE_MASK)
+    radius = typical_radius(cells[["y", "x"]].to_numpy(np.float64), cells["area_px"].to_numpy(np.float64) / 4)
+    table = border_expression(classes, ex.lut[spot_cell], ex.sx, ex.sy, ex.spot_gene, list(ex.meta.genes),
+                              list(ex.meta.celltypes), width=max(3, int(round(radius))))
+    del classes
+    ig = _border_attribution(ex)
+    if ig is not None and len(table):
+        table = table.merge(ig[["type_a", "type_b", "gene", "score", "rank"]].rename(
+            columns={"score": "ig_score", "rank": "ig_rank"}), on=["type_a", "type_b", "gene"], how="left")
+    write_csv(ex.out / ResultFiles.BORDER_GENES, table)
+    if table.empty:
+        log.warning("no two cell types touch with >= 20 spots on each side of their border: %s has no rows",
+                    ResultFiles.BORDER_GENES)
+    log.info("border genes of %d type pairs in %.1f s", table[["type_a", "type_b"]].drop_duplicates().shape[0],
+             time.perf_counter() - t0)
+
+
+def _border_attribution(ex: _Export) -> pd.DataFrame | None:
+    """The network's border attribution (:func:`segjointgene.attribution.border.border_genes`), or None when the
+    epoch has no checkpoint."""
     import torch
 
     from ..attribution.border import border_genes
@@ -627,11 +656,8 @@ def _export_border_genes(ex: _Export) -> None:
 
     path = ex.run.checkpoint(ex.epoch)
     if not path.is_file():
-        log.info("no %s: no border genes", path.name)
-        return
-    if _single_type(ex, "border genes", ex.out / ResultFiles.BORDER_GENES):
-        return
-    t0 = time.perf_counter()
+        log.info("no %s: border genes without the network's attribution", path.name)
+        return None
     state = load_checkpoint(path)
     width = int(state.get("config", {}).get("train", {}).get("net_width", 16))
     model = UNet(ex.meta.n_genes, ex.meta.n_classes, base_channels=width)
@@ -642,11 +668,8 @@ def _export_border_genes(ex: _Export) -> None:
     labels = ((key, torch.as_tensor(classes.astype(np.int64))) for split, part in cache.items()
               for key, classes in (((split, str(n)), c) for n, c in zip(part["names"], part["classes"]))
               if key in index)
-    table = border_genes(model, labels, lambda key: datasets[key[0]].read_image(index[key]), list(ex.meta.genes),
-                         list(ex.meta.celltypes))
-    write_csv(ex.out / ResultFiles.BORDER_GENES, table)
-    log.info("border genes of %d type pairs in %.1f s", table[["type_a", "type_b"]].drop_duplicates().shape[0],
-             time.perf_counter() - t0)
+    return border_genes(model, labels, lambda key: datasets[key[0]].read_image(index[key]), list(ex.meta.genes),
+                        list(ex.meta.celltypes))
 
 
 def _export_figures(ex: _Export, cells: pd.DataFrame, spot_cell: np.ndarray) -> None:
