@@ -68,3 +68,11 @@ def test_a_failed_stream_leaves_no_file(tmp_path):
         w.add(cells.assign(cell=2), {})  # a cell without a ring is left out
     doc = json.loads((tmp_path / "c.geojson").read_text())
     assert doc["unit"] == "micron" and [f["id"] for f in doc["features"]] == ["cell-1"]
+
+
+def test_outlines_are_simplified_without_changing_areas():
+    yy, xx = np.mgrid[0:200, 0:200]
+    mask = ((yy - 100) ** 2 / 80 ** 2 + (xx - 100) ** 2 / 50 ** 2 <= 1).astype(np.uint32)
+    exact, simple = cell_polygons(mask, tolerance=0)[1], cell_polygons(mask)[1]
+    assert len(exact) == 525 and len(simple) < 200  # Douglas-Peucker at 0.3 px
+    assert abs(_area(simple) - mask.sum()) < 1e-3 * mask.sum()

@@ -81,12 +81,14 @@ class PolygonLabels(WindowReader):
         return out
 
 
-def cell_polygons(instance: np.ndarray, *, scale: float = 1.0, ids=None,
-                  origin: tuple[float, float] = (0.0, 0.0)) -> dict[int, list[list[float]]]:
+def cell_polygons(instance: np.ndarray, *, scale: float = 1.0, ids=None, origin: tuple[float, float] = (0.0, 0.0),
+                  tolerance: float = 0.3) -> dict[int, list[list[float]]]:
     """cell id -> closed ring ``[[x, y], ...]`` (first point repeated last) of every cell of ``instance`` (or of those
     in ``ids``), for a mask whose top-left pixel is ``origin`` (y, x) of the frame, coordinates times ``scale``. Ids
-    may be sparse and large (labels are compacted first)."""
-    from skimage.measure import find_contours
+    may be sparse and large (labels are compacted first). Vertices closer than ``tolerance`` px to the line of their
+    neighbours are dropped (Douglas-Peucker): 3x fewer for a 12 500-px ellipse, the areas of it, a 3 x 3 square and a
+    49-px disc unchanged (0.4 px would cut the square's corners)."""
+    from skimage.measure import approximate_polygon, find_contours
 
     codes, labels = pd.factorize(np.asarray(instance).ravel())
     compact = (codes + 1).reshape(np.shape(instance))
@@ -101,6 +103,8 @@ def cell_polygons(instance: np.ndarray, *, scale: float = 1.0, ids=None,
         if not rings:
             continue
         ring = max(rings, key=len)  # the outer outline of the largest piece
+        if tolerance > 0:
+            ring = approximate_polygon(ring, tolerance)
         r0, c0 = sl[0].start - 1 + origin[0], sl[1].start - 1 + origin[1]
         xy = np.stack([ring[:, 1] + c0 + 0.5, ring[:, 0] + r0 + 0.5], 1) * scale
         if not np.allclose(xy[0], xy[-1]):
