@@ -30,10 +30,11 @@ def spatialdata_available() -> bool:
     return True
 
 
-def write_spatialdata(path: str | os.PathLike, *, instance, spots, rings: dict[int, list[list[float]]], adata,
+def write_spatialdata(path: str | os.PathLike, *, instance, spots, rings, adata,
                       um_per_px: float | None = None) -> Path:
     """Write the store (replacing an earlier one at ``path``); see the module docstring. ``instance`` may be a
-    numpy or a dask array, ``spots`` a pandas or a dask DataFrame (``spotX, spotY, gene, cell, prob``)."""
+    numpy or a dask array, ``spots`` a pandas or a dask DataFrame (``spotX, spotY, gene, cell, prob``), ``rings``
+    cell id -> ring (:func:`segjointgene.io.polygons.cell_polygons`) or a GeoDataFrame of polygons indexed by cell."""
     import dask.dataframe as dd
     import geopandas as gpd
     import spatialdata as sd
@@ -53,8 +54,11 @@ def write_spatialdata(path: str | os.PathLike, *, instance, spots, rings: dict[i
     points_df["gene"] = points_df["gene"].cat.as_known()  # known categories: PointsModel needs them
     points = PointsModel.parse(points_df, coordinates={"x": "x", "y": "y"}, feature_key="gene", instance_key="cell",
                                transformations=frames)
-    ids = [int(c) for c in adata.obs.index.astype(int) if int(c) in rings]
-    shapes = ShapesModel.parse(gpd.GeoDataFrame({"geometry": [Polygon(rings[c]) for c in ids]},
+    if not isinstance(rings, gpd.GeoDataFrame):
+        rings = gpd.GeoDataFrame({"geometry": [Polygon(r) for r in rings.values()]},
+                                 index=pd.Index(list(rings), name="cell"))
+    ids = [int(c) for c in adata.obs.index.astype(int) if int(c) in rings.index]
+    shapes = ShapesModel.parse(gpd.GeoDataFrame({"geometry": rings.loc[ids, "geometry"].to_numpy()},
                                                 index=pd.Index(ids, name="cell")), transformations=frames)
     table = adata[[str(c) for c in ids]].copy()
     table.obs.index.name = None  # cells.h5ad names it "cell", which anndata refuses beside the integer column
@@ -71,10 +75,9 @@ def write_spatialdata(path: str | os.PathLike, *, instance, spots, rings: dict[i
 def write_spatialdata_from_results(results: str | os.PathLike, adata, *, um_per_px: float | None = None) -> Path:
     """The store of a results folder written tile by tile: the mask read lazily from ``instance_mask.tif`` (tiled),
     the spots from ``spots_assigned.csv`` in blocks, the outlines from ``cells.geojson``; what a whole slide needs."""
-    import json
-
     import dask.array as da
     import dask.dataframe as dd
+    import geopandas as gpd
     import tifffile
     import zarr
 
@@ -83,7 +86,7 @@ def write_spatialdata_from_results(results: str | os.PathLike, adata, *, um_per_
     instance = da.from_zarr(zarr.open(store, mode="r"))
     spots = dd.read_csv(results / "spots_assigned.csv", usecols=["gene", "spotX", "spotY", "cell", "prob"],
                         dtype={"gene": str}, blocksize="64MB")
-    doc = json.loads((results / "cells.geojson").read_text())
-    rings = {int(f["properties"]["cell"]): f["geometry"]["coordinates"][0] for f in doc["features"]}
-    return write_spatialdata(results / "segjointgene.zarr", instance=instance, spots=spots, rings=rings, adata=adata,
-                             um_per_px=um_per_px)
+    outlines = gpd.read_file(results / "cells.geojson", columns=["cell"])  # parsed in C, not as Python lists
+    outlines = outlines.set_index(outlines["cell"].astype(np.int64).rename(None))[["geometry"]]
+    return write_spatialdata(results / "segjointgene.zarr", instance=instance, spots=spots, rings=outlines,
+                             adata=adata, um_per_px=um_per_px)
