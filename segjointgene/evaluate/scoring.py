@@ -12,8 +12,8 @@ Every method is scored by the same code (:func:`score_segmentation`, :func:`scor
 
 Methods (rows): ``ours`` (the run's ``results/``: masks, and its own spot assignment when ``spots_assigned.csv``
 has one; then ``ours_mask`` scores the masks alone), ``nuclei``, ``expand_<k>``, ``density_watershed`` (see
-:mod:`segjointgene.evaluate.baselines`), plus ``pciseq`` when the raw spots file has a ``pciseq_cell`` column (the real CA1
-section): that row is a spot assignment without masks, so only its mask-free metrics are filled.
+:mod:`segjointgene.evaluate.baselines`), plus ``pciseq`` when the raw spots file has a ``pciseq_cell`` column (the real
+CA1 section): that row is a spot assignment without masks, so only its mask-free metrics are filled.
 
 :func:`evaluate_masks` is the library entry point (arrays in, a table out); :func:`run_evaluate` is the CLI step.
 
@@ -178,8 +178,8 @@ def score_segmentation(instance: np.ndarray, celltype: np.ndarray | None, spots:
     celltype : (H, W) integer class ids or None (then the cell-type columns are NaN).
     spots : the section's spots.
     truth : ground truth, or None for the metrics without truth only.
-    pairs : mutually exclusive gene pairs (:func:`segjointgene.evaluate.metrics.exclusive_gene_pairs`) for MECR, or None.
-    n_classes : number of classes including background (default: from the largest class id seen).
+    pairs : mutually exclusive gene pairs (:func:`segjointgene.evaluate.metrics.exclusive_gene_pairs`) for MECR, or
+    None. n_classes : number of classes including background (default: from the largest class id seen).
     pixel_distance : ring width of the cell-calling score.
     spot_cell : the method's own spot assignment (e.g. the spot model's), which then replaces the mask's cell at
         each spot in the spot metrics (accuracies, noise_out, MECR, spots_in_cells); gene mIoU stays the masks'
@@ -218,8 +218,8 @@ def score_assignment(spot_cell: np.ndarray, spots: Spots, *, truth: Truth | None
     """The metrics that a spot-to-cell assignment without masks supports (e.g. pciSeq's ``pciseq_cell``).
 
     ``spots_in_cells`` is the fraction of spots assigned to a cell (not the cell-calling score, which needs a mask:
-    see :func:`segjointgene.evaluate.metrics.assigned_fraction`); ``MECR`` with ``pairs``; with a truth, the spot-assignment
-    accuracies (ids must be the nucleus ids). Mask-based metrics are NaN.
+    see :func:`segjointgene.evaluate.metrics.assigned_fraction`); ``MECR`` with ``pairs``; with a truth, the
+    spot-assignment accuracies (ids must be the nucleus ids). Mask-based metrics are NaN.
     """
     spot_cell = np.asarray(spot_cell, np.int64)
     if spot_cell.shape != spots.x.shape:
@@ -666,8 +666,8 @@ def expansion_curve(nuclei: np.ndarray, spots: Spots, pairs: list[tuple[str, str
 
 
 def coverage_curves(results: Path, sec: _Section, nuclei: np.ndarray) -> pd.DataFrame:
-    """Coverage against MECR (:func:`segjointgene.evaluate.metrics.mecr_curve`): the run's spots left out from the lowest
-    ``prob`` up, the nuclei expanded by :data:`CURVE_RADII`, and pciSeq's ``pciseq_prob`` when the raw spots have it.
+    """Coverage against MECR (:func:`segjointgene.evaluate.metrics.mecr_curve`): the run's spots left out from the
+    lowest ``prob`` up, the nuclei expanded by :data:`CURVE_RADII`, and pciSeq's ``pciseq_prob`` when the raw spots have it.
 
     Returns
     -------

@@ -9,8 +9,8 @@ transform recorded (``Section.um_per_px``, ``Section.origin_um``: ``x_um = origi
 * control, blank and negative-control probes are dropped (and Xenium transcripts with ``qv`` below ``min_qv``);
 * nuclei: Xenium ``nucleus_boundaries.parquet`` rasterised; otherwise the DAPI (Xenium, MERSCOPE) with the cell
   centroids as seeds (the preprocess step's seeded watershed); a MERSCOPE folder without ``cell_metadata.csv``
-  (no centroids at all): nuclei found in the DAPI itself (:func:`detect_nuclei`); CosMx (no image read): a disc of 3 um (at most 0.3 x
-  the median centre spacing) at each centroid;
+  (no centroids at all): nuclei found in the DAPI itself (:func:`detect_nuclei`); CosMx (no image read): a disc of 3 um
+  (at most 0.3 x the median centre spacing) at each centroid;
 * cell types: a folder has none, so each nucleus is given one - by the highest multinomial likelihood under a
   reference profile (``reference``: cell type x gene means, as pciSeq takes) or, without one, by k-means of its
   cells' normalised counts (``n_celltypes``, or the silhouette's best k in 3..12); ``Section.celltype_source``
@@ -119,8 +119,8 @@ def read_transcripts_parquet(path: Path, *, gene: str, x: str, y: str, cell: str
                              min_qv: float, scale: float, id_of: dict | None, batch_rows: int = 1 << 20) -> pd.DataFrame:
     """Stream a transcript parquet by record batches in bounded memory: control probes and rows with ``qv`` below
     ``min_qv`` dropped per batch, kept rows written into preallocated arrays (float32 coordinates, int16 gene codes,
-    int32 cell ids: 22 bytes per transcript), one batch in flight; no Python string per transcript. Returns ``gene`` (categorical), ``x``,
-    ``y`` (px = um / scale), ``row`` (in the file), ``owner`` (the platform's cell as an id of ``id_of``, 0 = none)."""
+    int32 cell ids: 22 bytes per transcript), one batch in flight; no Python string per transcript. Returns ``gene``
+    (categorical), ``x``, ``y`` (px = um / scale), ``row`` (in the file), ``owner`` (the platform's cell as an id of ``id_of``, 0 = none)."""
     import pyarrow.parquet as pq
 
     with _parquet_errors(path):

@@ -89,8 +89,8 @@ class RunFolder:
 
     Per saved epoch E: ``net_E.pt`` (checkpoint), ``labels_cache_E.npz`` (labels of every patch) and, when
     attribution ran, ``attribution_E.npz`` (running type x gene sums); with ``--label_update model``,
-    ``spot_assignment_E.npz`` (each spot's cell and posterior probability). Once: ``train_log.csv``, ``run.json`` and the
-    ``results/`` folder.
+    ``spot_assignment_E.npz`` (each spot's cell and posterior probability). Once: ``train_log.csv``, ``run.json`` and
+    the ``results/`` folder.
     """
 
     path: Path

@@ -8,8 +8,8 @@ its instance (``class_lut[instance]``), which makes "class map = class of the in
 :class:`ImagePatchDataset` reads patch files (validated when the dataset is opened) and returns, per patch, the
 density image, the current labels, the fixed (core) labels and the patch index. With ``spot_lists=True`` it returns
 the patch's spots instead of its density image: the whole split's spots are held in (shared) memory, batches are
-collated by :func:`collate_spot_lists`, and :func:`segjointgene.preprocess.density.batch_images` builds the images on the
-training device, equal to the stored images within float32 rounding.
+collated by :func:`collate_spot_lists`, and :func:`segjointgene.preprocess.density.batch_images` builds the images on
+the training device, equal to the stored images within float32 rounding.
 """
 
 from __future__ import annotations

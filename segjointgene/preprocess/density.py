@@ -2,9 +2,9 @@
 
 A patch's density image (``image`` in the patch files, SPEC §2.2) is a per-gene histogram of the spots in the patch
 enlarged by a halo, smoothed by a Gaussian truncated at ``DENSITY_TRUNCATE`` sigmas and cropped to the patch
-(:func:`segjointgene.preprocess.pipeline.gene_density`). Kept as spot lists, a whole section fits in memory (CA1 3-1 left:
-~10^5 (gene, row, col) triples instead of 1114 x 92 x 128 x 128 floats) and the images are rebuilt per batch on the
-device by :func:`batch_density`.
+(:func:`segjointgene.preprocess.pipeline.gene_density`). Kept as spot lists, a whole section fits in memory (CA1 3-1
+left: ~10^5 (gene, row, col) triples instead of 1114 x 92 x 128 x 128 floats) and the images are rebuilt per batch on
+the device by :func:`batch_density`.
 
 The Gaussian is separable and the spots are sparse, so each spot's contribution is the outer product of two 1-D
 kernel windows, ``w(y - row) * w(x - col)``, added into its (sample, gene) plane. This is the same sum that the
@@ -147,8 +147,8 @@ def batch_images(batch: Mapping[str, Tensor], *, n_genes: int, patch_size: int, 
     """(B, G, P, P) float32 density images of a collated batch, on ``device``.
 
     A spot-list batch (``ImagePatchDataset(..., spot_lists=True)`` collated by
-    :func:`segjointgene.preprocess.dataset.collate_spot_lists`, key ``spots``) is built there by :func:`batch_density`; an image
-    batch (key ``image``) is moved there (``non_blocking``: from pinned memory the copy overlaps compute on CUDA).
+    :func:`segjointgene.preprocess.dataset.collate_spot_lists`, key ``spots``) is built there by :func:`batch_density`;
+    an image batch (key ``image``) is moved there (``non_blocking``: from pinned memory the copy overlaps compute on CUDA).
 
     Parameters
     ----------

@@ -379,9 +379,9 @@ def export_results(run_dir: str | os.PathLike, *, epoch: int | None = None, figu
     (``id,name``); ``spots_assigned.csv`` (every spot of the dataset's ``spots.npz`` in input-file order:
     ``gene,spotX,spotY,cell,celltype,prob,cell_mask,inside``; ``cell`` 0 = unassigned: the spot model's assignment
     with ``--label_update model`` (``prob`` its posterior probability), else the mask's cell (``prob`` 1);
-    ``cell_mask`` the instance mask's cell at the spot; ``inside`` false for a spot outside the mask frame); ``cells.csv`` (``cell,celltype,x,y,area_px,n_spots``, one row per cell of the mask); ``cells.h5ad``
-    (when anndata is installed); ``gene_ranking.csv`` and ``gene_celltype_scores.csv`` (when an attribution file
-    of this epoch or an earlier one exists; stale ones are removed otherwise); ``figures/*.png``.
+    ``cell_mask`` the instance mask's cell at the spot; ``inside`` false for a spot outside the mask frame);
+    ``cells.csv`` (``cell,celltype,x,y,area_px,n_spots``, one row per cell of the mask); ``cells.h5ad`` (when anndata is
+    installed); ``gene_ranking.csv`` and ``gene_celltype_scores.csv`` (when an attribution file of this epoch or an earlier one exists; stale ones are removed otherwise); ``figures/*.png``.
 
     Patches listed in the metadata but absent from the label cache (a cache without its test split) keep their
     initial nucleus labels; this is logged.

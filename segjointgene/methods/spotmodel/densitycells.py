@@ -3,12 +3,12 @@ scikit-image; no torch).
 
 With thousands of spots per cell (MERFISH, high-efficiency panels) the total spot density is an image of the cells:
 it is high over the cytoplasm, falls towards the cells' edges and dips where two cells touch. A shape prior fitted to
-the spots (:mod:`segjointgene.methods.spotmodel.model`) then only gets in the way. Here the density, smoothed at the finest scale
-that still holds :attr:`DensityConfig.spots_per_kernel` spots of a cell's interior, is flooded from the nuclei
-(a seeded watershed) inside the foreground where it exceeds both a fraction of the cells' density and the level of
-the background's spots; cells meet along the density's valleys. Density peaks at the cell scale whose basins hold no
-nucleus and a cell's worth of spots become cells of their own (*de novo* cells, as Baysor and Proseg find them: a cell whose
-nucleus is out of the plane or missed by the stain).
+the spots (:mod:`segjointgene.methods.spotmodel.model`) then only gets in the way. Here the density, smoothed at the
+finest scale that still holds :attr:`DensityConfig.spots_per_kernel` spots of a cell's interior, is flooded from the
+nuclei (a seeded watershed) inside the foreground where it exceeds both a fraction of the cells' density and the level
+of the background's spots; cells meet along the density's valleys. Density peaks at the cell scale whose basins hold no
+nucleus and a cell's worth of spots become cells of their own (*de novo* cells, as Baysor and Proseg find them: a cell
+whose nucleus is out of the plane or missed by the stain).
 
 :func:`density_scale` measures whether the spots resolve the cells (``sigma <= max_scale x`` the typical cell radius);
 :func:`density_cells` segments. Each spot takes its pixel's cell; its ``prob`` is the share of its nearest spots

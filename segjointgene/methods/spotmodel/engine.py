@@ -4,9 +4,9 @@
 evidence, what it does after): measure whether the spots
 resolve the cells (:func:`segjointgene.methods.spotmodel.densitycells.density_scale`); if so the density engine
 (:mod:`segjointgene.methods.spotmodel.densitycells`, de novo cells typed by :func:`denovo_types`), else the spot model
-(:mod:`segjointgene.methods.spotmodel.model`) refined into a pixel partition (:mod:`segjointgene.methods.spotmodel.partition`). The tiled pipeline
-(:mod:`segjointgene.methods.tiled.tiles`) runs it on every tile; the trainer (``methods/segjointgene/trainer/spots.py``) shares its settings
-(:func:`engine_configs`) and helpers.
+(:mod:`segjointgene.methods.spotmodel.model`) refined into a pixel partition
+(:mod:`segjointgene.methods.spotmodel.partition`). The tiled pipeline (:mod:`segjointgene.methods.tiled.tiles`) runs it
+on every tile; the trainer (``methods/segjointgene/trainer/spots.py``) shares its settings (:func:`engine_configs`) and helpers.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def engine_configs(labels, reference: np.ndarray | None = None) -> EngineConfig:
 
 
 def reference_matrix(reference: pd.DataFrame, celltypes: list[str], genes: list[str], source: str) -> np.ndarray:
-    """(types, genes) class means of ``reference`` (genes x types, as :func:`segjointgene.evaluate.scoring.load_reference`
-    reads it) in the dataset's type and gene order; NaN rows for the types it does not name, 0 for genes it lacks.
+    """(types, genes) class means of ``reference`` (genes x types, as
+    :func:`segjointgene.evaluate.scoring.load_reference` reads it) in the dataset's type and gene order; NaN rows for the types it does not name, 0 for genes it lacks.
 
     Raises
     ------
@@ -162,8 +162,8 @@ def spot_types(nuclei: np.ndarray, ids: np.ndarray, cls: np.ndarray, x: np.ndarr
 def density_segmentation(x: np.ndarray, y: np.ndarray, gene: np.ndarray, nuclei: np.ndarray, ids: np.ndarray,
                          cls: np.ndarray, scale: DensityScale, *, n_genes: int, n_types: int, first_new_id: int,
                          config: DensityConfig = DensityConfig()) -> Segmentation:
-    """The density engine's cells (:func:`segjointgene.methods.spotmodel.densitycells.density_cells`), its de novo cells typed by
-    :func:`denovo_types` (arguments as :func:`segment_window`)."""
+    """The density engine's cells (:func:`segjointgene.methods.spotmodel.densitycells.density_cells`), its de novo cells
+    typed by :func:`denovo_types` (arguments as :func:`segment_window`)."""
     cells = density_cells(x, y, nuclei, scale=scale, first_new_id=first_new_id, config=config)
     types = denovo_types(cells.cell, np.asarray(gene, np.int64), spot_types(nuclei, ids, cls, x, y),
                          cells.denovo_ids, n_types=n_types, n_genes=n_genes)

@@ -517,8 +517,8 @@ def _candidate_resp(resp: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.nd
 def territories(model: CellModel, shape: tuple[int, int], *, chunk: int = 1 << 18, k: int = 6,
                 edge: float | None = _DISC_EDGE) -> np.ndarray:
     """(H, W) uint32 instance mask: each pixel to the fitted cell whose shape is highest there relative to its peak;
-    background outside that cell's ellipse of the same second moment (``edge``: its Mahalanobis radius; 2 = a uniform ellipse's edge). Only the
-    pixels inside some cell's bounding box of that ellipse are evaluated (a section is mostly background)."""
+    background outside that cell's ellipse of the same second moment (``edge``: its Mahalanobis radius; 2 = a uniform
+    ellipse's edge). Only the pixels inside some cell's bounding box of that ellipse are evaluated (a section is mostly background)."""
     h, w = shape
     out = np.zeros(shape, np.uint32)
     if model is None or len(model.ids) == 0:

@@ -2,9 +2,9 @@
 
 Every pixel belongs to one cell or to background, and every spot to its pixel's owner. Given the partition, a cell
 emits spots at a uniform rate ``lambda_c`` per pixel, each with its own gene profile ``q_c`` (the Dirichlet posterior
-of its spots around its type's profile, as in :mod:`segjointgene.methods.spotmodel.model`); background at ``lambda_0`` per pixel of
-tissue with the background profile. The energy of a partition is the negative Poisson log-likelihood of the spots,
-plus ``smoothness`` for every pair of unlike 8-neighbours (the Potts term: boundaries are short), plus
+of its spots around its type's profile, as in :mod:`segjointgene.methods.spotmodel.model`); background at ``lambda_0``
+per pixel of tissue with the background profile. The energy of a partition is the negative Poisson log-likelihood of the
+spots, plus ``smoothness`` for every pair of unlike 8-neighbours (the Potts term: boundaries are short), plus
 ``shape_weight * (m^2 - 4) / 4`` for every pixel of a cell, ``m`` the pixel's Mahalanobis radius in the cell's fitted
 ellipse (negative inside that ellipse's edge, positive outside: the spot model's shape as a prior). A mixture of
 Gaussian cells lets touching cells overlap and their tails compete with background; a partition tiles the tissue.

@@ -1,11 +1,11 @@
 """The network of a tiled run (layer 2.6: torch, numpy): trained once on a sample of tiles, applied to every tile.
 
-As in an untiled run of the spot model (:mod:`segjointgene.methods.segjointgene.trainer.spots`), the UNet learns the engine's cells - the
-cell type of every pixel - from the spots' per-gene densities, and its posterior at the spots, as likelihood ratios
-(:func:`segjointgene.methods.spotmodel.engine.network_evidence`), is added to the spot model when it fits a tile. Here it learns
-from the engine's results on a few tiles drawn at random (weighted by their nuclei, ``--tile_network_tiles``) and is
-then applied to every tile by inference. It reads the spots, not stored density images (a whole slide's would fit
-nowhere): its first layer is computed from them (:class:`SpotUNet`).
+As in an untiled run of the spot model (:mod:`segjointgene.methods.segjointgene.trainer.spots`), the UNet learns the
+engine's cells - the cell type of every pixel - from the spots' per-gene densities, and its posterior at the spots, as
+likelihood ratios (:func:`segjointgene.methods.spotmodel.engine.network_evidence`), is added to the spot model when it
+fits a tile. Here it learns from the engine's results on a few tiles drawn at random (weighted by their nuclei,
+``--tile_network_tiles``) and is then applied to every tile by inference. It reads the spots, not stored density images
+(a whole slide's would fit nowhere): its first layer is computed from them (:class:`SpotUNet`).
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 A preprocessed section is cut into square tiles of the padded patch frame (whole patches; ``tile_px``), each read
 with a margin (``overlap_px``) on every side. Every tile runs the spot-model engine without the network
-(:func:`segjointgene.methods.spotmodel.engine.segment_window`) on a Dask cluster (a ``LocalCluster`` by default, or an existing one
-by its scheduler's address, e.g. from dask-jobqueue on SLURM), from its own input file: its spots and the nuclei of
-its window, so a worker never holds more than one window. With a tile network (:mod:`segjointgene.methods.tiled.network`,
-trained on a sample of tiles' engine results under ``engine/``), each tile's spot model takes its evidence.
+(:func:`segjointgene.methods.spotmodel.engine.segment_window`) on a Dask cluster (a ``LocalCluster`` by default, or an
+existing one by its scheduler's address, e.g. from dask-jobqueue on SLURM), from its own input file: its spots and the
+nuclei of its window, so a worker never holds more than one window. With a tile network
+(:mod:`segjointgene.methods.tiled.network`, trained on a sample of tiles' engine results under ``engine/``), each tile's spot model takes its evidence.
 
 Seams: a tile is the *home* of the pixels and spots of its core (the tile without its margin) and only its results
 there are kept; cells keep their nucleus ids across tiles, so a cell that straddles a seam is one cell, its pixels on

@@ -1,15 +1,15 @@
 """The spot model inside self-training (``--label_update model``): territories for the network to learn, and the
 network's per-pixel type posterior back into the spot assignment.
 
-Before the first epoch the section's spots are fitted by :func:`segjointgene.methods.spotmodel.model.fit_spot_model` (cells =
-nuclei, types = the nuclei's types); its territories, refined into a pixel partition
-(:func:`segjointgene.methods.spotmodel.partition.refine_partition`, unless ``--model_smoothness 0``), become every patch's labels. The
-network then trains on them. In the last epoch every patch is predicted; at each spot the network's posterior, as
-likelihood ratios of the type given a cell and (down-weighted) of cell versus background (:func:`network_evidence`),
-is added to the spot model, which is fitted again from where it stopped; its refined territories become the final
-labels, each spot takes its pixel's cell, with the model's posterior probability of that cell (at
-``--model_temperature``, its log odds raised by ``--model_partition_log_odds``) as its ``prob``, and this assignment is saved beside the label cache
-(``RunFolder.spot_assignment``).
+Before the first epoch the section's spots are fitted by :func:`segjointgene.methods.spotmodel.model.fit_spot_model`
+(cells = nuclei, types = the nuclei's types); its territories, refined into a pixel partition
+(:func:`segjointgene.methods.spotmodel.partition.refine_partition`, unless ``--model_smoothness 0``), become every
+patch's labels. The network then trains on them. In the last epoch every patch is predicted; at each spot the network's
+posterior, as likelihood ratios of the type given a cell and (down-weighted) of cell versus background
+(:func:`network_evidence`), is added to the spot model, which is fitted again from where it stopped; its refined
+territories become the final labels, each spot takes its pixel's cell, with the model's posterior probability of that
+cell (at ``--model_temperature``, its log odds raised by ``--model_partition_log_odds``) as its ``prob``, and this
+assignment is saved beside the label cache (``RunFolder.spot_assignment``).
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ class SpotEngine:
         return self.fit
 
     def _density_fit(self) -> SpotModelFit:
-        """The density engine's cells (:mod:`segjointgene.methods.spotmodel.densitycells`); its de novo cells get the type that
-        explains their spots best and join the label stores' class lookup."""
+        """The density engine's cells (:mod:`segjointgene.methods.spotmodel.densitycells`); its de novo cells get the
+        type that explains their spots best and join the label stores' class lookup."""
         if self.dense is None:
             t0 = time.perf_counter()
             self.dense = density_segmentation(self.x, self.y, self.gene, self.nuclei, self.ids, self.cls, self.scale,
