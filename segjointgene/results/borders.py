@@ -3,7 +3,7 @@
 For every pair of cell types (a, b) that touch in the cell-type mask: the spots of type a within ``width`` px of a
 pixel of type b (side a) and those of type b within ``width`` px of type a (side b). The export takes a typical cell
 radius as the width (the cells on either side, not just the border pixels: 3 px recovered 0.75 of the simulated
-markers, a radius 0.98; ``benchmarks/border_genes.py``). Per gene, its share of the spots
+markers, a radius (~8 px) 0.93, 15 px 0.98; ``benchmarks/border_genes.py``). Per gene, its share of the spots
 on side a against side b: a two-proportion z-score (pooled variance; ``score`` > 0 favours a) and the log2 ratio of
 the shares (half a spot added to each count). Genes are ranked by ``|score|``: the spatial prioritisation of
 ``border_genes.csv``, what decides which cell a border spot goes to. A spot's type is its cell's (the spot
